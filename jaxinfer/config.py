@@ -1,0 +1,172 @@
+"""Frozen configuration dataclasses, one per concern.
+
+Every config is hashable (frozen, slots) so it can be a static argument of a jitted function.
+Change one with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# Architectures of the Llama family this engine runs, by their Hugging Face and GGUF names.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling of rotary embeddings ("rope_type": "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+    def __post_init__(self) -> None:
+        if self.factor < 1.0 or self.low_freq_factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"invalid llama3 rope scaling: factor={self.factor}, low_freq_factor="
+                f"{self.low_freq_factor}, high_freq_factor={self.high_freq_factor}"
+            )
+        if self.original_max_position < 1:
+            raise ValueError(f"invalid rope original_max_position={self.original_max_position}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3, SmolLM, Mistral without sliding window, Qwen2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("llama", "qwen2"):
+            raise ValueError(f"unsupported architecture {self.architecture!r} (supported: llama, qwen2)")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model config {name}={value!r} must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} and rms_norm_eps={self.rms_norm_eps} must be > 0")
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` dictionary."""
+        archs = hf.get("architectures") or [hf.get("model_type", "?")]
+        arch = SUPPORTED_ARCHITECTURES.get(archs[0]) or SUPPORTED_ARCHITECTURES.get(hf.get("model_type", ""))
+        if arch is None:
+            raise ValueError(f"unsupported architecture {archs[0]!r} (supported: {_supported_names()})")
+        if hf.get("sliding_window") and hf.get("use_sliding_window", arch == "llama"):
+            raise ValueError(f"sliding-window attention (window {hf['sliding_window']}) is not supported")
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        return cls(
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(hf.get("head_dim") or hidden // num_heads),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
+            rope_scaling=_rope_scaling_from_hf(hf.get("rope_scaling")),
+        )
+
+    @classmethod
+    def from_gguf(cls, meta: Mapping[str, Any], *, has_output_tensor: bool) -> "ModelConfig":
+        """Build from GGUF metadata (``general.architecture`` and ``{arch}.*`` keys)."""
+        gguf_arch = meta.get("general.architecture")
+        arch = SUPPORTED_ARCHITECTURES.get(str(gguf_arch))
+        if arch is None:
+            raise ValueError(f"unsupported architecture {gguf_arch!r} (supported: {_supported_names()})")
+
+        def key(name: str, default: Any = None) -> Any:
+            value = meta.get(f"{gguf_arch}.{name}", default)
+            if value is None:
+                raise ValueError(f"GGUF metadata lacks {gguf_arch}.{name}")
+            return value
+
+        hidden = int(key("embedding_length"))
+        num_heads = int(key("attention.head_count"))
+        vocab = meta.get(f"{gguf_arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+        scaling = None
+        if meta.get(f"{gguf_arch}.rope.scaling.type") not in (None, "none"):
+            raise ValueError(f"unsupported rope scaling {meta[f'{gguf_arch}.rope.scaling.type']!r}")
+        return cls(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+            head_dim=int(meta.get(f"{gguf_arch}.attention.key_length") or hidden // num_heads),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            max_position=int(key("context_length")),
+            tie_word_embeddings=not has_output_tensor,
+            attention_bias=arch == "qwen2",
+            rope_scaling=scaling,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        fields = dict(data)
+        if fields.get("rope_scaling") is not None:
+            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+        return cls(**fields)
+
+
+def _supported_names() -> str:
+    return ", ".join(sorted(name for name in SUPPORTED_ARCHITECTURES if name[0].isupper()))
+
+
+def _rope_scaling_from_hf(scaling: Mapping[str, Any] | None) -> RopeScaling | None:
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("default", None):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: llama3)")
+    return RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position=int(scaling["original_max_position_embeddings"]),
+    )

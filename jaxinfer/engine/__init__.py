@@ -1,0 +1,1 @@
+"""Engine: KV cache, model runner and (later) scheduler and block manager."""

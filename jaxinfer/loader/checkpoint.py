@@ -1,0 +1,78 @@
+"""jaxinfer checkpoint directories (orbax): params, model config and tokenizer, for fast reload.
+
+Layout: ``DIR/jaxinfer_model.json`` (format marker, config, dtype), ``DIR/params`` (orbax
+StandardCheckpointer of the flat parameter dict), ``DIR/tokenizer/`` (tokenizer.json + config).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.models import model_from_values, param_shapes
+from jaxinfer.tokenizer import Tokenizer
+
+MARKER = "jaxinfer_model.json"
+FORMAT = "jaxinfer-orbax-v1"
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return path.is_dir() and (path / MARKER).is_file()
+
+
+def _flat_params(model: nnx.Module) -> dict[str, jax.Array]:
+    _, state = nnx.split(model)
+    return {".".join(map(str, path)): leaf[...] for path, leaf in nnx.to_flat_state(state)}
+
+
+def save_checkpoint(directory: str | Path, model: nnx.Module, tokenizer: Tokenizer, *, source: str) -> None:
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    if directory.exists():
+        if not is_checkpoint_dir(directory) and any(directory.iterdir()):
+            raise ValueError(f"{directory} exists and is not a jaxinfer checkpoint; refusing to overwrite")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    params = _flat_params(model)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", params)
+    checkpointer.wait_until_finished()
+    tokenizer.save(directory / "tokenizer")
+    dtype = str(next(iter(params.values())).dtype)
+    meta = {"format": FORMAT, "config": model.config.to_dict(), "dtype": dtype, "source": source}
+    (directory / MARKER).write_text(json.dumps(meta, indent=1))
+
+
+class CheckpointDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).absolute()
+        try:
+            self.meta = json.loads((self.path / MARKER).read_text())
+            if self.meta.get("format") != FORMAT:
+                raise ValueError(f"unknown checkpoint format {self.meta.get('format')!r}")
+            self.config = ModelConfig.from_dict(self.meta["config"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{self.path} is not a valid jaxinfer checkpoint: {exc}") from None
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_dir(self.path / "tokenizer")
+
+    def load_model(self, dtype) -> nnx.Module:
+        import orbax.checkpoint as ocp
+
+        shapes = param_shapes(self.config, dtype)
+        target = {".".join(map(str, path)): shape for path, shape in shapes.items()}
+        try:
+            restored = ocp.StandardCheckpointer().restore(self.path / "params", target)
+        except Exception as exc:  # orbax raises many types for missing or damaged files
+            first_line = (str(exc).splitlines() or [""])[0]
+            raise ValueError(f"cannot restore parameters from {self.path / 'params'}: "
+                             f"{type(exc).__name__}: {first_line}") from None
+        values = {path: restored[".".join(map(str, path))] for path in shapes}
+        return model_from_values(self.config, values, dtype)

@@ -1,0 +1,106 @@
+"""GGUF files: metadata -> ModelConfig and Tokenizer, tensors dequantized with the ``gguf`` package."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.tokenizer import Tokenizer
+
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def hf_name(gguf_name: str) -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    match = _BLOCK_NAME.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _LAYER_TENSORS:
+        raise ValueError(f"unsupported GGUF tensor {gguf_name!r}")
+    layer, kind, suffix = match.groups()
+    return f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.{suffix}"
+
+
+def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> rotate-half halves).
+
+    llama.cpp's converter reorders each head's rows from [first half, second half] to
+    [pairs (i, i + D/2) interleaved]; this puts them back. Works on [out, in] weights and [out] biases.
+    """
+    rows = weight.shape[0]
+    head_dim = rows // num_heads
+    split = weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+    return split.swapaxes(1, 2).reshape(weight.shape)
+
+
+class GGUFFile:
+    """An opened GGUF file: metadata, config, tokenizer and HF-named float32 tensors."""
+
+    def __init__(self, path: str | Path):
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file not found: {self.path}")
+        try:
+            self._reader = gguf.GGUFReader(str(self.path))
+        except Exception as exc:  # the reader raises ValueError, struct.error, IndexError, ...
+            raise ValueError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+        self.metadata: dict[str, Any] = {}
+        for key, field in self._reader.fields.items():
+            try:
+                self.metadata[key] = field.contents()
+            except Exception as exc:
+                raise ValueError(f"{self.path}: corrupt GGUF metadata field {key!r} ({exc})") from None
+        names = {t.name for t in self._reader.tensors}
+        if "rope_freqs.weight" in names:
+            raise ValueError("GGUF rope_freqs tensors (Llama 3.1 frequency factors) are not supported; "
+                             "load the Hugging Face directory instead")
+        self.config = ModelConfig.from_gguf(self.metadata, has_output_tensor="output.weight" in names)
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_gguf(self.metadata)
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (Hugging Face name, float32 array in HF [out, in] layout) per tensor."""
+        from gguf import GGMLQuantizationType, quants
+
+        config = self.config
+        for tensor in self._reader.tensors:
+            name = hf_name(tensor.name)
+            qtype = GGMLQuantizationType(tensor.tensor_type)
+            try:
+                array = quants.dequantize(tensor.data, qtype)
+            except NotImplementedError:
+                raise ValueError(f"tensor {tensor.name}: quant type {qtype.name} cannot be dequantized "
+                                 "by the installed gguf package") from None
+            except Exception as exc:
+                raise ValueError(f"tensor {tensor.name} ({qtype.name}) is corrupt: {exc}") from None
+            expected = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            array = np.asarray(array, dtype=np.float32).reshape(expected)
+            if config.architecture == "llama":
+                if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+                    array = unpermute_rows(array, config.num_heads)
+                elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+                    array = unpermute_rows(array, config.num_kv_heads)
+            yield name, array

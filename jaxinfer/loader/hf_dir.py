@@ -1,0 +1,59 @@
+"""Hugging Face model directories: config.json, *.safetensors, tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.tokenizer import Tokenizer
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+class HFDirectory:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.hf_config = json.loads((self.path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {self.path / 'config.json'}: {exc}") from None
+        self.config = ModelConfig.from_hf(self.hf_config)
+        self.files = sorted(self.path.glob("*.safetensors"))
+        if not self.files:
+            raise ValueError(f"{self.path} has no *.safetensors weights")
+
+    def tokenizer(self) -> Tokenizer:
+        eos = self._generation_eos()
+        return Tokenizer.from_dir(self.path, eos_ids=eos)
+
+    def _generation_eos(self) -> list[int]:
+        sources = [self.hf_config]
+        gen_path = self.path / "generation_config.json"
+        if gen_path.is_file():
+            try:
+                sources.insert(0, json.loads(gen_path.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot parse {gen_path}: {exc}") from None
+        for source in sources:
+            eos = source.get("eos_token_id")
+            if eos is not None:
+                return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+        return []
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (name, float32 array) per tensor; the flax framework reads bfloat16 too."""
+        from safetensors import SafetensorError, safe_open
+
+        for file in self.files:
+            try:
+                with safe_open(str(file), framework="flax") as handle:
+                    for name in handle.keys():
+                        yield name, np.asarray(handle.get_tensor(name), dtype=np.float32)
+            except SafetensorError as exc:
+                raise ValueError(f"{file} is not a readable safetensors file: {exc}") from None

@@ -37,7 +37,7 @@ def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict[ParamPath, jax.
 def model_from_values(config: ModelConfig, values: Mapping[ParamPath, jax.Array], dtype=jnp.float32) -> nnx.Module:
     """Build the model from a value for every parameter path (see ``param_shapes``)."""
     graphdef, state = _abstract_split(config, dtype)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     for path, leaf in nnx.to_flat_state(state):
         if path not in values:
             raise ValueError(f"no value for parameter {'.'.join(map(str, path))}")
@@ -45,7 +45,7 @@ def model_from_values(config: ModelConfig, values: Mapping[ParamPath, jax.Array]
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = jnp.asarray(values[path], dtype)
-    state.replace_by_pure_dict(pure)
+    nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
 

@@ -1,0 +1,50 @@
+"""Command-line plumbing shared by the entry points: flags generated from config dataclasses and
+one-line errors with exit code 2 instead of tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+# Errors a user can cause (bad model path, bad parameters); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequence[str] = ()) -> None:
+    """One ``--field-name`` flag per dataclass field, typed and documented from the field."""
+    for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        if field.type in (bool, "bool"):
+            parser.add_argument(flag, dest=field.name, action="store_true", help=help_text)
+        else:
+            kind = type(field.default)
+            parser.add_argument(flag, dest=field.name, type=kind, default=field.default,
+                                help=f"{help_text} (default: {field.default})".strip())
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
+    """Run ``main``; user errors print ``error: ...`` on one stderr line and exit 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = main(argv)
+    except USER_ERRORS as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

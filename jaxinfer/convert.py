@@ -1,0 +1,31 @@
+"""``python -m jaxinfer.convert --model M --out DIR``: write a jaxinfer checkpoint (orbax) for fast reload."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from jaxinfer.cli import run_main
+from jaxinfer.loader import DEFAULT_MODEL, DTYPES, load_model
+from jaxinfer.loader.checkpoint import save_checkpoint
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxinfer.convert", description=__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="embedded model name, .gguf file, Hugging Face directory or jaxinfer checkpoint")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="stored weight dtype")
+    args = parser.parse_args(argv)
+    loaded = load_model(args.model, args.dtype)
+    start = time.perf_counter()
+    save_checkpoint(args.out, loaded.model, loaded.tokenizer, source=loaded.source)
+    print(f"loaded {loaded.source} in {loaded.load_seconds:.2f} s; wrote {args.out} in "
+          f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,9 @@
+"""Pallas kernels for GPU and TPU, each with a pure-jnp reference of the same contract.
+
+Dispatch between a kernel and its reference is resolved once by ``_backend`` when a model runner
+is built; kernels live one op per module (see STYLE.md 1.4).
+"""
+
+from pallas_kernels._backend import resolve_impl, resolve_interpret
+
+__all__ = ["resolve_impl", "resolve_interpret"]

@@ -1,0 +1,46 @@
+"""Test setup: CPU with 8 virtual devices, shared fixtures (tiny configs, the real model)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from jaxinfer.config import ModelConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("JAXINFER_SHARED", REPO.parent / "shared"))
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+                max_position=256, tie_word_embeddings=True)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def reference_data():
+    path = SHARED / "reference" / "reference_smollm2.json"
+    if not path.is_file():
+        pytest.skip(f"independent reference not found at {path} (set JAXINFER_SHARED)")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    from jaxinfer.loader import load_model
+
+    return load_model("smollm2-135m", "float32")
+
+
+@pytest.fixture(scope="session")
+def real_generator(real_model):
+    from jaxinfer.generator import Generator
+
+    return Generator(real_model.model, real_model.tokenizer)

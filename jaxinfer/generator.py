@@ -62,10 +62,10 @@ class DecodeCarry:
     done: jax.Array  # [B] bool
 
 
-def _prefill_step(graphdef, state, kv, tokens, positions, last_index, sampling, eos_ids):
+def _prefill_step(graphdef, state, kv, tokens, positions, last_index, sampling, eos_ids, *, kv_window):
     """One prompt chunk for every row; samples generated token 0 at each row's last index."""
     model = nnx.merge(graphdef, state)
-    logits, kv = model(tokens, positions, kv, logits_indices=last_index[:, None])
+    logits, kv = model(tokens, positions, kv, logits_indices=last_index[:, None], kv_window=kv_window)
     with jax.named_scope("sample"):
         token = sampling.sample(logits[:, 0], jnp.zeros_like(last_index))
     return token, kv
@@ -141,19 +141,20 @@ class Generator:
         self.kv_dtype = kv_dtype
         graphdef, self._state = nnx.split(model)
         self._eos_ids = jnp.asarray(tokenizer.eos_ids, jnp.int32)
-        self._prefill = jax.jit(functools.partial(_prefill_step, graphdef), donate_argnames=("kv",))
+        self._prefill = jax.jit(functools.partial(_prefill_step, graphdef), donate_argnames=("kv",),
+                                static_argnames=("kv_window",))
         self._decode = jax.jit(functools.partial(_decode_steps, graphdef, num_steps=decode_chunk),
                                donate_argnames=("kv",))
         self._executables: dict[tuple, Callable] = {}
         self.compile_seconds = 0.0
 
-    def _run(self, name: str, fn, *args):
+    def _run(self, name: str, fn, *args, **static):
         """Call the executable compiled for these argument shapes, compiling it on first use."""
-        key = (name,) + tuple((x.shape, x.dtype) for x in jax.tree.leaves(args[1:]))
+        key = (name, *sorted(static.items())) + tuple((x.shape, x.dtype) for x in jax.tree.leaves(args[1:]))
         executable = self._executables.get(key)
         if executable is None:
             start = time.perf_counter()
-            executable = fn.lower(*args).compile()
+            executable = fn.lower(*args, **static).compile()
             self.compile_seconds += time.perf_counter() - start
             self._executables[key] = executable
         return executable(*args)
@@ -242,8 +243,12 @@ class Generator:
             # before any query can see them, or past the cache end where the write is dropped.
             positions = np.broadcast_to(np.arange(begin, begin + chunk, dtype=np.int32), tokens.shape)
             last_index = np.clip(lengths - 1 - begin, 0, chunk - 1).astype(np.int32)
+            # Attention reads only the slots this chunk can see (rounded up to a power of two to
+            # bound the number of compiled variants).
+            kv_window = min(bucket(begin + chunk, chunk), kv.max_len)
             token, kv = self._run("prefill", self._prefill, self._state, kv, jnp.asarray(tokens),
-                                  jnp.asarray(positions), jnp.asarray(last_index), sampling, self._eos_ids)
+                                  jnp.asarray(positions), jnp.asarray(last_index), sampling, self._eos_ids,
+                                  kv_window=kv_window)
             ends_here = jnp.asarray((lengths - 1 >= begin) & (lengths - 1 < begin + chunk))
             first = token if first is None else jnp.where(ends_here, token, first)
         return first, kv

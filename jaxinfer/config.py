@@ -7,8 +7,9 @@ Change one with ``dataclasses.replace``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 # Architectures of the Llama family this engine runs, by their Hugging Face and GGUF names.
 SUPPORTED_ARCHITECTURES = {
@@ -77,7 +78,7 @@ class ModelConfig:
             raise ValueError(f"rope_theta={self.rope_theta} and rms_norm_eps={self.rms_norm_eps} must be > 0")
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dictionary."""
         archs = hf.get("architectures") or [hf.get("model_type", "?")]
         arch = SUPPORTED_ARCHITECTURES.get(archs[0]) or SUPPORTED_ARCHITECTURES.get(hf.get("model_type", ""))
@@ -105,7 +106,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, meta: Mapping[str, Any], *, has_output_tensor: bool) -> "ModelConfig":
+    def from_gguf(cls, meta: Mapping[str, Any], *, has_output_tensor: bool) -> ModelConfig:
         """Build from GGUF metadata (``general.architecture`` and ``{arch}.*`` keys)."""
         gguf_arch = meta.get("general.architecture")
         arch = SUPPORTED_ARCHITECTURES.get(str(gguf_arch))
@@ -145,7 +146,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         fields = dict(data)
         if fields.get("rope_scaling") is not None:
             fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from jaxinfer.cli import run_main
 from jaxinfer.loader import DEFAULT_MODEL, DTYPES, load_model

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from jaxinfer.cli import add_dataclass_arguments, dataclass_from_args, run_main
-from jaxinfer.loader import DTYPES, DEFAULT_MODEL, load_model
+from jaxinfer.loader import DEFAULT_MODEL, DTYPES, load_model
 from jaxinfer.sampling_params import SamplingParams
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ class SamplingArrays:
     ignore_eos: jax.Array  # [B] bool
 
     @classmethod
-    def from_params(cls, params: Sequence[SamplingParams]) -> "SamplingArrays":
+    def from_params(cls, params: Sequence[SamplingParams]) -> SamplingArrays:
         return cls(
             temperature=jnp.asarray([p.temperature for p in params], jnp.float32),
             top_p=jnp.asarray([p.top_p for p in params], jnp.float32),
@@ -185,9 +185,10 @@ class Generator:
         context = self.config.max_position
         # Never generate past the context: positions prompt_len .. context-1 remain.
         params = [dataclasses.replace(p, max_tokens=min(p.max_tokens, context - len(q)))
-                  for p, q in zip(params, prompts)]
+                  for p, q in zip(params, prompts, strict=True)]
         lengths = np.array([len(p) for p in prompts])
-        max_len = min(bucket(int(max(lengths + [p.max_tokens for p in params])), MIN_KV_BUCKET), context)
+        needed = lengths + np.array([p.max_tokens for p in params])
+        max_len = min(bucket(int(needed.max()), MIN_KV_BUCKET), context)
         sampling = SamplingArrays.from_params(params)
         kv = KVCache.init(self.config, len(prompts), max_len, self.kv_dtype)
 
@@ -219,7 +220,7 @@ class Generator:
         decode_seconds = time.perf_counter() - start - (self.compile_seconds - compiled)
 
         results = []
-        for prompt, ids, p in zip(prompts, outputs, params):
+        for prompt, ids, p in zip(prompts, outputs, params, strict=True):
             stopped = ids[-1] in self.tokenizer.eos_ids and not p.ignore_eos
             results.append(GenerationResult(
                 prompt_ids=list(map(int, prompt)), output_ids=ids,

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.sandbox
@@ -92,7 +93,7 @@ class Tokenizer:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, meta: Mapping[str, Any]) -> "Tokenizer":
+    def from_gguf(cls, meta: Mapping[str, Any]) -> Tokenizer:
         """Build from GGUF ``tokenizer.ggml.*`` metadata (byte-level BPE, model "gpt2")."""
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
@@ -122,7 +123,7 @@ class Tokenizer:
                    chat_template=meta.get("tokenizer.chat_template"))
 
     @classmethod
-    def from_dir(cls, directory: str | Path, *, eos_ids: Sequence[int] = ()) -> "Tokenizer":
+    def from_dir(cls, directory: str | Path, *, eos_ids: Sequence[int] = ()) -> Tokenizer:
         """Load ``tokenizer.json`` plus ``tokenizer_config.json`` (chat template, bos/eos)."""
         directory = Path(directory)
         path = directory / "tokenizer.json"

@@ -6,7 +6,7 @@ F feed-forward, V vocabulary, H query heads, K KV heads, D head_dim, L layers.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ def model_from_values(config: ModelConfig, values: Mapping[ParamPath, jax.Array]
     """Build the model from a value for every parameter path (see ``param_shapes``)."""
     graphdef, state = _abstract_split(config, dtype)
     pure = nnx.to_pure_dict(state)
-    for path, leaf in nnx.to_flat_state(state):
+    for path, _ in nnx.to_flat_state(state):
         if path not in values:
             raise ValueError(f"no value for parameter {'.'.join(map(str, path))}")
         node = pure

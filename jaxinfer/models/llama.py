@@ -102,7 +102,7 @@ class LlamaForCausalLM(nnx.Module):
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         x = self.embed_tokens[...][tokens].astype(jnp.float32)  # [B, T, E]
         new_k, new_v = [], []
-        for layer, k_cache, v_cache in zip(self.layers, kv.k, kv.v):
+        for layer, k_cache, v_cache in zip(self.layers, kv.k, kv.v, strict=True):
             x, k_cache, v_cache = layer(x, positions, k_cache, v_cache, inv_freq, kv_window)
             new_k.append(k_cache)
             new_v.append(v_cache)

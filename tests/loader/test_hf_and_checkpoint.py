@@ -30,7 +30,7 @@ def test_hf_directory_matches_numpy_reference(tmp_path, dtype):
     tiny_files.write_hf_dir(tmp_path, cfg, tensors, dtype=dtype)
     loaded = load_model(str(tmp_path))
     assert loaded.config == cfg
-    on_disk = {k: np.asarray(v.astype(np.float32) if dtype == "float32" else _bf16_round(v)) for k, v in tensors.items()}
+    on_disk = {k: v.astype(np.float32) if dtype == "float32" else _bf16_round(v) for k, v in tensors.items()}
     np.testing.assert_allclose(_logits(loaded.model, cfg), numpy_llama.forward(on_disk, cfg, TOKENS),
                                rtol=2e-4, atol=2e-4)
     assert loaded.tokenizer.eos_ids == (2,)

@@ -124,11 +124,13 @@ class GenerationResult:
 class Generator:
     """Generates continuations for a batch of token-id prompts.
 
-    ``prefill_chunk`` bounds the tokens per prefill call (long prompts are processed in chunks);
+    ``prefill_chunk`` bounds the tokens per prefill call. Long prompts run in chunks, each chunk
+    attending only to the cache window it can see, which skips most of the causally masked work
+    (measured here at 2048 tokens: 256-token chunks 329 tok/s, 512: 265, 2048: 217);
     ``decode_chunk`` is the number of decode steps fused into one device call.
     """
 
-    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, prefill_chunk: int = 512,
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, *, prefill_chunk: int = 256,
                  decode_chunk: int = 16, kv_dtype=jnp.float32):
         if prefill_chunk < MIN_PREFILL_BUCKET or prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk={prefill_chunk} must be a power of two >= {MIN_PREFILL_BUCKET}")

@@ -62,7 +62,7 @@ class DecodeCarry:
     done: jax.Array  # [B] bool
 
 
-def _prefill_step(graphdef, state, kv, tokens, positions, last_index, sampling, eos_ids, *, kv_window):
+def _prefill_step(graphdef, state, kv, tokens, positions, last_index, sampling, *, kv_window):
     """One prompt chunk for every row; samples generated token 0 at each row's last index."""
     model = nnx.merge(graphdef, state)
     logits, kv = model(tokens, positions, kv, logits_indices=last_index[:, None], kv_window=kv_window)
@@ -250,8 +250,7 @@ class Generator:
             # bound the number of compiled variants).
             kv_window = min(bucket(begin + chunk, chunk), kv.max_len)
             token, kv = self._run("prefill", self._prefill, self._state, kv, jnp.asarray(tokens),
-                                  jnp.asarray(positions), jnp.asarray(last_index), sampling, self._eos_ids,
-                                  kv_window=kv_window)
+                                  jnp.asarray(positions), jnp.asarray(last_index), sampling, kv_window=kv_window)
             ends_here = jnp.asarray((lengths - 1 >= begin) & (lengths - 1 < begin + chunk))
             first = token if first is None else jnp.where(ends_here, token, first)
         return first, kv

@@ -61,9 +61,6 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def token_text(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(token_id)
-
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
                             add_generation_prompt: bool = True) -> str:
         """Render chat ``messages`` ([{"role": ..., "content": ...}]) with the model's template."""

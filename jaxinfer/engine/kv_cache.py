@@ -29,8 +29,3 @@ class KVCache:
         shape = (batch, max_len, config.num_kv_heads, config.head_dim)
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
                    v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
-
-    @classmethod
-    def abstract(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = jax.ShapeDtypeStruct((batch, max_len, config.num_kv_heads, config.head_dim), dtype)
-        return cls(k=(shape,) * config.num_layers, v=(shape,) * config.num_layers)

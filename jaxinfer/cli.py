@@ -9,17 +9,23 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 # Errors a user can cause (bad model path, bad parameters); anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: Sequence[str] = ()) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--dtype``, shared by every entry point that loads a model."""
+    from jaxinfer.loader import DEFAULT_MODEL, DTYPES
+
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="embedded model name, .gguf file, Hugging Face directory or jaxinfer checkpoint")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--field-name`` flag per dataclass field, typed and documented from the field."""
     for field in dataclasses.fields(cls):
-        if field.name in exclude:
-            continue
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
         if field.type in (bool, "bool"):
@@ -30,10 +36,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclu
                                 help=f"{help_text} (default: {field.default})".strip())
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    values.update(overrides)
-    return cls(**values)
+def dataclass_from_args(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:

@@ -7,17 +7,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jaxinfer.cli import run_main
-from jaxinfer.loader import DEFAULT_MODEL, DTYPES, load_model
+from jaxinfer.cli import add_model_arguments, run_main
+from jaxinfer.loader import load_model
 from jaxinfer.loader.checkpoint import save_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxinfer.convert", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="embedded model name, .gguf file, Hugging Face directory or jaxinfer checkpoint")
+    add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="stored weight dtype")
     args = parser.parse_args(argv)
     loaded = load_model(args.model, args.dtype)
     start = time.perf_counter()

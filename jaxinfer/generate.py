@@ -7,20 +7,18 @@ import json
 import sys
 from collections.abc import Sequence
 
-from jaxinfer.cli import add_dataclass_arguments, dataclass_from_args, run_main
-from jaxinfer.loader import DEFAULT_MODEL, DTYPES, load_model
+from jaxinfer.cli import add_dataclass_arguments, add_model_arguments, dataclass_from_args, run_main
+from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxinfer.generate", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="embedded model name, .gguf file, Hugging Face directory or jaxinfer checkpoint")
+    add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     parser.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_dataclass_arguments(parser, SamplingParams)
     return parser
@@ -42,8 +40,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.chat and args.prompt is None:
         raise ValueError("--chat needs --prompt text, not --prompt-ids")
     prompt_ids = parse_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None
-    if args.prompt is not None and not args.prompt:
-        raise ValueError("prompt is empty")
 
     from jaxinfer.detokenizer import IncrementalDetokenizer
     from jaxinfer.generator import Generator
@@ -53,9 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if prompt_ids is None:
         prompt_ids = (tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat
                       else tokenizer.encode(args.prompt))
-    generator = Generator(loaded.model, tokenizer)
-    generator.validate(prompt_ids)
-
+    generator = Generator(loaded.model, tokenizer)  # generate() validates the prompt before running
     detokenizer = IncrementalDetokenizer(tokenizer)
 
     def stream(_row: int, ids: list[int]) -> None:

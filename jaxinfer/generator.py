@@ -79,7 +79,7 @@ def _is_stop(token, count, sampling, eos_ids):
 def _decode_steps(graphdef, state, kv, carry: DecodeCarry, sampling, eos_ids, *, num_steps: int):
     """Up to ``num_steps`` decode steps in one call, stopping early once every row is done.
 
-    Returns (tokens [B, num_steps] with -1 where a row emitted nothing, carry, kv, steps run).
+    Returns (tokens [B, num_steps] with -1 where a row emitted nothing, carry, kv).
     """
     model = nnx.merge(graphdef, state)
     batch = carry.token.shape[0]
@@ -102,8 +102,8 @@ def _decode_steps(graphdef, state, kv, carry: DecodeCarry, sampling, eos_ids, *,
         return step + 1, carry, kv, out
 
     out = jnp.full((batch, num_steps), -1, jnp.int32)
-    steps, carry, kv, out = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, kv, out))
-    return out, carry, kv, steps
+    _, carry, kv, out = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, kv, out))
+    return out, carry, kv
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -210,7 +210,7 @@ class Generator:
                             count=jnp.asarray(count), done=jnp.asarray(done))
         start, compiled = time.perf_counter(), self.compile_seconds
         while not done.all():
-            out, carry, kv, _ = self._run("decode", self._decode, self._state, kv, carry, sampling, self._eos_ids)
+            out, carry, kv = self._run("decode", self._decode, self._state, kv, carry, sampling, self._eos_ids)
             out_host = np.asarray(out)
             done = np.asarray(carry.done)
             for row in range(len(prompts)):

@@ -30,14 +30,20 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = field.metadata.get("help", "")
         if field.type in (bool, "bool"):
             parser.add_argument(flag, dest=field.name, action="store_true", help=help_text)
+        elif "item_type" in field.metadata:
+            parser.add_argument(flag, dest=field.name, type=field.metadata["item_type"], action="append",
+                                default=[], help=help_text)
+        elif isinstance(field.default, tuple):
+            continue  # structured fields (bucket sets) are set from code or a config file, not flags
         else:
-            kind = type(field.default)
+            kind = field.metadata.get("type", type(field.default))
             parser.add_argument(flag, dest=field.name, type=kind, default=field.default,
                                 help=f"{help_text} (default: {field.default})".strip())
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:

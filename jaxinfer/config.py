@@ -171,3 +171,100 @@ def _rope_scaling_from_hf(scaling: Mapping[str, Any] | None) -> RopeScaling | No
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_position=int(scaling["original_max_position_embeddings"]),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache: pages of ``page_size`` token slots shared by all requests."""
+
+    page_size: int = dataclasses.field(default=16, metadata={"help": "token slots per KV page"})
+    num_pages: int = dataclasses.field(default=0, metadata={"help": "KV pages in the pool (0 = from --kv-memory-gib)"})
+    kv_memory_gib: float = dataclasses.field(default=2.0, metadata={"help": "KV pool size when num_pages is 0"})
+    enable_prefix_caching: bool = dataclasses.field(default=True, metadata={"help": "reuse KV of repeated prefixes"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.page_size, int) or self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size!r}")
+        if not isinstance(self.num_pages, int) or self.num_pages < 0:
+            raise ValueError(f"num_pages must be an integer >= 0, got {self.num_pages!r}")
+        if not self.kv_memory_gib > 0:
+            raise ValueError(f"kv_memory_gib must be > 0, got {self.kv_memory_gib!r}")
+
+    def resolve_num_pages(self, bytes_per_page: int) -> int:
+        return self.num_pages or max(1, int(self.kv_memory_gib * 2**30) // bytes_per_page)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Continuous batching: budgets per step and the shape buckets every step is padded to.
+
+    A step holds up to ``max_num_batched_tokens`` tokens: one per decoding request plus prompt chunks.
+    Bucket tuples left empty are derived: decode rows 1, 4, 16, ... up to max_num_seqs; prompt
+    tokens 64, 256, ... up to the token budget; KV lengths 512, 2048, ... up to max_model_len.
+    """
+
+    max_num_seqs: int = dataclasses.field(default=32, metadata={"help": "running requests at most"})
+    max_num_batched_tokens: int = dataclasses.field(default=256, metadata={"help": "tokens per step at most"})
+    max_model_len: int = dataclasses.field(default=0, metadata={"help": "context limit (0 = the model's)"})
+    max_waiting: int = dataclasses.field(default=1024, metadata={"help": "queued requests at most; more are refused"})
+    max_prefill_seqs: int = dataclasses.field(default=8, metadata={"help": "requests with prompt chunks per step"})
+    enable_chunked_prefill: bool = dataclasses.field(default=True, metadata={"help": "split long prompts"})
+    decode_buckets: tuple[int, ...] = ()
+    prefill_buckets: tuple[int, ...] = ()
+    kv_buckets: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prefill_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_model_len, int) or self.max_model_len < 0:
+            raise ValueError(f"max_model_len must be an integer >= 0, got {self.max_model_len!r}")
+        for name in ("decode_buckets", "prefill_buckets", "kv_buckets"):
+            buckets = getattr(self, name)
+            if any(not isinstance(b, int) or b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+                raise ValueError(f"{name} must be increasing positive integers, got {buckets!r}")
+        if self.decode_buckets and self.decode_buckets[-1] < self.max_num_seqs:
+            raise ValueError(f"largest decode bucket {self.decode_buckets[-1]} < max_num_seqs {self.max_num_seqs}")
+        if self.prefill_buckets and self.prefill_buckets[-1] < self.max_num_batched_tokens:
+            raise ValueError(f"largest prefill bucket {self.prefill_buckets[-1]} < max_num_batched_tokens "
+                             f"{self.max_num_batched_tokens}")
+
+    def resolve(self, model_max_len: int) -> SchedulerConfig:
+        """Fill in max_model_len and the derived bucket sets."""
+        max_len = min(self.max_model_len or model_max_len, model_max_len)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_len:
+            raise ValueError(f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                             f"must be >= max_model_len ({max_len})")
+        if self.kv_buckets and self.kv_buckets[-1] < max_len:
+            raise ValueError(f"largest kv bucket {self.kv_buckets[-1]} < max_model_len {max_len}")
+        return dataclasses.replace(
+            self, max_model_len=max_len,
+            decode_buckets=self.decode_buckets or _geometric(1, 4, self.max_num_seqs),
+            prefill_buckets=self.prefill_buckets or _geometric(64, 4, self.max_num_batched_tokens),
+            kv_buckets=self.kv_buckets or _geometric(512, 4, max_len))
+
+
+def _geometric(start: int, ratio: int, stop: int) -> tuple[int, ...]:
+    """start, start*ratio, ... while below stop, then stop itself."""
+    values = []
+    while start < stop:
+        values.append(start)
+        start *= ratio
+    return (*values, stop)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Composes the per-concern configs of one engine (one replica)."""
+
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    attention_impl: str = "auto"
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        if self.attention_impl not in ("auto", "pallas", "reference"):
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r} (choose auto, pallas or reference)")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")

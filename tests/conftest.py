@@ -40,7 +40,13 @@ def real_model():
 
 
 @pytest.fixture(scope="session")
-def real_generator(real_model):
-    from jaxinfer.generator import Generator
+def real_engine(real_model):
+    """An engine on the real model with few buckets; steps compile on first use (no warm-up)."""
+    from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+    from jaxinfer.engine.engine import Engine
 
-    return Generator(real_model.model, real_model.tokenizer)
+    config = EngineConfig(cache=CacheConfig(num_pages=256),
+                          scheduler=SchedulerConfig(max_num_seqs=4, max_model_len=1024, max_prefill_seqs=2,
+                                                    decode_buckets=(4,), prefill_buckets=(64, 256),
+                                                    kv_buckets=(1024,)))
+    return Engine(real_model.model, real_model.tokenizer, config)

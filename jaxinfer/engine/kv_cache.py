@@ -1,7 +1,10 @@
-"""Contiguous per-request KV cache: one [B, S, K, D] key and value array per layer.
+"""Paged KV cache: one key and one value array of pages [K, num_layers * P, L, D] for all layers.
 
-The cache is a pytree passed into the model and returned updated (never stored on a module); the
-jitted steps donate it. Slot s of row b holds the key/value of position s.
+Page p of layer l is entry l * P + p, so the scanned layer body reaches its pages by an index
+offset instead of slicing (a slice of a loop-carried array would be a copy). A page holds L
+consecutive token slots of one request (slot s at page s // L, offset s % L); requests own pages
+through block tables kept on the host. The arrays are passed into the model and returned updated,
+never stored on a module, and the runner donates them to every step.
 """
 
 from __future__ import annotations
@@ -10,22 +13,32 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.config import ModelConfig
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class KVCache:
-    k: tuple[jax.Array, ...]  # num_layers x [B, S, K, D]
-    v: tuple[jax.Array, ...]  # num_layers x [B, S, K, D]
+class KVPages:
+    k: jax.Array  # [K, num_layers * P, L, D]
+    v: jax.Array  # [K, num_layers * P, L, D]
+    num_pages: int = dataclasses.field(metadata=dict(static=True))  # P, pages per layer
 
     @property
-    def max_len(self) -> int:
-        return self.k[0].shape[1]
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @staticmethod
+    def shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+        return (config.num_kv_heads, config.num_layers * num_pages, page_size, config.head_dim)
+
+    @staticmethod
+    def bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
+        """Bytes one page takes over all layers, keys and values."""
+        return 2 * config.num_layers * config.num_kv_heads * page_size * config.head_dim * np.dtype(dtype).itemsize
 
     @classmethod
-    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+    def init(cls, config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVPages:
+        shape = cls.shape(config, num_pages, page_size)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), num_pages=num_pages)

@@ -1,50 +1,80 @@
-"""Causal grouped-query attention over a contiguous KV cache (pure jnp; the spec for kernels).
+"""Paged causal grouped-query attention for a step's flat token batch.
 
-Axis letters: B batch, T query tokens, S KV slots, H query heads, K KV heads, G = H / K, D head_dim.
+Axis letters: T tokens of the step, H query heads, K KV heads, D head_dim, P pages, L page size.
+A step's tokens are laid out as ``num_decode`` decode rows (one token per request) followed by
+prompt chunks (ragged, several tokens per request). Both parts read the paged KV through the
+ragged paged-attention op: its Pallas kernel on GPU/TPU, its pure-jnp reference on CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-MASK_VALUE = -1e30
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
 
-def write_kv(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Store new [B, T, K, D] at slots positions[B, T] of cache [B, S, K, D].
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMeta:
+    """Where a step's tokens write their K/V and what each of them reads.
 
-    Slots past the end of the cache are dropped: padding tokens may carry such positions.
+    Dynamic (arrays): slot_mapping [T] (physical KV slot page * L + offset of every token; padding
+    tokens point past the pool and are dropped); for the decode rows kv_lens [Bd], page_indices
+    [Bd, Pd], num_seqs [1]; for the prompt chunks kv_lens [Bp], page_indices [Bp, Pp], cu_q_lens
+    [Bp + 1] (offsets inside the prompt part), num_seqs [1].
+    Static: the attention impl ('pallas' or 'reference'), interpret mode, and prefill_kv_tokens, a
+    bound on the prompt requests' summed KV lengths (sizes the reference's gather).
     """
-    rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+    slot_mapping: jax.Array
+    decode_kv_lens: jax.Array
+    decode_page_indices: jax.Array
+    decode_num_seqs: jax.Array
+    prefill_kv_lens: jax.Array
+    prefill_page_indices: jax.Array
+    prefill_cu_q_lens: jax.Array
+    prefill_num_seqs: jax.Array
+    prefill_kv_tokens: int = dataclasses.field(default=0, metadata=dict(static=True))
+    impl: str = dataclasses.field(default="reference", metadata=dict(static=True))
+    interpret: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def num_decode(self) -> int:
+        return self.decode_kv_lens.shape[0]
 
 
-def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
-              kv_window: int | None = None) -> jax.Array:
-    """Causal attention of q [B, T, H, D] at positions[B, T] over caches [B, S, K, D].
+def write_kv(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Store new [T, K, D] into pages [K, P, L, D] at flat slots slot_mapping[T] (out of range: dropped)."""
+    num_kv_heads, num_pages, page_size, head_dim = pages.shape
+    flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
+    flat = flat.at[:, slot_mapping].set(new.transpose(1, 0, 2).astype(pages.dtype), mode="drop")
+    return flat.reshape(pages.shape)
 
-    Query at position p sees slots 0..p. Slots above p may hold stale or padding data and are
-    never read. ``kv_window`` (static), when every position is below it, limits the read to slots
-    [0, kv_window): a prefill chunk early in a long cache then skips the empty tail.
-    Returns [B, T, H, D] float32.
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMeta,
+                    page_offset: jax.Array | int = 0) -> jax.Array:
+    """q [T, H, D] of the step's tokens (K/V already written) -> [T, H, D] float32.
+
+    page_offset: added to every page index (the layer's first page in a pool shared by all layers).
     """
-    if kv_window is not None and kv_window < k_cache.shape[1]:
-        k_cache, v_cache = k_cache[:, :kv_window], v_cache[:, :kv_window]
-    batch, num_tokens, num_heads, head_dim = q.shape
-    num_slots, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    # Queries of one KV head form one [G*T, D] matrix: two plain batched matmuls per KV head, which
-    # XLA on CPU runs about twice as fast as the 5-D einsum with separate G and T axes.
-    qg = q.reshape(batch, num_tokens, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-    qg = qg.reshape(batch, num_kv_heads, group * num_tokens, head_dim)  # [B, K, G*T, D]
-    keys = k_cache.transpose(0, 2, 1, 3).astype(q.dtype)  # [B, K, S, D]
-    values = v_cache.transpose(0, 2, 1, 3)  # [B, K, S, D]
-    scores = jnp.einsum("bkqd,bksd->bkqs", qg, keys, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    query_pos = jnp.broadcast_to(positions[:, None, None, :], (batch, num_kv_heads, group, num_tokens))
-    query_pos = query_pos.reshape(batch, num_kv_heads, group * num_tokens)
-    visible = jnp.arange(num_slots)[None, None, None, :] <= query_pos[..., None]  # [B, K, G*T, S]
-    probs = jax.nn.softmax(jnp.where(visible, scores, MASK_VALUE), axis=-1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
-    out = out.reshape(batch, num_kv_heads, group, num_tokens, head_dim).transpose(0, 3, 1, 2, 4)
-    return out.reshape(batch, num_tokens, num_heads, head_dim)
+    num_decode = meta.num_decode
+    parts = []
+    if num_decode:
+        decode_cu = jnp.arange(num_decode + 1, dtype=jnp.int32)
+        args = (q[:num_decode], k_pages, v_pages, meta.decode_kv_lens, meta.decode_page_indices + page_offset, decode_cu,
+                meta.decode_num_seqs)
+        if meta.impl == "pallas":
+            parts.append(ragged_paged_attention(*args, interpret=meta.interpret))
+        else:
+            parts.append(ragged_paged_attention_reference(*args, max_q_len=1))
+    if q.shape[0] > num_decode:
+        args = (q[num_decode:], k_pages, v_pages, meta.prefill_kv_lens, meta.prefill_page_indices + page_offset,
+                meta.prefill_cu_q_lens, meta.prefill_num_seqs)
+        if meta.impl == "pallas":
+            parts.append(ragged_paged_attention(*args, interpret=meta.interpret))
+        else:
+            parts.append(ragged_paged_attention_reference(*args, max_kv_tokens=meta.prefill_kv_tokens or None))
+    return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]

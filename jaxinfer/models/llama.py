@@ -1,8 +1,15 @@
 """Llama-family decoder in Flax NNX (Llama 2/3, SmolLM, Mistral without sliding window, Qwen2).
 
-Contract: ``model(tokens[B, T], positions[B, T], kv, logits_indices=None) -> (logits, kv)``.
-The KV cache is an argument and a result, never module state. Parameter paths mirror Hugging Face
-names (``layers[i].self_attn.o_proj.kernel`` <- ``model.layers.i.self_attn.o_proj.weight``.T), except
+Contract: ``model(tokens[T], positions[T], kv, meta, logits_indices) -> (logits[N, V], kv)`` over the
+flat tokens of one engine step (several requests; ``meta`` says which KV pages each token writes
+and reads). The paged KV cache is an argument and a result, never module state.
+
+The decoder layers are one module whose parameters carry a leading layer axis, applied with
+``lax.scan``: one compiled layer body instead of num_layers copies, which cuts compile time per step
+shape by an order of magnitude (the engine compiles dozens of shapes at warm-up).
+
+Parameter paths mirror Hugging Face names (``layers.self_attn.o_proj.kernel[i]`` <-
+``model.layers.i.self_attn.o_proj.weight``.T), except
 that q/k/v and gate/up are each stored as one fused kernel (``qkv_proj``, ``gate_up_proj``): one
 wide matmul instead of three or two, which decode (bandwidth-bound) runs ~12% faster on CPU.
 q/k rows use the rotate-half layout of Hugging Face checkpoints.
@@ -15,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine.kv_cache import KVCache
-from jaxinfer.layers.attention import attention, write_kv
+from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.layers.attention import AttentionMeta, paged_attention, write_kv
 from jaxinfer.layers.linear import Linear
 from jaxinfer.layers.norm import RMSNorm
 from jaxinfer.layers.rotary import apply_rotary, inverse_frequencies
@@ -32,22 +39,23 @@ class LlamaAttention(nnx.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
 
-    def __call__(self, x, positions, k_cache, v_cache, inv_freq, kv_window):
-        batch, num_tokens, _ = x.shape
+    def __call__(self, x, positions, k_pages, v_pages, inv_freq, meta, page_offset):
+        num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q_end = self.num_heads * self.head_dim
         k_end = q_end + self.num_kv_heads * self.head_dim
-        q = qkv[..., :q_end].reshape(batch, num_tokens, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = qkv[..., q_end:k_end].reshape(batch, num_tokens, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
-        v = qkv[..., k_end:].reshape(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        q = qkv[:, :q_end].reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = qkv[:, q_end:k_end].reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
+        v = qkv[:, k_end:].reshape(num_tokens, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, positions, inv_freq)
         k = apply_rotary(k, positions, inv_freq)
         with jax.named_scope("kv_write"):
-            k_cache = write_kv(k_cache, k, positions)
-            v_cache = write_kv(v_cache, v, positions)
+            slots = meta.slot_mapping + page_offset * k_pages.shape[2]
+            k_pages = write_kv(k_pages, k, slots)
+            v_pages = write_kv(v_pages, v, slots)
         with jax.named_scope("attention"):
-            out = attention(q, k_cache, v_cache, positions, kv_window)
-        return self.o_proj(out.reshape(batch, num_tokens, -1)), k_cache, v_cache
+            out = paged_attention(q, k_pages, v_pages, meta, page_offset)
+        return self.o_proj(out.reshape(num_tokens, -1).astype(x.dtype)), k_pages, v_pages
 
 
 class LlamaMLP(nnx.Module):
@@ -69,72 +77,78 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.mlp = LlamaMLP(config, dtype=dtype)
 
-    def __call__(self, x, positions, k_cache, v_cache, inv_freq, kv_window):
-        attn_out, k_cache, v_cache = self.self_attn(self.input_layernorm(x), positions, k_cache,
-                                                    v_cache, inv_freq, kv_window)
+    def __call__(self, x, positions, k_pages, v_pages, inv_freq, meta, page_offset):
+        attn_out, k_pages, v_pages = self.self_attn(self.input_layernorm(x), positions, k_pages, v_pages,
+                                                    inv_freq, meta, page_offset)
         x = x + attn_out
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k_cache, v_cache
+        return x, k_pages, v_pages
 
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32):
         self.config = config
         self.embed_tokens = nnx.Param(jnp.zeros((config.vocab_size, config.hidden_size), dtype))  # [V, E]
-        self.layers = nnx.List([LlamaDecoderLayer(config, dtype=dtype) for _ in range(config.num_layers)])
+        self.layers = nnx.vmap(lambda: LlamaDecoderLayer(config, dtype=dtype), axis_size=config.num_layers,
+                               out_axes=0)()  # every parameter [num_layers, ...]
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.lm_head = (None if config.tie_word_embeddings
                         else Linear(config.hidden_size, config.vocab_size, dtype=dtype))
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVCache,
-                 logits_indices: jax.Array | None = None, kv_window: int | None = None,
-                 ) -> tuple[jax.Array, KVCache]:
-        """tokens, positions: [B, T] int32; kv: cache with S >= every real position.
+    def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVPages, meta: AttentionMeta,
+                 logits_indices: jax.Array) -> tuple[jax.Array, KVPages]:
+        """tokens, positions: [T] int32; kv: the KV pages; meta: the step's attention metadata.
 
-        kv_window: optional static bound on every real position; attention then reads only the
-        first kv_window cache slots.
-
-        logits_indices: optional [B, N] indices into T; when given only those rows reach the LM
-        head (a prefill needs the last prompt token only). Returns float32 logits [B, T or N, V].
+        logits_indices [N] int32 picks the rows that reach the LM head (one per request that
+        samples). Returns float32 logits [N, V] and the updated pages.
         """
         config = self.config
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        x = self.embed_tokens[...][tokens].astype(jnp.float32)  # [B, T, E]
-        new_k, new_v = [], []
-        for layer, k_cache, v_cache in zip(self.layers, kv.k, kv.v, strict=True):
-            x, k_cache, v_cache = layer(x, positions, k_cache, v_cache, inv_freq, kv_window)
-            new_k.append(k_cache)
-            new_v.append(v_cache)
-        if logits_indices is not None:
-            x = jnp.take_along_axis(x, logits_indices[:, :, None], axis=1)  # [B, N, E]
-        x = self.norm(x)
+        x = self.embed_tokens[...][tokens].astype(jnp.float32)  # [T, E]
+        layer_graphdef, layer_states = nnx.split(self.layers)
+        pages_per_layer = kv.num_pages
+
+        def body(carry, scanned):
+            x, k_pages, v_pages = carry
+            layer_state, index = scanned
+            layer = nnx.merge(layer_graphdef, layer_state)
+            x, k_pages, v_pages = layer(x, positions, k_pages, v_pages, inv_freq, meta, index * pages_per_layer)
+            return (x, k_pages, v_pages), None
+
+        indices = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (x, k_all, v_all), _ = jax.lax.scan(body, (x, kv.k, kv.v), (layer_states, indices))
+        x = self.norm(x[logits_indices])  # [N, E]
         with jax.named_scope("lm_head"):
             if self.lm_head is None:
                 embed = self.embed_tokens[...]
-                logits = jnp.einsum("bte,ve->btv", x.astype(embed.dtype), embed,
-                                    preferred_element_type=jnp.float32)
+                logits = jnp.einsum("ne,ve->nv", x.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
             else:
-                logits = self.lm_head(x)
-        return logits, KVCache(k=tuple(new_k), v=tuple(new_v))
+                logits = self.lm_head(x).astype(jnp.float32)
+        return logits, KVPages(k=k_all, v=v_all, num_pages=pages_per_layer)
 
 
-def param_path(hf_name: str) -> tuple[tuple[str | int, ...], bool, int | None]:
-    """Map a Hugging Face tensor name to (path in the NNX state, transpose?, part of a fused param).
+def param_path(hf_name: str) -> tuple[tuple[str, ...], bool, int | None, int | None]:
+    """Map a Hugging Face tensor name to (path in the NNX state, transpose?, part of a fused param,
+    layer index along the stacked layer axis).
 
-    ``model.layers.3.mlp.up_proj.weight`` -> (("layers", 3, "mlp", "gate_up_proj", "kernel"), True, 1):
-    part 1 of the fused kernel, whose parts are concatenated along the last axis in part order.
+    ``model.layers.3.mlp.up_proj.weight`` -> (("layers", "mlp", "gate_up_proj", "kernel"), True, 1, 3):
+    part 1 of the fused kernel (parts are concatenated along the last axis in part order) of layer 3.
     """
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in hf_name.split(".")]
+    parts = hf_name.split(".")
     if parts[0] == "model":
         parts = parts[1:]
+    layer = None
+    if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit():
+        layer = int(parts[1])
+        parts = parts[:1] + parts[2:]
     if parts == ["embed_tokens", "weight"]:
-        return ("embed_tokens",), False, None
+        return ("embed_tokens",), False, None, None
     if len(parts) < 2 or parts[-2] not in _LINEARS:
-        return tuple(parts), False, None
+        return tuple(parts), False, None, layer
     module, part = _FUSED.get(parts[-2], (parts[-2], None))
     leaf = "kernel" if parts[-1] == "weight" else parts[-1]
-    return tuple(parts[:-2]) + (module, leaf), leaf == "kernel", part
+    return tuple(parts[:-2]) + (module, leaf), leaf == "kernel", part, layer
 
 
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

@@ -1,0 +1,183 @@
+"""A scheduled step as one pytree of padded arrays, built with numpy and moved in one device_put.
+
+Token layout: ``Bd`` decode rows (one token per decoding request), then ``Tp`` prompt-chunk tokens.
+Sampling rows: the Bd decode rows, then one row per prompt chunk (its last token), ``Bp`` rows.
+Every dimension is padded to a bucket (``StepShape``) so the runner has one compiled step per shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxinfer.config import SchedulerConfig
+from jaxinfer.engine.scheduler import SchedulerOutput
+from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.sampler import SamplingArrays, key_data_from_seed
+
+
+# KV slot of padding tokens: past the pool for every layer's offset, so their writes are dropped.
+PAD_SLOT = 2**30
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class StepShape:
+    num_decode: int  # Bd decode rows (0: no decode part)
+    decode_kv_tokens: int  # KV slots each decode row reads (a KV bucket; 0 without decodes)
+    num_prefill_tokens: int  # Tp prompt tokens (0: no prompt part)
+    prefill_kv_tokens: int  # bound on the prompt requests' summed KV lengths (0 without prompts)
+
+
+def _bucket(value: int, buckets: tuple[int, ...]) -> int:
+    for bucket in buckets:
+        if bucket >= value:
+            return bucket
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+def step_shape(out: SchedulerOutput, config: SchedulerConfig) -> StepShape:
+    """Bucketed shape of a scheduled step. Mixed steps pad the prompt part to the largest prompt
+    bucket so that mixing adds decode x KV variants only, not a full product."""
+    num_decode = decode_kv = prefill_tokens = prefill_kv = 0
+    if out.decodes:
+        num_decode = _bucket(len(out.decodes), config.decode_buckets)
+        decode_kv = _bucket(max(seq.num_computed + 1 for seq in out.decodes), config.kv_buckets)
+    if out.prefills:
+        tokens = sum(chunk.num_tokens for chunk in out.prefills)
+        prefill_tokens = config.prefill_buckets[-1] if out.decodes else _bucket(tokens, config.prefill_buckets)
+        prefill_kv = _bucket(sum(c.start + c.num_tokens for c in out.prefills), config.kv_buckets)
+    return StepShape(num_decode, decode_kv, prefill_tokens, prefill_kv)
+
+
+def all_step_shapes(config: SchedulerConfig) -> list[StepShape]:
+    """Every shape step_shape can return: what warm-up compiles."""
+    shapes = [StepShape(d, kv, 0, 0) for d in config.decode_buckets for kv in config.kv_buckets]
+    shapes += [StepShape(0, 0, t, kv) for t in config.prefill_buckets for kv in config.kv_buckets]
+    shapes += [StepShape(d, dkv, config.prefill_buckets[-1], pkv) for d in config.decode_buckets
+               for dkv in config.kv_buckets for pkv in config.kv_buckets]
+    return shapes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleInput:
+    """The sampling half of a step: one row per request that may sample, N = Bd + Bp."""
+
+    sampling: SamplingArrays  # [N] rows
+    row_slots: jax.Array  # [N] int32 penalty-state slot of each row (padding: out of range)
+    emit: jax.Array  # [N] bool: the row's sampled token is kept (decodes, completed prompts)
+    want_logprobs: jax.Array  # [] bool: some row asked for logprobs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    tokens: jax.Array  # [T] int32, T = Bd + Tp
+    positions: jax.Array  # [T] int32
+    meta: AttentionMeta
+    logits_indices: jax.Array  # [N] int32 rows of T that are sampled
+    reset_slots: jax.Array  # [Bp] int32 slots whose penalty state restarts (first chunk of a request)
+    token_slots: jax.Array  # [Tp] int32 slot of each prompt-part token (padding: out of range)
+    token_is_output: jax.Array  # [Tp] bool: a recomputed generated token (counts for penalties)
+    sample: SampleInput
+
+
+class BatchBuilder:
+    """Turns SchedulerOutputs into StepInputs for one cache geometry."""
+
+    def __init__(self, config: SchedulerConfig, page_size: int, num_pages: int):
+        self.config = config
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_pages_per_seq = -(-config.max_model_len // page_size)
+
+    def num_rows(self, shape: StepShape) -> int:
+        """Sampling rows N of a step: its decode rows plus one per possible prompt chunk."""
+        return shape.num_decode + self.config.max_prefill_seqs
+
+    def build(self, out: SchedulerOutput, shape: StepShape, *, impl: str, interpret: bool) -> StepInput:
+        cfg, page_size = self.config, self.page_size
+        num_decode, num_prefill = shape.num_decode, cfg.max_prefill_seqs
+        num_tokens, num_rows = num_decode + shape.num_prefill_tokens, self.num_rows(shape)
+        pad_slot, pad_state = PAD_SLOT, cfg.max_num_seqs
+        tokens = np.zeros(num_tokens, np.int32)
+        positions = np.zeros(num_tokens, np.int32)
+        slot_mapping = np.full(num_tokens, pad_slot, np.int32)
+        logits_indices = np.zeros(num_rows, np.int32)
+        row_slots = np.full(num_rows, pad_state, np.int32)
+        emit = np.zeros(num_rows, bool)
+        rows: list = [None] * num_rows
+
+        decode_pages = -(-shape.decode_kv_tokens // page_size) if num_decode else 1
+        decode_kv_lens = np.zeros(num_decode, np.int32)
+        decode_page_indices = np.zeros((num_decode, decode_pages), np.int32)
+        for row, seq in enumerate(out.decodes):
+            position = seq.num_computed
+            tokens[row], positions[row] = seq.token(position), position
+            slot_mapping[row] = seq.pages[position // page_size] * page_size + position % page_size
+            decode_kv_lens[row] = position + 1
+            decode_page_indices[row, :len(seq.pages)] = seq.pages
+            logits_indices[row], row_slots[row], emit[row], rows[row] = row, seq.slot, True, seq
+
+        prefill_kv_lens = np.zeros(num_prefill, np.int32)
+        prefill_page_indices = np.zeros((num_prefill, self.max_pages_per_seq), np.int32)
+        cu_q_lens = np.zeros(num_prefill + 1, np.int32)
+        reset_slots = np.full(num_prefill, pad_state, np.int32)
+        token_slots = np.full(shape.num_prefill_tokens, pad_state, np.int32)
+        token_is_output = np.zeros(shape.num_prefill_tokens, bool)
+        offset = num_decode
+        for index, chunk in enumerate(out.prefills):
+            seq, start, count = chunk.seq, chunk.start, chunk.num_tokens
+            span = slice(offset, offset + count)
+            tokens[span] = seq.tokens(start, start + count)
+            pos = np.arange(start, start + count, dtype=np.int32)
+            positions[span] = pos
+            pages = np.asarray(seq.pages, np.int32)
+            slot_mapping[span] = pages[pos // page_size] * page_size + pos % page_size
+            prefill_kv_lens[index] = start + count
+            prefill_page_indices[index, :len(seq.pages)] = pages
+            cu_q_lens[index + 1] = cu_q_lens[index] + count
+            token_slots[span.start - num_decode:span.stop - num_decode] = seq.slot
+            token_is_output[span.start - num_decode:span.stop - num_decode] = pos >= len(seq.prompt_ids)
+            if start == 0:
+                reset_slots[index] = seq.slot
+            row = num_decode + index
+            logits_indices[row], row_slots[row], rows[row] = offset + count - 1, seq.slot, seq
+            emit[row] = chunk.completes_prompt
+            offset += count
+        cu_q_lens[len(out.prefills) + 1:] = cu_q_lens[len(out.prefills)]
+
+        meta = AttentionMeta(
+            slot_mapping=slot_mapping, decode_kv_lens=decode_kv_lens, decode_page_indices=decode_page_indices,
+            decode_num_seqs=np.array([len(out.decodes)], np.int32), prefill_kv_lens=prefill_kv_lens,
+            prefill_page_indices=prefill_page_indices, prefill_cu_q_lens=cu_q_lens,
+            prefill_num_seqs=np.array([len(out.prefills)], np.int32), prefill_kv_tokens=shape.prefill_kv_tokens,
+            impl=impl, interpret=interpret)
+        want_logprobs = np.array(any(s is not None and s.params.logprobs is not None for s in rows))
+        sample = SampleInput(sampling=_sampling_arrays(rows), row_slots=row_slots, emit=emit,
+                             want_logprobs=want_logprobs)
+        step = StepInput(tokens=tokens, positions=positions, meta=meta, logits_indices=logits_indices,
+                         reset_slots=reset_slots, token_slots=token_slots, token_is_output=token_is_output,
+                         sample=sample)
+        return jax.device_put(step)
+
+
+def _sampling_arrays(rows: list) -> SamplingArrays:
+    n = len(rows)
+    temperature, top_p, min_p = np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.float32)
+    top_k, index = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    repetition, presence, frequency = np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    key_data = np.zeros((n, 2), np.uint32)
+    for row, seq in enumerate(rows):
+        if seq is None:
+            continue
+        p = seq.params
+        temperature[row], top_p[row], top_k[row], min_p[row] = p.temperature, p.top_p, p.top_k, p.min_p
+        repetition[row], presence[row], frequency[row] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
+        key_data[row] = key_data_from_seed(p.seed)
+        index[row] = len(seq.output_ids)
+    return SamplingArrays(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency,
+                          key_data=key_data, index=index)

@@ -1,0 +1,249 @@
+"""One replica's engine: step() = schedule -> run the model -> process outputs.
+
+Not thread-safe by design: exactly one thread drives an Engine (the offline LLM directly, the server
+through AsyncEngine's loop thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence as Seq
+
+import jax
+from flax import nnx
+
+from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.engine.batch import step_shape
+from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.engine.model_runner import ModelRunner, StepResult
+from jaxinfer.engine.request_output import RequestOutput, TextStream, TokenLogprob, metrics_of
+from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.sequence import FinishReason, Sequence, SequenceStatus
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineMetrics:
+    """A snapshot for the router and the server (Stats, /metrics)."""
+
+    num_running: int
+    num_waiting: int
+    kv_pages_used: int
+    kv_pages_free: int
+    kv_pages_total: int
+    page_size: int
+    context_lengths: dict[str, int]  # request id -> current context (prompt + generated)
+    last_step_seconds: float
+    last_step_tokens: int
+    num_steps: int
+    num_preemptions: int
+    prefix_cache_hit_rate: float  # share of admitted prompt tokens served from the prefix cache
+    generated_tokens_total: int
+    prompt_tokens_total: int
+
+
+class Engine:
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+        self.model_config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.config = config
+        self.scheduler_config = config.scheduler.resolve(self.model_config.max_position)
+        page_size = config.cache.page_size
+        dtype = model.embed_tokens[...].dtype
+        self.bytes_per_page = KVPages.bytes_per_page(self.model_config, page_size, dtype)
+        num_pages = config.cache.resolve_num_pages(self.bytes_per_page)
+        max_len = self.scheduler_config.max_model_len
+        if num_pages * page_size < max_len:
+            raise ValueError(f"a KV pool of {num_pages} pages x {page_size} tokens cannot hold one request of "
+                             f"max_model_len={max_len} tokens; add pages or lower max_model_len")
+        self.block_manager = BlockManager(num_pages, page_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.runner = ModelRunner(model, self.model_config, self.scheduler_config, num_pages, page_size,
+                                  attention_impl=config.attention_impl, max_logprobs=config.max_logprobs)
+        self._streams: dict[str, TextStream] = {}
+        self._ids = itertools.count()
+        self._eos_ids = frozenset(tokenizer.eos_ids)
+        self.num_steps = 0
+        self.last_step_seconds = 0.0
+        self.last_step_tokens = 0
+        self.generated_tokens_total = 0
+        self.prompt_tokens_total = 0
+
+    def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
+        self.runner.warm_up(progress)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def validate(self, prompt: str | Seq[int], params: SamplingParams) -> list[int]:
+        """Check a request before anything is scheduled; returns its prompt token ids."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, Seq) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} outside the vocabulary [0, {vocab})")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        max_len = self.scheduler_config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within the context "
+                             f"limit of {max_len} tokens")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the maximum of {self.config.max_logprobs}")
+        bad_stop = [t for t in params.stop_token_ids if t >= self.model_config.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop token id {bad_stop[0]} outside the vocabulary [0, {self.model_config.vocab_size})")
+        return ids
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Validate and queue a request (raises ValueError, or QueueFullError when the queue is full)."""
+        ids = self.validate(prompt, params)
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, ids, params, arrival_time)
+        self.scheduler.add(seq)
+        self._streams[request_id] = TextStream(self.tokenizer, params.stop)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request and free its pages at once; returns its final output (None if unknown)."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        stream = self._streams.pop(request_id)
+        delta = stream.finish()
+        return self._output(seq, [], delta, stream.text)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- stepping -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduled step. Returns an output for every request that gained tokens or finished."""
+        start = time.perf_counter()
+        with jax.profiler.TraceAnnotation("schedule"):
+            out = self.scheduler.schedule()
+        if out.empty:
+            return []
+        shape = step_shape(out, self.scheduler_config)
+        result = self.runner.execute(out, shape)
+        with jax.profiler.TraceAnnotation("postprocess"):
+            outputs = self._postprocess(out, result)
+        self.num_steps += 1
+        self.last_step_seconds = time.perf_counter() - start
+        self.last_step_tokens = out.num_tokens
+        return outputs
+
+    def _postprocess(self, out, result: StepResult) -> list[RequestOutput]:
+        now = time.perf_counter()
+        emitted: list[tuple[int, Sequence]] = [(row, seq) for row, seq in enumerate(out.decodes)]
+        for seq in out.decodes:
+            seq.num_computed += 1
+        num_decode_rows = len(result.tokens) - self.scheduler_config.max_prefill_seqs
+        for index, chunk in enumerate(out.prefills):
+            chunk.seq.num_computed += chunk.num_tokens
+            if chunk.start < len(chunk.seq.prompt_ids):
+                self.prompt_tokens_total += min(chunk.num_tokens, len(chunk.seq.prompt_ids) - chunk.start)
+            if chunk.completes_prompt:
+                emitted.append((num_decode_rows + index, chunk.seq))
+        for seq in (*out.decodes, *(chunk.seq for chunk in out.prefills)):
+            self.block_manager.commit(seq)
+        outputs = []
+        for row, seq in emitted:
+            token = int(result.tokens[row])
+            seq.output_ids.append(token)
+            self.generated_tokens_total += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.params.logprobs is not None and result.token_logprobs is not None:
+                count = seq.params.logprobs
+                top = dict(zip(result.top_ids[row, :count].tolist(), result.top_logprobs[row, :count].tolist()))
+                seq.logprobs.append((float(result.token_logprobs[row]), top))
+            outputs.append(self._advance(seq, token))
+        return outputs
+
+    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
+        """Detokenize the new token and decide whether seq is finished."""
+        params, stream = seq.params, self._streams[seq.request_id]
+        is_stop_token = (token in self._eos_ids and not params.ignore_eos) or token in params.stop_token_ids
+        delta = stream.push(None if is_stop_token else token)
+        reason = None
+        if is_stop_token or stream.stopped:
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.scheduler_config.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            delta += stream.finish()
+            del self._streams[seq.request_id]
+        return self._output(seq, [token], delta, stream.text[:stream.emitted])
+
+    def _output(self, seq: Sequence, new_ids: list[int], delta: str, text: str) -> RequestOutput:
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = [TokenLogprob(t, lp, top) for t, (lp, top) in zip(seq.output_ids, seq.logprobs)]
+        return RequestOutput(
+            request_id=seq.request_id, prompt_ids=seq.prompt_ids, output_ids=list(seq.output_ids),
+            text=text, new_token_ids=new_ids,
+            new_text=delta, finished=seq.status is SequenceStatus.FINISHED,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None, logprobs=logprobs,
+            metrics=metrics_of(seq))
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def metrics(self) -> EngineMetrics:
+        blocks = self.block_manager
+        hit_rate = blocks.prefix_hit_tokens / blocks.prefix_query_tokens if blocks.prefix_query_tokens else 0.0
+        return EngineMetrics(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_pages_used=blocks.num_used, kv_pages_free=blocks.num_free, kv_pages_total=blocks.num_pages,
+            page_size=blocks.page_size,
+            context_lengths={s.request_id: s.num_tokens for s in (*self.scheduler.running, *self.scheduler.waiting)},
+            last_step_seconds=self.last_step_seconds, last_step_tokens=self.last_step_tokens,
+            num_steps=self.num_steps, num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=hit_rate, generated_tokens_total=self.generated_tokens_total,
+            prompt_tokens_total=self.prompt_tokens_total)
+
+    # -- offline --------------------------------------------------------------------------------
+
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams],
+                 on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in prompt order. Every request is validated first."""
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        for prompt, p in zip(prompts, params_list, strict=True):
+            self.validate(prompt, p)
+        ids = [str(next(self._ids)) for _ in prompts]
+        pending = list(zip(ids, prompts, params_list))[::-1]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            while pending and len(self.scheduler.waiting) < self.scheduler_config.max_waiting:
+                request_id, prompt, p = pending.pop()
+                self.add_request(prompt, p, request_id)
+            for output in self.step():
+                if on_output is not None:
+                    on_output(output)
+                if output.finished:
+                    final[output.request_id] = output
+        return [final[i] for i in ids]

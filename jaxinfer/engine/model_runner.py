@@ -1,0 +1,150 @@
+"""The one owner of a replica's device state: weights, KV pages, penalty state, compiled steps.
+
+One step function, compiled ahead of time for every bucketed ``StepShape`` at warm-up; after that a
+step never compiles (``num_compiles`` stays put, which the compile-budget test checks). The KV
+pages and the sampler state are donated to every step and rebound to its results at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.config import ModelConfig, SchedulerConfig
+from jaxinfer.engine.batch import BatchBuilder, SampleInput, StepInput, StepShape, all_step_shapes
+from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.engine.scheduler import SchedulerOutput
+from jaxinfer.layers.sampler import apply_penalties, logprobs, sample
+from pallas_kernels import resolve_impl, resolve_interpret
+
+logger = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerState:
+    """Per-slot history for penalties: one row per running request (slot), V columns."""
+
+    output_counts: jax.Array  # [S, V] int32 occurrences of each token in the output
+    prompt_mask: jax.Array  # [S, V] bool token occurs in the prompt
+
+    @classmethod
+    def init(cls, num_slots: int, vocab_size: int) -> SamplerState:
+        return cls(jnp.zeros((num_slots, vocab_size), jnp.int32), jnp.zeros((num_slots, vocab_size), bool))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    tokens: np.ndarray  # [N] int32 sampled token per row
+    token_logprobs: np.ndarray | None  # [N] float32
+    top_ids: np.ndarray | None  # [N, max_logprobs] int32
+    top_logprobs: np.ndarray | None  # [N, max_logprobs] float32
+
+
+def _forward_step(graphdef, state, kv: KVPages, sampler: SamplerState, batch: StepInput):
+    """The model over the step's tokens -> logits [N, V]; records prompt tokens for penalties."""
+    model = nnx.merge(graphdef, state)
+    logits, kv = model(batch.tokens, batch.positions, kv, batch.meta, batch.logits_indices)
+    with jax.named_scope("penalty_state"):
+        counts, seen = sampler.output_counts, sampler.prompt_mask
+        outside = counts.shape[0]
+        counts = counts.at[batch.reset_slots].set(0, mode="drop")
+        seen = seen.at[batch.reset_slots].set(False, mode="drop")
+        prompt_part = batch.tokens[batch.meta.num_decode:]
+        seen = seen.at[jnp.where(batch.token_is_output, outside, batch.token_slots), prompt_part].set(
+            True, mode="drop")
+        counts = counts.at[jnp.where(batch.token_is_output, batch.token_slots, outside), prompt_part].add(
+            1, mode="drop")
+    return logits, kv, SamplerState(counts, seen)
+
+
+def _sample_step(num_top: int, logits: jax.Array, sampler: SamplerState, batch: SampleInput):
+    """Penalties, sampling and logprobs for every row; counts the emitted tokens for penalties.
+
+    A separate jitted function from the forward pass: it compiles once per row count, not once per
+    step shape, and the sort and RNG it holds are the slowest parts to compile."""
+    with jax.named_scope("sample"):
+        counts, seen = sampler.output_counts, sampler.prompt_mask
+        s = batch.sampling
+        penalized = jnp.any((s.repetition_penalty != 1) | (s.presence_penalty != 0) | (s.frequency_penalty != 0))
+        logits = jax.lax.cond(
+            penalized, lambda x: apply_penalties(x, counts[batch.row_slots], seen[batch.row_slots], s),
+            lambda x: x, logits)
+        tokens = sample(logits, s)
+        outside = counts.shape[0]
+        counts = counts.at[jnp.where(batch.emit, batch.row_slots, outside), tokens].add(1, mode="drop")
+        extra = ()
+        if num_top:
+            rows = tokens.shape[0]
+            empty = (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, num_top), jnp.int32),
+                     jnp.zeros((rows, num_top), jnp.float32))
+            extra = jax.lax.cond(batch.want_logprobs, lambda x: logprobs(x, tokens, num_top), lambda x: empty, logits)
+    return (tokens, *extra), SamplerState(counts, seen)
+
+
+class ModelRunner:
+    def __init__(self, model: nnx.Module, model_config: ModelConfig, scheduler_config: SchedulerConfig,
+                 num_pages: int, page_size: int, *, attention_impl: str = "auto", max_logprobs: int = 20):
+        self.model_config = model_config
+        self.scheduler_config = scheduler_config
+        self.graphdef, self.state = nnx.split(model)
+        dtype = model.embed_tokens[...].dtype
+        self.kv = KVPages.init(model_config, num_pages, page_size, dtype)
+        self.sampler = SamplerState.init(scheduler_config.max_num_seqs, model_config.vocab_size)
+        self.impl = resolve_impl(attention_impl)
+        self.interpret = resolve_interpret() if self.impl == "pallas" else False
+        self.max_logprobs = max_logprobs
+        self.builder = BatchBuilder(scheduler_config, page_size, num_pages)
+        self._forward = jax.jit(functools.partial(_forward_step, self.graphdef), donate_argnums=(1, 2))
+        self._sample = jax.jit(functools.partial(_sample_step, max_logprobs), donate_argnums=(1,))
+        self._executables: dict[StepShape | int, Callable] = {}
+        self.num_compiles = 0
+        self.compile_seconds = 0.0
+
+    def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Compile every step shape the scheduler can produce."""
+        shapes = all_step_shapes(self.scheduler_config)
+        for done, shape in enumerate(shapes, 1):
+            self._executable(shape)
+            if progress is not None:
+                progress(done, len(shapes))
+
+    def _executable(self, shape: StepShape) -> tuple[Callable, Callable]:
+        """The compiled forward step of this shape and the compiled sampler of its row count."""
+        forward = self._executables.get(shape)
+        if forward is None:
+            example = self.builder.build(SchedulerOutput([], [], []), shape, impl=self.impl, interpret=self.interpret)
+            forward = self._compile(shape, self._forward, self.state, self.kv, self.sampler, example)
+            rows = self.builder.num_rows(shape)
+            if rows not in self._executables:
+                logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
+                self._compile(rows, self._sample, logits, self.sampler, example.sample)
+        return forward, self._executables[self.builder.num_rows(shape)]
+
+    def _compile(self, key, function, *args) -> Callable:
+        start = time.perf_counter()
+        executable = function.lower(*args).compile()
+        self._executables[key] = executable
+        self.num_compiles += 1
+        self.compile_seconds += time.perf_counter() - start
+        logger.debug("compiled %s in %.2f s", key, time.perf_counter() - start)
+        return executable
+
+    def execute(self, out: SchedulerOutput, shape: StepShape) -> StepResult:
+        """Run one scheduled step; returns the sampled tokens (host arrays, one readback)."""
+        forward, sampler = self._executable(shape)
+        batch = self.builder.build(out, shape, impl=self.impl, interpret=self.interpret)
+        logits, self.kv, self.sampler = forward(self.state, self.kv, self.sampler, batch)
+        results, self.sampler = sampler(logits, self.sampler, batch.sample)
+        results = jax.device_get(results)
+        if len(results) == 1:
+            return StepResult(results[0], None, None, None)
+        return StepResult(*results)

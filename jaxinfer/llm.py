@@ -1,0 +1,56 @@
+"""Offline API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence as Seq
+from typing import Any
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.request_output import RequestOutput
+from jaxinfer.loader import load_model
+from jaxinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLM:
+    """A loaded model plus its engine, warmed up so generation never waits on a compile.
+
+    ``model``: an embedded name (default ``smollm2-135m``), a ``.gguf`` file, a Hugging Face
+    directory or a jaxinfer checkpoint directory.
+    """
+
+    def __init__(self, model: str = "smollm2-135m", *, dtype: str = "float32",
+                 config: EngineConfig = EngineConfig(), warm_up: bool = True, show_progress: bool = False):
+        self.loaded = load_model(model, dtype)
+        self.tokenizer = self.loaded.tokenizer
+        self.engine = Engine(self.loaded.model, self.tokenizer, config)
+        self.warm_up_seconds = 0.0
+        if warm_up:
+            start = time.perf_counter()
+            self.engine.warm_up(_progress("compiling step shapes") if show_progress else None)
+            self.warm_up_seconds = time.perf_counter() - start
+
+    def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
+                 on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or a list (text or token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self.engine.generate(list(prompts), params or SamplingParams(), on_output)
+
+    def chat(self, conversations: Seq[Seq[Mapping[str, Any]]],
+             params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Each conversation (a list of {"role", "content"} messages) through the chat template."""
+        prompts = [self.tokenizer.encode_chat(messages) for messages in conversations]
+        return self.engine.generate(prompts, params or SamplingParams())
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        print(f"\r{label}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    return report

@@ -41,34 +41,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError("--chat needs --prompt text, not --prompt-ids")
     prompt_ids = parse_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None
 
-    from jaxinfer.detokenizer import IncrementalDetokenizer
-    from jaxinfer.generator import Generator
+    from jaxinfer.config import EngineConfig, SchedulerConfig
+    from jaxinfer.engine.engine import Engine
 
     loaded = load_model(args.model, args.dtype)
     tokenizer = loaded.tokenizer
-    if prompt_ids is None:
-        prompt_ids = (tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat
-                      else tokenizer.encode(args.prompt))
-    generator = Generator(loaded.model, tokenizer)  # generate() validates the prompt before running
-    detokenizer = IncrementalDetokenizer(tokenizer)
+    prompt = prompt_ids
+    if prompt is None:
+        prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    # One request: a one-row decode bucket; steps compile on first use and compile time is
+    # reported apart from the speeds.
+    engine = Engine(loaded.model, tokenizer, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=1)))
+    runner = engine.runner
+    compile_at_first_token: list[float] = []
 
-    def stream(_row: int, ids: list[int]) -> None:
-        for token in ids:
-            sys.stdout.write(detokenizer.push(token))
-        sys.stdout.flush()
+    def on_output(output) -> None:
+        if not compile_at_first_token:
+            compile_at_first_token.append(runner.compile_seconds)
+        if not args.json:
+            sys.stdout.write(output.new_text)
+            sys.stdout.flush()
 
-    result = generator.generate([prompt_ids], params, on_tokens=None if args.json else stream)[0]
+    result = engine.generate([prompt], params, on_output)[0]
     if args.json:
         print(json.dumps({"prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
                           "text": result.text, "finish_reason": result.finish_reason}, ensure_ascii=False))
     else:
-        sys.stdout.write(detokenizer.flush() + "\n")
-    decoded = len(result.output_ids) - 1
-    print(f"prefill: {len(prompt_ids)} tokens in {result.prefill_seconds:.3f} s "
-          f"({len(prompt_ids) / max(result.prefill_seconds, 1e-9):.1f} tok/s) | "
-          f"decode: {decoded} tokens in {result.decode_seconds:.3f} s "
-          f"({decoded / max(result.decode_seconds, 1e-9):.1f} tok/s) | "
-          f"load {loaded.load_seconds:.2f} s, compile {generator.compile_seconds:.2f} s, "
+        sys.stdout.write("\n")
+    metrics = result.metrics
+    prefill_seconds = metrics.first_token_time - metrics.first_scheduled_time - compile_at_first_token[0]
+    decode_seconds = metrics.decode_seconds - (runner.compile_seconds - compile_at_first_token[0])
+    num_prompt, decoded = len(result.prompt_ids), len(result.output_ids) - 1
+    print(f"prefill: {num_prompt} tokens in {prefill_seconds:.3f} s "
+          f"({num_prompt / max(prefill_seconds, 1e-9):.1f} tok/s) | "
+          f"decode: {decoded} tokens in {decode_seconds:.3f} s "
+          f"({decoded / max(decode_seconds, 1e-9):.1f} tok/s) | "
+          f"load {loaded.load_seconds:.2f} s, compile {runner.compile_seconds:.2f} s, "
           f"finish: {result.finish_reason}", file=sys.stderr)
     return 0
 

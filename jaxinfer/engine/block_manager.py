@@ -47,8 +47,12 @@ class BlockManager:
         return -(-num_tokens // self.page_size)
 
     def match_prefix(self, seq: Sequence) -> list[int]:
-        """Cached pages holding seq's leading full pages (at least one token is left to compute)."""
-        if not self.enable_prefix_caching:
+        """Cached pages holding seq's leading full pages (at least one token is left to compute).
+
+        Requests with penalties compute every token: their per-request token history on the device
+        is built from the tokens a step processes, which cached pages would skip.
+        """
+        if not self.enable_prefix_caching or seq.params.uses_penalties:
             return []
         hits, parent = [], None
         limit = (seq.num_tokens - 1) // self.page_size

@@ -1,0 +1,95 @@
+"""Scheduler policy on the host: budgets, limits, FCFS, preemption, queue bound (no device)."""
+
+import pytest
+
+from jaxinfer.config import SchedulerConfig
+from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.scheduler import QueueFullError, Scheduler
+from jaxinfer.engine.sequence import FinishReason, Sequence, SequenceStatus
+from jaxinfer.sampling_params import SamplingParams
+
+
+def _scheduler(num_pages=64, page_size=4, **overrides):
+    config = SchedulerConfig(**{**dict(max_num_seqs=4, max_num_batched_tokens=16, max_prefill_seqs=2), **overrides})
+    return Scheduler(config.resolve(256), BlockManager(num_pages, page_size))
+
+
+def _complete(scheduler, out, token=1):
+    """What the engine does after a step: advance computed counts and append sampled tokens."""
+    for seq in out.decodes:
+        seq.num_computed += 1
+        seq.output_ids.append(token)
+    for chunk in out.prefills:
+        chunk.seq.num_computed += chunk.num_tokens
+        if chunk.completes_prompt:
+            chunk.seq.output_ids.append(token)
+
+
+def test_token_budget_and_prefill_limits_hold():
+    scheduler = _scheduler()
+    for i in range(5):
+        scheduler.add(Sequence(str(i), list(range(3, 13)), SamplingParams()))
+    out = scheduler.schedule()
+    assert out.num_tokens <= 16 and len(out.prefills) <= 2
+    assert [c.seq.request_id for c in out.prefills] == ["0", "1"]  # FCFS
+    assert [c.num_tokens for c in out.prefills] == [10, 6]  # the second prompt is chunked
+    _complete(scheduler, out)
+    out = scheduler.schedule()
+    assert [s.request_id for s in out.decodes] == ["0"]
+    assert out.prefills[0].seq.request_id == "1" and out.prefills[0].start == 6
+    assert out.num_tokens <= 16
+
+
+def test_max_num_seqs_bounds_running():
+    scheduler = _scheduler(max_num_batched_tokens=64, max_prefill_seqs=8)
+    for i in range(6):
+        scheduler.add(Sequence(str(i), [5, 6], SamplingParams()))
+    out = scheduler.schedule()
+    assert len(out.prefills) == 4 and len(scheduler.running) == 4 and len(scheduler.waiting) == 2
+
+
+def test_without_chunking_a_prompt_waits_for_a_whole_budget():
+    scheduler = _scheduler(max_num_batched_tokens=256, enable_chunked_prefill=False)
+    scheduler.add(Sequence("a", list(range(200)), SamplingParams()))
+    scheduler.add(Sequence("b", list(range(100)), SamplingParams()))
+    out = scheduler.schedule()
+    assert [(c.seq.request_id, c.num_tokens) for c in out.prefills] == [("a", 200)]
+
+
+def test_out_of_pages_preempts_the_newest_and_requeues_it_first():
+    scheduler = _scheduler(num_pages=4, page_size=2, max_num_batched_tokens=64)
+    a = Sequence("a", [1, 2, 3, 4], SamplingParams())
+    b = Sequence("b", [4, 5, 6, 7], SamplingParams())
+    scheduler.add(a)
+    scheduler.add(b)
+    _complete(scheduler, scheduler.schedule())  # both prefilled: 2 pages each, pool full
+    assert scheduler.block_manager.num_free == 0
+    out = scheduler.schedule()  # a needs a third page for token 4: b is preempted
+    assert out.preempted == [b] and [s.request_id for s in out.decodes] == ["a"]
+    assert b.status is SequenceStatus.WAITING and b.num_computed == 0 and b.pages == []
+    assert scheduler.waiting[0] is b and b.output_ids == [1]  # keeps its output for recompute
+    scheduler.finish(a, FinishReason.LENGTH)
+    out = scheduler.schedule()
+    assert out.prefills[0].seq is b and out.prefills[0].num_tokens == 5  # prompt + generated token
+    assert out.prefills[0].completes_prompt
+
+
+def test_queue_bound_refuses_with_queue_full():
+    scheduler = _scheduler(max_waiting=2)
+    scheduler.add(Sequence("a", [1], SamplingParams()))
+    scheduler.add(Sequence("b", [1], SamplingParams()))
+    with pytest.raises(QueueFullError, match="waiting queue full"):
+        scheduler.add(Sequence("c", [1], SamplingParams()))
+
+
+def test_finish_releases_pages_and_slots_from_either_queue():
+    scheduler = _scheduler(max_num_batched_tokens=4, max_prefill_seqs=1)
+    a, b = Sequence("a", [1, 2, 3], SamplingParams()), Sequence("b", [4, 5], SamplingParams())
+    scheduler.add(a)
+    scheduler.add(b)
+    scheduler.schedule()
+    assert a.status is SequenceStatus.RUNNING and b.status is SequenceStatus.WAITING
+    scheduler.finish(a, FinishReason.ABORT)
+    scheduler.finish(b, FinishReason.ABORT)
+    assert scheduler.num_unfinished == 0 and scheduler.block_manager.num_free == 64
+    assert sorted(scheduler._free_slots) == [0, 1, 2, 3]

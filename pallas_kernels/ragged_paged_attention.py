@@ -94,7 +94,7 @@ def _ragged_paged_attention_kernel(
         def load_kv(step):
             for copy in copies(step):
                 copy.wait()
-            pl.when(step + 1 < num_steps)(functools.partial(start_fetch, step))
+            pl.when(step + 1 < num_steps)(functools.partial(start_fetch, step + 1))
             slot = lax.rem(step, 2)
             return k_buf[slot], v_buf[slot]
     else:

@@ -1,0 +1,182 @@
+"""Streaming front of an Engine for servers: one loop thread owns the engine (and so the device
+state); asyncio callers talk to it through a command queue and get a token stream per request.
+
+- ``await add_request(...)`` validates and queues a request, raising ValueError or QueueFullError
+  at once; it returns a ``RequestStream`` (``async for output in stream``).
+- ``abort(request_id)`` cancels from any thread; leaving a stream early (break, task cancellation,
+  client disconnect) aborts the request too, so its pages are freed at once.
+- If a step raises, every in-flight request fails with that error, the engine is marked dead and
+  later requests are refused: consistent failure, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence as Seq
+
+from jaxinfer.engine.engine import Engine, EngineMetrics
+from jaxinfer.engine.request_output import RequestOutput
+from jaxinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed or was shut down; no request can be served."""
+
+
+class RequestStream:
+    """The outputs of one request, in order; the last one has ``finished`` set."""
+
+    def __init__(self, request_id: str, owner: AsyncEngine):
+        self.request_id = request_id
+        self._owner = owner
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.finished = False
+
+    def _put(self, item: RequestOutput | BaseException) -> bool:
+        """Hand an item to the consumer's event loop; False if that loop is gone."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop was closed
+            return False
+        return True
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            if not self.finished:  # the consumer left early: free the request's pages now
+                self._owner.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, *, idle_wait_seconds: float = 0.05):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._idle_wait = idle_wait_seconds
+        self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._metrics = engine.metrics()
+        self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        """The snapshot taken after the latest step (safe from any thread)."""
+        return self._metrics
+
+    @property
+    def alive(self) -> bool:
+        return self._error is None and self._thread.is_alive()
+
+    async def add_request(self, prompt: str | Seq[int], params: SamplingParams,
+                          request_id: str | None = None) -> RequestStream:
+        if not self.alive:
+            raise EngineDeadError(f"engine is not running ({self._error or 'stopped'})")
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        stream = RequestStream("", self)
+        self._commands.put(("add", (prompt, params, request_id, stream), accepted))
+        stream.request_id = await asyncio.wrap_future(accepted)
+        return stream
+
+    async def generate(self, prompt: str | Seq[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(prompt, params, request_id)
+        async for output in stream:
+            yield output
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort everything in flight and stop the loop thread."""
+        self._stopping.set()
+        self._commands.put(("wake", None, None))
+        self._thread.join(timeout)
+
+    # -- loop thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping.is_set():
+                self._drain(block=not engine.has_unfinished)
+                if engine.has_unfinished and not self._stopping.is_set():
+                    outputs = engine.step()
+                    self._metrics = engine.metrics()
+                    for output in outputs:
+                        self._deliver(output)
+        except BaseException as exc:  # noqa: BLE001 - recorded, delivered to every request, logged
+            logger.exception("engine loop failed")
+            self._error = exc
+        finally:
+            self._fail_all(self._error or EngineDeadError("engine shut down"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=self._idle_wait) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, kind: str, payload, accepted) -> None:
+        if kind == "add":
+            prompt, params, request_id, stream = payload
+            try:
+                request_id = self.engine.add_request(prompt, params, request_id)
+            except Exception as exc:  # noqa: BLE001 - a refused request (ValueError, QueueFullError) goes back to the caller
+                accepted.set_exception(exc)
+                return
+            stream.request_id = request_id
+            self._streams[request_id] = stream
+            self._metrics = self.engine.metrics()
+            accepted.set_result(request_id)
+        elif kind == "abort":
+            final = self.engine.abort(payload)
+            if final is not None:
+                self._deliver(final)
+                self._metrics = self.engine.metrics()
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if output.finished:
+            self._streams.pop(output.request_id, None)
+        if stream is not None and not stream._put(output) and not output.finished:
+            self._streams.pop(output.request_id, None)
+            self.engine.abort(output.request_id)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # noqa: BLE001 - the engine may be inconsistent after a failed step
+                logger.exception("abort of %s after engine failure", request_id)
+            self._streams.pop(request_id)._put(error if isinstance(error, Exception) else EngineDeadError(str(error)))
+        while True:  # requests queued but never added
+            try:
+                kind, _payload, accepted = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                accepted.set_exception(EngineDeadError("engine is not running"))

@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxinfer.config import EngineConfig, SchedulerConfig
     from jaxinfer.engine.engine import Engine
 
+    from jaxinfer.compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     loaded = load_model(args.model, args.dtype)
     tokenizer = loaded.tokenizer
     prompt = prompt_ids

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence as Seq
 from typing import Any
 
+from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.request_output import RequestOutput
@@ -26,6 +27,7 @@ class LLM:
 
     def __init__(self, model: str = "smollm2-135m", *, dtype: str = "float32",
                  config: EngineConfig = EngineConfig(), warm_up: bool = True, show_progress: bool = False):
+        enable_compilation_cache()
         self.loaded = load_model(model, dtype)
         self.tokenizer = self.loaded.tokenizer
         self.engine = Engine(self.loaded.model, self.tokenizer, config)

@@ -315,9 +315,10 @@ def ragged_paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: 
     kv_seq = jnp.searchsorted(cu_kv[1:], flat, side="right", method="compare_all")  # [S]
     kv_seq_c = jnp.minimum(kv_seq, page_indices.shape[0] - 1)
     kv_off = flat - cu_kv[kv_seq_c]
-    slot = page_indices[kv_seq_c, kv_off // page_size] * page_size + kv_off % page_size
-    keys = k_pages.reshape(num_kv_heads, -1, head_dim)[:, slot]  # [K, S, D]
-    values = v_pages.reshape(num_kv_heads, -1, head_dim)[:, slot]
+    page, offset = page_indices[kv_seq_c, kv_off // page_size], kv_off % page_size
+    # Index the pages 4-D: a reshape of the pool to [K, P*L, D] costs a full copy inside loops.
+    keys = k_pages[:, page, offset]  # [K, S, D]
+    values = v_pages[:, page, offset]
 
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     q_seq = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], rows, side="right", method="compare_all"),

@@ -39,7 +39,7 @@ def _bucket(value: int, buckets: tuple[int, ...]) -> int:
 
 def step_shape(out: SchedulerOutput, config: SchedulerConfig) -> StepShape:
     """Bucketed shape of a scheduled step. Mixed steps pad the prompt part to the largest prompt
-    bucket so that mixing adds decode x KV variants only, not a full product."""
+    bucket and its KV bound to a mixed KV bucket, so mixing adds few compiled variants."""
     num_decode = decode_kv = prefill_tokens = prefill_kv = 0
     if out.decodes:
         num_decode = _bucket(len(out.decodes), config.decode_buckets)
@@ -47,7 +47,8 @@ def step_shape(out: SchedulerOutput, config: SchedulerConfig) -> StepShape:
     if out.prefills:
         tokens = sum(chunk.num_tokens for chunk in out.prefills)
         prefill_tokens = config.prefill_buckets[-1] if out.decodes else _bucket(tokens, config.prefill_buckets)
-        prefill_kv = _bucket(sum(c.start + c.num_tokens for c in out.prefills), config.kv_buckets)
+        prefill_kv = _bucket(sum(c.start + c.num_tokens for c in out.prefills),
+                             config.mixed_kv_buckets if out.decodes else config.kv_buckets)
     return StepShape(num_decode, decode_kv, prefill_tokens, prefill_kv)
 
 
@@ -56,7 +57,7 @@ def all_step_shapes(config: SchedulerConfig) -> list[StepShape]:
     shapes = [StepShape(d, kv, 0, 0) for d in config.decode_buckets for kv in config.kv_buckets]
     shapes += [StepShape(0, 0, t, kv) for t in config.prefill_buckets for kv in config.kv_buckets]
     shapes += [StepShape(d, dkv, config.prefill_buckets[-1], pkv) for d in config.decode_buckets
-               for dkv in config.kv_buckets for pkv in config.kv_buckets]
+               for dkv in config.kv_buckets for pkv in config.mixed_kv_buckets]
     return shapes
 
 
@@ -94,12 +95,13 @@ class BatchBuilder:
         self.max_pages_per_seq = -(-config.max_model_len // page_size)
 
     def num_rows(self, shape: StepShape) -> int:
-        """Sampling rows N of a step: its decode rows plus one per possible prompt chunk."""
-        return shape.num_decode + self.config.max_prefill_seqs
+        """Sampling rows N of a step: its decode rows plus, with a prompt part, one per possible chunk."""
+        return shape.num_decode + (self.config.max_prefill_seqs if shape.num_prefill_tokens else 0)
 
     def build(self, out: SchedulerOutput, shape: StepShape, *, impl: str, interpret: bool) -> StepInput:
         cfg, page_size = self.config, self.page_size
-        num_decode, num_prefill = shape.num_decode, cfg.max_prefill_seqs
+        num_decode = shape.num_decode
+        num_prefill = cfg.max_prefill_seqs if shape.num_prefill_tokens else 0
         num_tokens, num_rows = num_decode + shape.num_prefill_tokens, self.num_rows(shape)
         pad_slot, pad_state = PAD_SLOT, cfg.max_num_seqs
         tokens = np.zeros(num_tokens, np.int32)

@@ -42,6 +42,7 @@ class EngineMetrics:
     context_lengths: dict[str, int]  # request id -> current context (prompt + generated)
     last_step_seconds: float
     last_step_tokens: int
+    last_step_decode_tokens: int  # of last_step_tokens, one per decoding request
     num_steps: int
     num_preemptions: int
     prefix_cache_hit_rate: float  # share of admitted prompt tokens served from the prefix cache
@@ -73,6 +74,7 @@ class Engine:
         self.num_steps = 0
         self.last_step_seconds = 0.0
         self.last_step_tokens = 0
+        self.last_step_decode_tokens = 0
         self.generated_tokens_total = 0
         self.prompt_tokens_total = 0
 
@@ -148,18 +150,18 @@ class Engine:
         shape = step_shape(out, self.scheduler_config)
         result = self.runner.execute(out, shape)
         with jax.profiler.TraceAnnotation("postprocess"):
-            outputs = self._postprocess(out, result)
+            outputs = self._postprocess(out, result, shape.num_decode)
         self.num_steps += 1
         self.last_step_seconds = time.perf_counter() - start
         self.last_step_tokens = out.num_tokens
+        self.last_step_decode_tokens = len(out.decodes)
         return outputs
 
-    def _postprocess(self, out, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(self, out, result: StepResult, num_decode_rows: int) -> list[RequestOutput]:
         now = time.perf_counter()
         emitted: list[tuple[int, Sequence]] = [(row, seq) for row, seq in enumerate(out.decodes)]
         for seq in out.decodes:
             seq.num_computed += 1
-        num_decode_rows = len(result.tokens) - self.scheduler_config.max_prefill_seqs
         for index, chunk in enumerate(out.prefills):
             chunk.seq.num_computed += chunk.num_tokens
             if chunk.start < len(chunk.seq.prompt_ids):
@@ -220,6 +222,7 @@ class Engine:
             page_size=blocks.page_size,
             context_lengths={s.request_id: s.num_tokens for s in (*self.scheduler.running, *self.scheduler.waiting)},
             last_step_seconds=self.last_step_seconds, last_step_tokens=self.last_step_tokens,
+            last_step_decode_tokens=self.last_step_decode_tokens,
             num_steps=self.num_steps, num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_rate=hit_rate, generated_tokens_total=self.generated_tokens_total,
             prompt_tokens_total=self.prompt_tokens_total)

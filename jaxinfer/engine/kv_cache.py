@@ -1,7 +1,7 @@
 """Paged KV cache: one key and one value array of pages [K, num_layers * P, L, D] for all layers.
 
-Page p of layer l is entry l * P + p, so the scanned layer body reaches its pages by an index
-offset instead of slicing (a slice of a loop-carried array would be a copy). A page holds L
+Page p of layer l is entry l * P + p: every layer reaches its pages by an index offset into the
+same two arrays, which the step updates in place. A page holds L
 consecutive token slots of one request (slot s at page s // L, offset s % L); requests own pages
 through block tables kept on the host. The arrays are passed into the model and returned updated,
 never stored on a module, and the runner donates them to every step.

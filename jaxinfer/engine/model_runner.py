@@ -108,6 +108,7 @@ class ModelRunner:
         self._executables: dict[StepShape | int, Callable] = {}
         self.num_compiles = 0
         self.compile_seconds = 0.0
+        self.last_shape: StepShape | None = None
 
     def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Compile every step shape the scheduler can produce."""
@@ -141,6 +142,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, shape: StepShape) -> StepResult:
         """Run one scheduled step; returns the sampled tokens (host arrays, one readback)."""
         forward, sampler = self._executable(shape)
+        self.last_shape = shape
         batch = self.builder.build(out, shape, impl=self.impl, interpret=self.interpret)
         logits, self.kv, self.sampler = forward(self.state, self.kv, self.sampler, batch)
         results, self.sampler = sampler(logits, self.sampler, batch.sample)

@@ -47,11 +47,14 @@ class AttentionMeta:
 
 
 def write_kv(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    """Store new [T, K, D] into pages [K, P, L, D] at flat slots slot_mapping[T] (out of range: dropped)."""
-    num_kv_heads, num_pages, page_size, head_dim = pages.shape
-    flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
-    flat = flat.at[:, slot_mapping].set(new.transpose(1, 0, 2).astype(pages.dtype), mode="drop")
-    return flat.reshape(pages.shape)
+    """Store new [T, K, D] into pages [K, P, L, D] at flat slots slot_mapping[T] (out of range: dropped).
+
+    Indexes the 4-D pages as (page, offset) directly: reshaping the pool to [K, P*L, D] around the
+    scatter makes XLA copy the whole pool inside the layer loop.
+    """
+    page_size = pages.shape[2]
+    return pages.at[:, slot_mapping // page_size, slot_mapping % page_size].set(
+        new.transpose(1, 0, 2).astype(pages.dtype), mode="drop")
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMeta,

@@ -55,40 +55,30 @@ def model_from_tensors(config: ModelConfig, tensors, dtype=jnp.float32) -> nnx.M
     Raises ValueError naming a missing, unexpected or mis-shaped tensor.
     """
     shapes = param_shapes(config, dtype)
-    pieces: dict[ParamPath, dict[tuple[int | None, int | None], np.ndarray]] = {}
+    pieces: dict[ParamPath, dict[int | None, np.ndarray]] = {}
     for name, array in tensors:
         if (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith("rotary_emb.inv_freq"):
             continue
-        path, transpose, part, layer = param_path(name)
-        if path not in shapes or (layer, part) in pieces.get(path, {}) \
-                or (layer is not None and not 0 <= layer < config.num_layers):
+        path, transpose, part = param_path(name)
+        if path not in shapes or part in pieces.get(path, {}):
             raise ValueError(f"unexpected tensor {name!r} for architecture {config.architecture}")
-        pieces.setdefault(path, {})[layer, part] = np.asarray(array).T if transpose else np.asarray(array)
+        pieces.setdefault(path, {})[part] = np.asarray(array).T if transpose else np.asarray(array)
     values: dict[ParamPath, jax.Array] = {}
     for path, shape in shapes.items():
         parts = pieces.get(path)
         if parts is None:
             raise ValueError(f"checkpoint lacks tensor for {'.'.join(map(str, path))}")
-        layers = [None] if path[0] != "layers" else list(range(config.num_layers))
-        per_layer = [_join_parts(path, layer, parts) for layer in layers]
-        value = per_layer[0] if path[0] != "layers" else np.stack(per_layer)
+        if None in parts:
+            value = parts[None]
+        else:
+            expected_parts = 3 if path[-2] == "qkv_proj" else 2
+            if sorted(parts) != list(range(expected_parts)):
+                raise ValueError(f"checkpoint lacks part of the fused {'.'.join(map(str, path))}")
+            value = np.concatenate([parts[i] for i in range(expected_parts)], axis=-1)
         if value.shape != shape.shape:
             raise ValueError(f"tensor for {'.'.join(map(str, path))} has shape {value.shape}, expected {shape.shape}")
         values[path] = jnp.asarray(value, dtype)
     return model_from_values(config, values, dtype)
-
-
-def _join_parts(path: ParamPath, layer: int | None, parts: dict) -> np.ndarray:
-    """One layer's value of a parameter, concatenating the parts of a fused kernel."""
-    where = ".".join(map(str, path)) + ("" if layer is None else f" of layer {layer}")
-    if (layer, None) in parts:
-        return parts[layer, None]
-    expected = 3 if path[-2] == "qkv_proj" else 2
-    if not any(key[0] == layer for key in parts):
-        raise ValueError(f"checkpoint lacks tensor for {where}")
-    if sorted(part for lay, part in parts if lay == layer) != list(range(expected)):
-        raise ValueError(f"checkpoint lacks part of the fused {where}")
-    return np.concatenate([parts[layer, i] for i in range(expected)], axis=-1)
 
 
 def init_random(config: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.5) -> nnx.Module:
@@ -102,7 +92,6 @@ def init_random(config: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: fl
         elif path[-1] == "bias":
             value = 0.1 * rng.standard_normal(shape)
         else:
-            fan_in = shape[-2] if path[-1] == "kernel" else shape[-1]
-            value = scale * rng.standard_normal(shape) / np.sqrt(fan_in)
+            value = scale * rng.standard_normal(shape) / np.sqrt(shape[0] if path[-1] == "kernel" else shape[1])
         values[path] = value
     return model_from_values(config, values, dtype)

@@ -45,6 +45,15 @@ def test_batch_equals_each_prompt_alone(alone, variant):
         assert any(r.metrics.num_cached_tokens >= 8 for r in results)
 
 
+def test_pallas_kernel_engine_equals_reference_engine(alone):
+    """The engine with the Pallas ragged paged-attention kernel (interpret mode on CPU) for decode
+    and mixed steps gives the same greedy tokens as with the jnp reference."""
+    eng = tiny_engine.engine(attention_impl="pallas")
+    assert eng.runner.impl == "pallas" and eng.runner.interpret
+    results = eng.generate(PROMPTS[:4], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [r.output_ids for r in results] == [a[:6] for a in alone[:4]]
+
+
 def test_abort_frees_pages_of_running_and_waiting_requests(base):
     ids = [base.add_request(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in PROMPTS]
     for _ in range(3):

@@ -31,13 +31,13 @@ def model():
     return _MODEL
 
 
-def engine(num_pages=64, page_size=4, enable_prefix_caching=True, **scheduler):
+def engine(num_pages=64, page_size=4, enable_prefix_caching=True, attention_impl="auto", **scheduler):
     sched = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, max_prefill_seqs=2,
                  decode_buckets=(4,), prefill_buckets=(16,), kv_buckets=(64,))
     sched.update(scheduler)
     config = EngineConfig(cache=CacheConfig(page_size=page_size, num_pages=num_pages,
                                             enable_prefix_caching=enable_prefix_caching),
-                          scheduler=SchedulerConfig(**sched), max_logprobs=5)
+                          scheduler=SchedulerConfig(**sched), max_logprobs=5, attention_impl=attention_impl)
     return Engine(model(), CharTokenizer(), config)
 
 

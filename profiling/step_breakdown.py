@@ -1,0 +1,109 @@
+"""Where a decode step's time goes: attention vs MLP vs LM head vs sampling vs host, from a jax
+profiler trace of steady-state decode steps on the embedded model.
+
+Every XLA op event of the trace is attributed through its HLO op_name metadata (the model's
+jax.named_scope names: attention, kv_write, mlp, lm_head, sample) in the compiled step that ran;
+"host" is step wall time minus the time the device spent in XLA ops.
+
+    python profiling/step_breakdown.py [--batch 8] [--context 512] [--steps 10] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import glob
+import gzip
+import json
+import platform
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxinfer.engine.engine import Engine
+from jaxinfer.loader import DEFAULT_MODEL, load_model
+from jaxinfer.sampling_params import SamplingParams
+
+CATEGORIES = [("kv write", "kv_write"), ("attention", "/attention/"), ("MLP", "/mlp/"), ("LM head", "lm_head"),
+              ("sampling", "sample"), ("penalty state", "penalty_state"),
+              ("q/k/v/o projections", "...i,io->...o"), ("norms/rope/other", "")]
+
+
+def op_scopes(executable) -> dict[str, str]:
+    """HLO instruction name -> op_name metadata, from a compiled executable's text."""
+    scopes = {}
+    for line in executable.as_text().splitlines():
+        match = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]+)\"", line)
+        if match:
+            scopes[match.group(1)] = match.group(2)
+    return scopes
+
+
+def category(scope: str) -> str:
+    for name, key in CATEGORIES:
+        if key in scope:
+            return name
+    return "norms/rope/other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--context", type=int, default=512, help="prompt tokens per request")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    loaded = load_model(args.model, "float32")
+    config = EngineConfig(cache=CacheConfig(kv_memory_gib=2.0), scheduler=SchedulerConfig(max_num_seqs=args.batch))
+    engine = Engine(loaded.model, loaded.tokenizer, config)
+    rng = np.random.default_rng(0)
+    for _ in range(args.batch):
+        engine.add_request(rng.integers(3, loaded.config.vocab_size, args.context).tolist(),
+                           SamplingParams(max_tokens=args.steps + 8, ignore_eos=True))
+    while engine.metrics().last_step_tokens != args.batch or engine.metrics().last_step_decode_tokens != args.batch:
+        engine.step()
+    engine.step()
+    shape = engine.runner.last_shape
+    trace_dir = Path(tempfile.mkdtemp(prefix="jaxinfer-trace-"))
+    jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    wall = (time.perf_counter() - start) / args.steps
+    jax.profiler.stop_trace()
+
+    runner = engine.runner
+    scopes = op_scopes(runner._executables[shape]) | op_scopes(runner._executables[runner.builder.num_rows(shape)])
+    trace = sorted(glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True))[-1]
+    events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
+    totals: collections.Counter = collections.Counter()
+    for event in events:
+        op = event.get("args", {}).get("hlo_op")
+        if op is not None and event["name"] == op:
+            totals[category(scopes.get(op, ""))] += event["dur"] / 1000 / args.steps
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    device = sum(totals.values())
+    rows = [(name, ms) for name, ms in totals.most_common()] + [("host (schedule, batch, dispatch, outputs)",
+                                                                  max(0.0, wall * 1000 - device))]
+    print(f"decode step, batch {args.batch}, context ~{args.context}: {wall * 1000:.1f} ms/step "
+          f"({args.batch / wall:.1f} tok/s); shape {shape}")
+    for name, ms in rows:
+        print(f"  {name:<44} {ms:8.2f} ms  {100 * ms / (wall * 1000):5.1f} %")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(
+            batch=args.batch, context=args.context, step_ms=wall * 1000, breakdown_ms=dict(rows),
+            shape=str(shape), machine=platform.processor() or platform.machine(), jax=jax.__version__,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -100,7 +100,7 @@ def run(engine, prompts: list[list[int]], params: list) -> RunStats:
     """All requests at once, stepping until done; step times split into decode-only and mixed."""
     from jaxinfer.engine.scheduler import QueueFullError
 
-    pending = list(zip(prompts, params))[::-1]
+    pending = list(zip(prompts, params, strict=False))[::-1]
     preempt0 = engine.scheduler.num_preemptions
     finished, decode_seconds, decode_tokens, steps = [], 0.0, 0, 0
     start = time.perf_counter()
@@ -207,11 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("output_len", "input_len", "batch", "num_prompts", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    from jaxinfer.loader import load_model
-
     import jax
 
     from jaxinfer.compile_cache import enable_compilation_cache
+    from jaxinfer.loader import load_model
 
     enable_compilation_cache()
     loaded = load_model(args.model, args.dtype)
@@ -223,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = dict(mode=args.mode, model=loaded.source, dtype=args.dtype, argv=sys.argv[1:] if argv is None
                       else list(argv), machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                       backend=jax.default_backend(), jax=jax.__version__,
-                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **result)
+                      date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **result)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0

@@ -41,10 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError("--chat needs --prompt text, not --prompt-ids")
     prompt_ids = parse_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None
 
+    from jaxinfer.compile_cache import enable_compilation_cache
     from jaxinfer.config import EngineConfig, SchedulerConfig
     from jaxinfer.engine.engine import Engine
-
-    from jaxinfer.compile_cache import enable_compilation_cache
 
     enable_compilation_cache()
     loaded = load_model(args.model, args.dtype)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence as Seq
+from collections.abc import Callable, Mapping
+from collections.abc import Sequence as Seq
 from typing import Any
 
 from jaxinfer.compile_cache import enable_compilation_cache
@@ -26,11 +27,11 @@ class LLM:
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype: str = "float32",
-                 config: EngineConfig = EngineConfig(), warm_up: bool = True, show_progress: bool = False):
+                 config: EngineConfig | None = None, warm_up: bool = True, show_progress: bool = False):
         enable_compilation_cache()
         self.loaded = load_model(model, dtype)
         self.tokenizer = self.loaded.tokenizer
-        self.engine = Engine(self.loaded.model, self.tokenizer, config)
+        self.engine = Engine(self.loaded.model, self.tokenizer, config or EngineConfig())
         self.warm_up_seconds = 0.0
         if warm_up:
             start = time.perf_counter()

@@ -295,14 +295,16 @@ def ragged_paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: 
                              f"{page_indices.shape=}")
         keys = k_pages[:, page_indices].reshape(num_kv_heads, num_tokens, -1, head_dim)  # [K, B, S, D]
         values = v_pages[:, page_indices].reshape(num_kv_heads, num_tokens, -1, head_dim)
-        qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)  # [B, K, G, D]
-        scores = jnp.einsum("bkgd,kbsd->bkgs", qg, keys.astype(q.dtype),
+        # Batch axes (K, B) lead on both operands, so only the small q and output are transposed,
+        # never the gathered keys and values.
+        qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)  # [K, B, G, D]
+        scores = jnp.einsum("kbgd,kbsd->kbgs", qg, keys.astype(q.dtype),
                             preferred_element_type=jnp.float32) * scale
         slots = jnp.arange(keys.shape[2])
         visible = slots[None, :] < kv_lens[:, None]  # [B, S]
-        probs = jax.nn.softmax(jnp.where(visible[:, None, None, :], scores, MASK_VALUE), axis=-1)
-        out = jnp.einsum("bkgs,kbsd->bkgd", probs.astype(values.dtype), values,
-                         preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(jnp.where(visible[None, :, None, :], scores, MASK_VALUE), axis=-1)
+        out = jnp.einsum("kbgs,kbsd->kbgd", probs.astype(values.dtype), values,
+                         preferred_element_type=jnp.float32).transpose(1, 0, 2, 3)  # [B, K, G, D]
         valid = (seq_ids < num_seqs[0]) & (kv_lens > 0)
         out = jnp.where(valid[:, None, None, None], out, 0.0)
         return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

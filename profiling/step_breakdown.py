@@ -36,13 +36,15 @@ CATEGORIES = [("kv write", "kv_write"), ("attention", "/attention/"), ("MLP", "/
               ("q/k/v/o projections", "...i,io->...o"), ("norms/rope/other", "")]
 
 
-def op_scopes(executable) -> dict[str, str]:
-    """HLO instruction name -> op_name metadata, from a compiled executable's text."""
+def op_scopes(executable) -> dict[tuple[str, str], str]:
+    """(HLO module, instruction name) -> op_name metadata, from a compiled executable's text."""
+    text = executable.as_text()
+    module = re.match(r"HloModule ([\w.\-]+)", text).group(1)
     scopes = {}
-    for line in executable.as_text().splitlines():
+    for line in text.splitlines():
         match = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]+)\"", line)
         if match:
-            scopes[match.group(1)] = match.group(2)
+            scopes[module, match.group(1)] = match.group(2)
     return scopes
 
 
@@ -87,9 +89,9 @@ def main() -> None:
     events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
     totals: collections.Counter = collections.Counter()
     for event in events:
-        op = event.get("args", {}).get("hlo_op")
+        op, module = event.get("args", {}).get("hlo_op"), event.get("args", {}).get("hlo_module")
         if op is not None and event["name"] == op:
-            totals[category(scopes.get(op, ""))] += event["dur"] / 1000 / args.steps
+            totals[category(scopes.get((module, op), ""))] += event["dur"] / 1000 / args.steps
     shutil.rmtree(trace_dir, ignore_errors=True)
     device = sum(totals.values())
     rows = [(name, ms) for name, ms in totals.most_common()] + [("host (schedule, batch, dispatch, outputs)",
@@ -102,7 +104,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(dict(
             batch=args.batch, context=args.context, step_ms=wall * 1000, breakdown_ms=dict(rows),
             shape=str(shape), machine=platform.processor() or platform.machine(), jax=jax.__version__,
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")), indent=2) + "\n")
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_prompt_longer_than_context(tiny_gguf):
-    _assert_clean_error(_run("--model", str(tiny_gguf), "--prompt-ids", ",".join(["5"] * 64)), "context limit of 64 tokens")
+    proc = _run("--model", str(tiny_gguf), "--prompt-ids", ",".join(["5"] * 64))
+    _assert_clean_error(proc, "context limit of 64 tokens")
 
 
 @pytest.mark.parametrize("args, fragment", [(["--temperature", "-1"], "temperature"),

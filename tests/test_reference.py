@@ -51,7 +51,7 @@ def test_batched_greedy_equals_reference(real_engine, reference_data):
     """All three prompts in one engine batch (mixed lengths, prefill chunks beside decodes)."""
     cases = [reference_data["cases"][case] for case in CASES]
     results = real_engine.generate([c["prompt_ids"] for c in cases], SamplingParams(max_tokens=64, ignore_eos=True))
-    for data, result in zip(cases, results):
+    for data, result in zip(cases, results, strict=False):
         gaps = data["greedy_top1_minus_top2_logit_gap"]
         must_match = next((i for i, gap in enumerate(gaps) if gap < 0.05), len(gaps))
         assert result.output_ids[:must_match] == data["greedy_new_ids"][:must_match]

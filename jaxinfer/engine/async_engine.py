@@ -16,7 +16,8 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 
 from jaxinfer.engine.engine import Engine, EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput

@@ -17,7 +17,6 @@ from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.attention import AttentionMeta
 from jaxinfer.layers.sampler import SamplingArrays, key_data_from_seed
 
-
 # KV slot of padding tokens: past the pool for every layer's offset, so their writes are dropped.
 PAD_SLOT = 2**30
 

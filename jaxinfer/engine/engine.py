@@ -10,7 +10,8 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 
 import jax
 from flax import nnx
@@ -51,7 +52,8 @@ class EngineMetrics:
 
 
 class Engine:
-    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        config = config or EngineConfig()
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.config = config
@@ -179,7 +181,8 @@ class Engine:
                 seq.first_token_time = now
             if seq.params.logprobs is not None and result.token_logprobs is not None:
                 count = seq.params.logprobs
-                top = dict(zip(result.top_ids[row, :count].tolist(), result.top_logprobs[row, :count].tolist()))
+                ids, values = result.top_ids[row, :count].tolist(), result.top_logprobs[row, :count].tolist()
+                top = dict(zip(ids, values, strict=True))
                 seq.logprobs.append((float(result.token_logprobs[row]), top))
             outputs.append(self._advance(seq, token))
         return outputs
@@ -203,7 +206,7 @@ class Engine:
     def _output(self, seq: Sequence, new_ids: list[int], delta: str, text: str) -> RequestOutput:
         logprobs = None
         if seq.params.logprobs is not None:
-            logprobs = [TokenLogprob(t, lp, top) for t, (lp, top) in zip(seq.output_ids, seq.logprobs)]
+            logprobs = [TokenLogprob(t, lp, top) for t, (lp, top) in zip(seq.output_ids, seq.logprobs, strict=False)]
         return RequestOutput(
             request_id=seq.request_id, prompt_ids=seq.prompt_ids, output_ids=list(seq.output_ids),
             text=text, new_token_ids=new_ids,
@@ -238,7 +241,7 @@ class Engine:
         for prompt, p in zip(prompts, params_list, strict=True):
             self.validate(prompt, p)
         ids = [str(next(self._ids)) for _ in prompts]
-        pending = list(zip(ids, prompts, params_list))[::-1]
+        pending = list(zip(ids, prompts, params_list, strict=False))[::-1]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             while pending and len(self.scheduler.waiting) < self.scheduler_config.max_waiting:

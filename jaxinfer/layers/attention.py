@@ -67,8 +67,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
     parts = []
     if num_decode:
         decode_cu = jnp.arange(num_decode + 1, dtype=jnp.int32)
-        args = (q[:num_decode], k_pages, v_pages, meta.decode_kv_lens, meta.decode_page_indices + page_offset, decode_cu,
-                meta.decode_num_seqs)
+        args = (q[:num_decode], k_pages, v_pages, meta.decode_kv_lens, meta.decode_page_indices + page_offset,
+                decode_cu, meta.decode_num_seqs)
         if meta.impl == "pallas":
             parts.append(ragged_paged_attention(*args, interpret=meta.interpret))
         else:

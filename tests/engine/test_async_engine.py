@@ -30,11 +30,11 @@ def test_concurrent_streams_equal_offline_outputs(offline):
     engine = AsyncEngine(tiny_engine.engine())
 
     async def main():
-        return await asyncio.gather(*(_collect(engine, p, q) for p, q in zip(PROMPTS, PARAMS)))
+        return await asyncio.gather(*(_collect(engine, p, q) for p, q in zip(PROMPTS, PARAMS, strict=False)))
 
     try:
         streams = asyncio.run(main())
-        for outputs, expected in zip(streams, offline):
+        for outputs, expected in zip(streams, offline, strict=False):
             assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
             assert [t for o in outputs for t in o.new_token_ids] == expected.output_ids
             assert "".join(o.new_text for o in outputs) == expected.text

@@ -74,7 +74,7 @@ def test_abort_frees_pages_of_running_and_waiting_requests(base):
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(base):
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=s, max_tokens=10, ignore_eos=True) for s in (1, 2, 3)]
     batch = [r.output_ids for r in base.generate(PROMPTS[:3], params)]
-    alone = [base.generate([p], q)[0].output_ids for p, q in zip(PROMPTS[:3], params)]
+    alone = [base.generate([p], q)[0].output_ids for p, q in zip(PROMPTS[:3], params, strict=False)]
     assert batch == alone
     other_seed = base.generate([PROMPTS[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=10,
                                                               ignore_eos=True))[0].output_ids
@@ -120,7 +120,7 @@ def test_stop_strings_cut_the_text_and_never_leak_past_it(base):
 def test_logprobs_of_greedy_tokens(base):
     result = base.generate([PROMPTS[1]], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=3))[0]
     assert len(result.logprobs) == 6
-    for entry, token in zip(result.logprobs, result.output_ids):
+    for entry, token in zip(result.logprobs, result.output_ids, strict=False):
         assert entry.token_id == token and len(entry.top) == 3
         best = max(entry.top, key=entry.top.get)
         assert best == token and entry.top[token] == pytest.approx(entry.logprob, abs=1e-5)

@@ -268,6 +268,24 @@ def _ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_len
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
 
 
+_DECODE_ROW_CHUNK = 8
+
+
+def _decode_rows(q, page_indices, kv_lens, k_pages, v_pages, scale):
+    """One query per row: q [R, K, G, D] over its own pages page_indices [R, Pd] -> [R, K, G, D] f32."""
+    num_kv_heads, head_dim = k_pages.shape[0], k_pages.shape[3]
+    rows = q.shape[0]
+    keys = k_pages[:, page_indices].reshape(num_kv_heads, rows, -1, head_dim)  # [K, R, S, D]
+    values = v_pages[:, page_indices].reshape(num_kv_heads, rows, -1, head_dim)
+    # Batch axes (K, R) lead on both operands: only the small q and output are transposed.
+    scores = jnp.einsum("kbgd,kbsd->kbgs", q.transpose(1, 0, 2, 3), keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
+    visible = jnp.arange(keys.shape[2])[None, :] < kv_lens[:, None]  # [R, S]
+    probs = jax.nn.softmax(jnp.where(visible[None, :, None, :], scores, MASK_VALUE), axis=-1)
+    out = jnp.einsum("kbgs,kbsd->kbgd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return out.transpose(1, 0, 2, 3)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "max_q_len", "max_kv_tokens"))
 def ragged_paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
                                      page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
@@ -293,18 +311,15 @@ def ragged_paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: 
         if num_tokens != page_indices.shape[0]:
             raise ValueError(f"max_q_len=1 needs one query row per sequence, got {q.shape=}, "
                              f"{page_indices.shape=}")
-        keys = k_pages[:, page_indices].reshape(num_kv_heads, num_tokens, -1, head_dim)  # [K, B, S, D]
-        values = v_pages[:, page_indices].reshape(num_kv_heads, num_tokens, -1, head_dim)
-        # Batch axes (K, B) lead on both operands, so only the small q and output are transposed,
-        # never the gathered keys and values.
-        qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(1, 0, 2, 3)  # [K, B, G, D]
-        scores = jnp.einsum("kbgd,kbsd->kbgs", qg, keys.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * scale
-        slots = jnp.arange(keys.shape[2])
-        visible = slots[None, :] < kv_lens[:, None]  # [B, S]
-        probs = jax.nn.softmax(jnp.where(visible[None, :, None, :], scores, MASK_VALUE), axis=-1)
-        out = jnp.einsum("kbgs,kbsd->kbgd", probs.astype(values.dtype), values,
-                         preferred_element_type=jnp.float32).transpose(1, 0, 2, 3)  # [B, K, G, D]
+        qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)  # [B, K, G, D]
+        rows = _DECODE_ROW_CHUNK if num_tokens > _DECODE_ROW_CHUNK and num_tokens % _DECODE_ROW_CHUNK == 0 \
+            else num_tokens
+        # Chunks of rows through lax.map keep each chunk's gathered pages in cache: 2-3x faster on
+        # CPU than one gather of every row's pages at batch 32.
+        chunks = (qg.reshape(-1, rows, num_kv_heads, group, head_dim),
+                  page_indices.reshape(-1, rows, page_indices.shape[1]), kv_lens.reshape(-1, rows))
+        out = jax.lax.map(lambda c: _decode_rows(*c, k_pages, v_pages, scale), chunks)
+        out = out.reshape(num_tokens, num_kv_heads, group, head_dim)
         valid = (seq_ids < num_seqs[0]) & (kv_lens > 0)
         out = jnp.where(valid[:, None, None, None], out, 0.0)
         return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

@@ -149,7 +149,7 @@ def latency(args, loaded, rng) -> dict:
     for length in (int(x) for x in args.prompt_lens.split(",")):
         ttft, decode, tpot = [], [], []
         for _ in range(args.repeats + 1):
-            prompt = slices(tokens, [length], rng)
+            prompt = slices(tokens, [length], rng)[0]
             output = engine.generate([prompt], params)[0]
             m = output.metrics
             ttft.append(m.ttft_seconds)

@@ -200,7 +200,7 @@ class SchedulerConfig:
 
     A step holds up to ``max_num_batched_tokens`` tokens: one per decoding request plus prompt chunks.
     Bucket tuples left empty are derived: decode rows 1, 8, 64, ... up to max_num_seqs; prompt
-    tokens 64, 256, ... up to the token budget; KV lengths 256, 1024, ... up to max_model_len; the
+    tokens 64, 128, 256, ... up to the token budget; KV lengths 256, 1024, ... up to max_model_len; the
     prompt part of mixed (prompt + decode) steps uses the coarser mixed_kv_buckets (the second KV
     bucket and max_model_len), which keeps the number of compiled step shapes in the dozens.
     """
@@ -247,7 +247,7 @@ class SchedulerConfig:
         return dataclasses.replace(
             self, max_model_len=max_len,
             decode_buckets=self.decode_buckets or _geometric(1, 8, self.max_num_seqs),
-            prefill_buckets=self.prefill_buckets or _geometric(64, 4, self.max_num_batched_tokens),
+            prefill_buckets=self.prefill_buckets or _geometric(64, 2, self.max_num_batched_tokens),
             kv_buckets=kv, mixed_kv_buckets=self.mixed_kv_buckets or tuple(sorted({kv[min(1, len(kv) - 1)], kv[-1]})))
 
 

@@ -5,12 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from jaxinfer.engine.kv_cache import KVCache
 from jaxinfer.loader import load_model
 from jaxinfer.loader.gguf_file import GGUFFile, unpermute_rows
 from tests.conftest import tiny_config
 from tests.loader import tiny_files
-from tests.models import numpy_llama
+from tests.models import numpy_llama, paged
 
 VOCAB = len(tiny_files.vocab_tokens())
 
@@ -41,8 +40,8 @@ def test_gguf_tensors_and_logits(tmp_path, qtype):
             np.testing.assert_array_equal(loaded[name], value, err_msg=name)
     model = load_model(str(tmp_path / "m.gguf")).model
     tokens = [3, 50, 7, 200, 9]
-    logits, _ = model(np.asarray([tokens]), np.arange(5)[None], KVCache.init(cfg, 1, 16))
-    np.testing.assert_allclose(np.asarray(logits[0]), numpy_llama.forward(stored, cfg, tokens), rtol=2e-4, atol=2e-4)
+    logits, _ = paged.prefill(model, paged.new_cache(cfg), [(tokens, 0, paged.page_table(0, 4))])
+    np.testing.assert_allclose(logits, numpy_llama.forward(stored, cfg, tokens), rtol=2e-4, atol=2e-4)
 
 
 def test_untied_head_and_qwen2_bias(tmp_path):

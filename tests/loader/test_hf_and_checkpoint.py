@@ -7,20 +7,20 @@ import sys
 import numpy as np
 import pytest
 
-from jaxinfer.engine.kv_cache import KVCache
 from jaxinfer.loader import load_model
 from jaxinfer.loader.checkpoint import save_checkpoint
 from tests.conftest import REPO, tiny_config
 from tests.loader import tiny_files
-from tests.models import numpy_llama
+from tests.models import numpy_llama, paged
 
 VOCAB = len(tiny_files.vocab_tokens())
 TOKENS = [3, 50, 7, 200, 9, 11]
 
 
 def _logits(model, cfg):
-    logits, _ = model(np.asarray([TOKENS]), np.arange(len(TOKENS))[None], KVCache.init(cfg, 1, 16))
-    return np.asarray(logits[0])
+    dtype = model.embed_tokens[...].dtype
+    logits, _ = paged.prefill(model, paged.new_cache(cfg, dtype=dtype), [(TOKENS, 0, paged.page_table(0, 4))])
+    return logits
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

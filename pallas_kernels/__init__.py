@@ -5,5 +5,11 @@ is built; kernels live one op per module (see STYLE.md 1.4).
 """
 
 from pallas_kernels._backend import resolve_impl, resolve_interpret
+from pallas_kernels.ragged_paged_attention import (
+    BlockSizes,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
 
-__all__ = ["resolve_impl", "resolve_interpret"]
+__all__ = ["BlockSizes", "ragged_paged_attention", "ragged_paged_attention_reference", "resolve_impl",
+           "resolve_interpret"]

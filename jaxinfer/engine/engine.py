@@ -238,10 +238,9 @@ class Engine:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
-        for prompt, p in zip(prompts, params_list, strict=True):
-            self.validate(prompt, p)
+        token_ids = [self.validate(prompt, p) for prompt, p in zip(prompts, params_list, strict=True)]
         ids = [str(next(self._ids)) for _ in prompts]
-        pending = list(zip(ids, prompts, params_list, strict=False))[::-1]
+        pending = list(zip(ids, token_ids, params_list, strict=True))[::-1]  # text already tokenized
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             while pending and len(self.scheduler.waiting) < self.scheduler_config.max_waiting:

@@ -1,5 +1,7 @@
 """A tiny random model behind a real Engine, with a character tokenizer stand-in."""
 
+import functools
+
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.models import init_random
@@ -21,14 +23,9 @@ class CharTokenizer:
         return "".join(chr(97 + (i - 3) % 26) for i in ids if i >= 3 or not skip_special_tokens)
 
 
-_MODEL = None
-
-
+@functools.cache
 def model():
-    global _MODEL
-    if _MODEL is None:
-        _MODEL = init_random(tiny_config(vocab_size=VOCAB), seed=11, scale=2.0)
-    return _MODEL
+    return init_random(tiny_config(vocab_size=VOCAB), seed=11, scale=2.0)
 
 
 def engine(num_pages=64, page_size=4, enable_prefix_caching=True, attention_impl="auto", **scheduler):

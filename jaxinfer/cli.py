@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 # Errors a user can cause (bad model path, bad parameters); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, RuntimeError)
+USER_ERRORS = (ValueError, OSError, RuntimeError)  # OSError: missing files, busy ports, permissions
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
         if field.type in (bool, "bool"):
-            parser.add_argument(flag, dest=field.name, action="store_true", help=help_text)
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=help_text)
         elif "item_type" in field.metadata:
             parser.add_argument(flag, dest=field.name, type=field.metadata["item_type"], action="append",
                                 default=[], help=help_text)

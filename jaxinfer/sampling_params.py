@@ -8,6 +8,7 @@ import math
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_TEMPERATURE = 100.0  # float32-safe; far beyond any useful value
 
 
 def _number(value) -> bool:
@@ -41,12 +42,12 @@ class SamplingParams:
         default=None, metadata={"help": "return the sampled token's logprob and this many top ones", "type": int})
 
     def __post_init__(self) -> None:
-        if not _number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature!r}")
         if not _number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _integer(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not _integer(self.top_k) or not 0 <= self.top_k < 2**31:
+            raise ValueError(f"top_k must be an integer in [0, 2**31), got {self.top_k!r}")
         if not _number(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not _number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:

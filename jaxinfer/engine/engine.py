@@ -151,7 +151,7 @@ class Engine:
             return []
         shape = step_shape(out, self.scheduler_config)
         result = self.runner.execute(out, shape)
-        with jax.profiler.TraceAnnotation("postprocess"):
+        with jax.profiler.TraceAnnotation("detokenize"):
             outputs = self._postprocess(out, result, shape.num_decode)
         self.num_steps += 1
         self.last_step_seconds = time.perf_counter() - start

@@ -143,10 +143,14 @@ class ModelRunner:
         """Run one scheduled step; returns the sampled tokens (host arrays, one readback)."""
         forward, sampler = self._executable(shape)
         self.last_shape = shape
-        batch = self.builder.build(out, shape, impl=self.impl, interpret=self.interpret)
-        logits, self.kv, self.sampler = forward(self.state, self.kv, self.sampler, batch)
-        results, self.sampler = sampler(logits, self.sampler, batch.sample)
-        results = jax.device_get(results)
+        with jax.profiler.TraceAnnotation("build_batch"):
+            batch = self.builder.build(out, shape, impl=self.impl, interpret=self.interpret)
+        phase = "decode" if not out.prefills else "prefill" if not out.decodes else "prefill+decode"
+        with jax.profiler.TraceAnnotation(phase, decode_rows=shape.num_decode, prompt_tokens=shape.num_prefill_tokens):
+            logits, self.kv, self.sampler = forward(self.state, self.kv, self.sampler, batch)
+        with jax.profiler.TraceAnnotation("sample"):
+            results, self.sampler = sampler(logits, self.sampler, batch.sample)
+            results = jax.device_get(results)
         if len(results) == 1:
             return StepResult(results[0], None, None, None)
         return StepResult(*results)

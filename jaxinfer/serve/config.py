@@ -1,0 +1,124 @@
+"""What ``python -m jaxinfer.serve`` is told: the server's own settings (ServeConfig) plus the engine's
+(EngineConfig), from command-line flags over an optional TOML file over the defaults.
+
+A config file has one table per concern; every key is optional::
+
+    model = "smollm2-135m"          # top level: ServeConfig fields
+    grpc_port = 9000
+    [cache]                         # CacheConfig
+    kv_memory_gib = 4.0
+    [scheduler]                     # SchedulerConfig, bucket tuples included
+    max_num_seqs = 16
+    decode_buckets = [1, 8, 16]
+    [engine]                        # attention_impl, max_logprobs
+    max_logprobs = 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jaxinfer.cli import add_dataclass_arguments, dataclass_from_args
+from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxinfer.loader import DEFAULT_MODEL, DTYPES
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """The server: what it loads, where it listens, how it shuts down."""
+
+    model: str = dataclasses.field(default=DEFAULT_MODEL, metadata={
+        "help": "embedded model name, .gguf file, Hugging Face directory or jaxinfer checkpoint"})
+    dtype: str = dataclasses.field(default="float32", metadata={"help": "weight dtype"})
+    served_model_name: str = dataclasses.field(default="", metadata={
+        "help": "the model name clients send and /v1/models lists (default: --model)"})
+    host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address both APIs bind to"})
+    grpc_port: int = dataclasses.field(default=9000, metadata={"help": "gRPC port (0 = any free port)"})
+    http_port: int = dataclasses.field(default=8000, metadata={"help": "HTTP port (0 = any free port)"})
+    profiler_port: int = dataclasses.field(default=0, metadata={
+        "help": "start jax.profiler's server on this port for live XProf capture (0 = off)"})
+    drain_timeout: float = dataclasses.field(default=30.0, metadata={
+        "help": "seconds in-flight requests get to finish at shutdown before they are cancelled"})
+    max_request_bytes: int = dataclasses.field(default=4 * 2**20, metadata={
+        "help": "largest request body (HTTP) or message (gRPC) accepted"})
+    max_prompts_per_request: int = dataclasses.field(default=64, metadata={
+        "help": "prompts one /v1/completions request may batch"})
+    warm_up: bool = dataclasses.field(default=True, metadata={
+        "help": "compile every step shape before serving (otherwise on first use)"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("grpc_port", "http_port", "profiler_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 65536:
+                raise ValueError(f"{name} must be a port number in [0, 65535], got {value!r}")
+        if not self.drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must be >= 0 seconds, got {self.drain_timeout!r}")
+        if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be an integer >= 1024, got {self.max_request_bytes!r}")
+        if not isinstance(self.max_prompts_per_request, int) or self.max_prompts_per_request < 1:
+            raise ValueError(f"max_prompts_per_request must be >= 1, got {self.max_prompts_per_request!r}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+ENGINE_KEYS = ("attention_impl", "max_logprobs")
+SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxinfer.serve",
+        description="Serve a model over gRPC (jaxinfer.v1 + JetStream Orchestrator) and OpenAI-compatible HTTP.")
+    parser.add_argument("--config", help="TOML file with settings; flags given here override it")
+    for title, cls in (("server", ServeConfig), ("KV cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        add_dataclass_arguments(parser.add_argument_group(title), cls)
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--attention-impl", default="auto", choices=["auto", "pallas", "reference"],
+                        help="attention implementation (auto: Pallas kernel on GPU/TPU, reference on CPU)")
+    engine.add_argument("--max-logprobs", type=int, default=20, help="largest top-logprobs count a request may ask")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeConfig, EngineConfig]:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_read_config_file(Path(pre.config), parser))
+    args = parser.parse_args(argv)
+    engine = EngineConfig(cache=dataclass_from_args(CacheConfig, args),
+                          scheduler=dataclass_from_args(SchedulerConfig, args),
+                          attention_impl=args.attention_impl, max_logprobs=args.max_logprobs)
+    return dataclass_from_args(ServeConfig, args), engine
+
+
+def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Flatten a TOML config into argparse defaults, refusing unknown keys."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {"": {f.name for f in dataclasses.fields(ServeConfig)}, "engine": set(ENGINE_KEYS)}
+    known.update({name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()})
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        section, items = (key, value) if isinstance(value, dict) else ("", {key: value})
+        if section not in known:
+            raise ValueError(f"config file {path}: unknown table [{section}] (known: {', '.join(sorted(known)[1:])})")
+        for name, item in items.items():
+            if name not in known[section]:
+                where = f"[{section}]" if section else "the top level"
+                raise ValueError(f"config file {path}: unknown key {name!r} in {where}")
+            values[name] = tuple(item) if isinstance(item, list) else item
+    return values

@@ -1,0 +1,170 @@
+"""The server's lifecycle: load the model, warm up, serve gRPC and HTTP from one event loop, and shut
+down gracefully (stop accepting, let in-flight requests finish within the drain timeout, cancel the
+rest, stop the listeners and the engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+import uvicorn
+
+from jaxinfer.compile_cache import enable_compilation_cache
+from jaxinfer.config import EngineConfig
+from jaxinfer.engine.async_engine import AsyncEngine
+from jaxinfer.engine.engine import Engine
+from jaxinfer.loader import LoadedModel, load_model
+from jaxinfer.serve.config import ServeConfig
+from jaxinfer.serve.frontend import Frontend
+from jaxinfer.serve.grpc_api import GrpcServer
+from jaxinfer.serve.http_api import HttpApi
+from jaxinfer.serve.profiler import TraceCapture
+
+logger = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the Server decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot serve {what} on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _print_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Server:
+    """``await start()`` loads, warms up and binds; ``await stop()`` shuts down gracefully."""
+
+    def __init__(self, config: ServeConfig, engine_config: EngineConfig | None = None, *,
+                 loaded: LoadedModel | None = None, progress: Callable[[str], None] = _print_progress):
+        self.config = config
+        self.engine_config = engine_config or EngineConfig()
+        self._loaded = loaded
+        self._progress = progress
+        self.async_engine: AsyncEngine | None = None
+        self.frontend: Frontend | None = None
+        self.grpc: GrpcServer | None = None
+        self.http: _Uvicorn | None = None
+        self.http_port = 0
+        self._http_task: asyncio.Task | None = None
+        self._sampler: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port if self.grpc else 0
+
+    async def start(self) -> None:
+        config, say = self.config, self._progress
+        http_socket = _bind(config.host, config.http_port, "HTTP")  # fail before minutes of warm-up
+        if config.grpc_port:
+            _bind(config.host, config.grpc_port, "gRPC").close()
+        try:
+            if config.profiler_port:
+                import jax
+
+                jax.profiler.start_server(config.profiler_port)
+                say(f"jax profiler server on port {config.profiler_port} (XProf: capture from localhost:"
+                    f"{config.profiler_port})")
+            engine = await asyncio.to_thread(self._build_engine)
+            self.async_engine = AsyncEngine(engine)
+            self.frontend = Frontend(self.async_engine, config.model_name, config.drain_timeout)
+            self.grpc = GrpcServer(self.frontend, TraceCapture(), config.host, config.grpc_port,
+                                   config.max_request_bytes)
+            await self.grpc.start()
+        except BaseException:
+            http_socket.close()
+            if self.async_engine is not None:
+                self.async_engine.shutdown()
+            raise
+        api = HttpApi(self.frontend, config.max_request_bytes, config.max_prompts_per_request)
+        self.http = _Uvicorn(uvicorn.Config(api.app, log_level="warning", access_log=False,
+                                            timeout_graceful_shutdown=5, lifespan="off"))
+        self.http_port = http_socket.getsockname()[1]
+        self._http_task = asyncio.create_task(self.http.serve(sockets=[http_socket]))
+        self._sampler = asyncio.create_task(self._sample_metrics())
+        while not self.http.started:
+            await asyncio.sleep(0.01)
+        say(f"jaxinfer ready: model {config.model_name} | gRPC {config.host}:{self.grpc_port} | "
+            f"HTTP http://{config.host}:{self.http_port}")
+
+    def _build_engine(self) -> Engine:
+        config, say = self.config, self._progress
+        enable_compilation_cache()
+        loaded = self._loaded
+        if loaded is None:
+            say(f"loading {config.model} ({config.dtype}) ...")
+            start = time.perf_counter()
+            loaded = load_model(config.model, config.dtype)
+            say(f"loaded weights in {time.perf_counter() - start:.1f} s")
+        engine = Engine(loaded.model, loaded.tokenizer, self.engine_config)
+        if config.warm_up:
+            start = time.perf_counter()
+            last = [0.0]
+
+            def report(done: int, total: int) -> None:
+                if done == total or time.perf_counter() - last[0] > 5:
+                    last[0] = time.perf_counter()
+                    say(f"compiling step shapes: {done}/{total} ({time.perf_counter() - start:.0f} s)")
+            engine.warm_up(report)
+        return engine
+
+    async def _sample_metrics(self) -> None:
+        while True:
+            self.frontend.metrics.sample()
+            await asyncio.sleep(1.0)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, drain (finish or cancel in-flight requests), close listeners and engine."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        try:
+            if self.frontend is not None:
+                if self.grpc is not None:
+                    await self.grpc.set_serving(False)
+                in_flight = self.frontend.num_in_flight
+                if in_flight:
+                    self._progress(f"draining {in_flight} requests (up to {timeout:.0f} s)")
+                finished, cancelled, _ = await self.frontend.drain(timeout, cancel_remaining=True)
+                if in_flight:
+                    self._progress(f"drained: {finished} finished, {cancelled} cancelled")
+            if self.http is not None:
+                self.http.should_exit = True
+                if self._http_task is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._http_task, 10)
+            if self.grpc is not None:
+                await self.grpc.stop(1.0)
+            if self._sampler is not None:
+                self._sampler.cancel()
+            if self.async_engine is not None:
+                await asyncio.to_thread(self.async_engine.shutdown)
+        finally:
+            self._stopped.set()

@@ -1,6 +1,7 @@
 """``python -m jaxinfer.serve`` as users run it: start-up output, both APIs, graceful SIGTERM/SIGINT
 shutdown (in-flight requests finish, exit 0) and one-line errors for bad flags."""
 
+import os
 import signal
 import socket
 import subprocess
@@ -53,9 +54,23 @@ def test_startup_progress_round_trips_and_sigterm_drains(process):
     assert "stopped" in "".join(process.lines)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_sigint_with_short_drain_cancels_and_exits_zero(tiny_gguf, tmp_path):
-    proc = ServeProcess(tiny_gguf, tmp_path, "--drain-timeout", "0.2")
+    profiler_port = free_port()
+    proc = ServeProcess(tiny_gguf, tmp_path, "--drain-timeout", "0.2", "--profiler-port", str(profiler_port))
     try:
+        with socket.create_connection(("127.0.0.1", profiler_port), timeout=5):
+            pass  # jax.profiler's server listens for live XProf captures
+        capture = subprocess.run([sys.executable, "profiling/capture.py", "--target", proc.grpc, "--duration-ms",
+                                  "200", "--log-dir", str(tmp_path / "xprof")], cwd=REPO, capture_output=True,
+                                 text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert capture.returncode == 0 and "captured" in capture.stdout, capture.stderr
+        assert list((tmp_path / "xprof").rglob("*.xplane.pb"))
         with httpx.stream("POST", proc.http + "/v1/completions",
                           json={"prompt": "hello", "max_tokens": 250, "ignore_eos": True, "stream": True}) as response:
             lines = response.iter_lines()

@@ -202,7 +202,10 @@ class SchedulerConfig:
     Bucket tuples left empty are derived: decode rows 1, 8, 64, ... up to max_num_seqs; prompt
     tokens 64, 128, 256, ... up to the token budget; KV lengths 256, 1024, ... up to max_model_len; the
     prompt part of mixed (prompt + decode) steps uses the coarser mixed_kv_buckets (the second KV
-    bucket and max_model_len), which keeps the number of compiled step shapes in the dozens.
+    bucket and max_model_len), which keeps the number of compiled step shapes in the dozens. Steps
+    that only decode, the most frequent kind, pad their KV length to the finer decode_kv_buckets
+    (256, 512, 1024, ...; the kv_buckets when those are given), since attention over padded KV slots
+    dominates their cost.
     """
 
     max_num_seqs: int = dataclasses.field(default=32, metadata={"help": "running requests at most"})
@@ -215,6 +218,7 @@ class SchedulerConfig:
     prefill_buckets: tuple[int, ...] = ()
     kv_buckets: tuple[int, ...] = ()
     mixed_kv_buckets: tuple[int, ...] = ()
+    decode_kv_buckets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prefill_seqs"):
@@ -223,7 +227,7 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(self.max_model_len, int) or self.max_model_len < 0:
             raise ValueError(f"max_model_len must be an integer >= 0, got {self.max_model_len!r}")
-        for name in ("decode_buckets", "prefill_buckets", "kv_buckets", "mixed_kv_buckets"):
+        for name in ("decode_buckets", "prefill_buckets", "kv_buckets", "mixed_kv_buckets", "decode_kv_buckets"):
             buckets = getattr(self, name)
             if any(not isinstance(b, int) or b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
                 raise ValueError(f"{name} must be increasing positive integers, got {buckets!r}")
@@ -239,7 +243,7 @@ class SchedulerConfig:
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_len:
             raise ValueError(f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
                              f"must be >= max_model_len ({max_len})")
-        for name in ("kv_buckets", "mixed_kv_buckets"):
+        for name in ("kv_buckets", "mixed_kv_buckets", "decode_kv_buckets"):
             buckets = getattr(self, name)
             if buckets and buckets[-1] < max_len:
                 raise ValueError(f"largest {name[:-1].replace('_', ' ')} {buckets[-1]} < max_model_len {max_len}")
@@ -248,7 +252,8 @@ class SchedulerConfig:
             self, max_model_len=max_len,
             decode_buckets=self.decode_buckets or _geometric(1, 8, self.max_num_seqs),
             prefill_buckets=self.prefill_buckets or _geometric(64, 2, self.max_num_batched_tokens),
-            kv_buckets=kv, mixed_kv_buckets=self.mixed_kv_buckets or tuple(sorted({kv[min(1, len(kv) - 1)], kv[-1]})))
+            kv_buckets=kv, mixed_kv_buckets=self.mixed_kv_buckets or tuple(sorted({kv[min(1, len(kv) - 1)], kv[-1]})),
+            decode_kv_buckets=self.decode_kv_buckets or self.kv_buckets or _geometric(256, 2, max_len))
 
 
 def _geometric(start: int, ratio: int, stop: int) -> tuple[int, ...]:

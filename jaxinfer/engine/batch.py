@@ -42,7 +42,8 @@ def step_shape(out: SchedulerOutput, config: SchedulerConfig) -> StepShape:
     num_decode = decode_kv = prefill_tokens = prefill_kv = 0
     if out.decodes:
         num_decode = _bucket(len(out.decodes), config.decode_buckets)
-        decode_kv = _bucket(max(seq.num_computed + 1 for seq in out.decodes), config.kv_buckets)
+        decode_kv = _bucket(max(seq.num_computed + 1 for seq in out.decodes),
+                            config.kv_buckets if out.prefills else config.decode_kv_buckets)
     if out.prefills:
         tokens = sum(chunk.num_tokens for chunk in out.prefills)
         prefill_tokens = config.prefill_buckets[-1] if out.decodes else _bucket(tokens, config.prefill_buckets)
@@ -53,7 +54,7 @@ def step_shape(out: SchedulerOutput, config: SchedulerConfig) -> StepShape:
 
 def all_step_shapes(config: SchedulerConfig) -> list[StepShape]:
     """Every shape step_shape can return: what warm-up compiles."""
-    shapes = [StepShape(d, kv, 0, 0) for d in config.decode_buckets for kv in config.kv_buckets]
+    shapes = [StepShape(d, kv, 0, 0) for d in config.decode_buckets for kv in config.decode_kv_buckets]
     shapes += [StepShape(0, 0, t, kv) for t in config.prefill_buckets for kv in config.kv_buckets]
     shapes += [StepShape(d, dkv, config.prefill_buckets[-1], pkv) for d in config.decode_buckets
                for dkv in config.kv_buckets for pkv in config.mixed_kv_buckets]

@@ -93,3 +93,23 @@ def test_finish_releases_pages_and_slots_from_either_queue():
     scheduler.finish(b, FinishReason.ABORT)
     assert scheduler.num_unfinished == 0 and scheduler.block_manager.num_free == 64
     assert sorted(scheduler._free_slots) == [0, 1, 2, 3]
+
+
+def test_step_shapes_use_fine_kv_buckets_for_decode_only_steps():
+    from jaxinfer.engine.batch import StepShape, all_step_shapes, step_shape
+    from jaxinfer.engine.scheduler import PrefillChunk, SchedulerOutput
+
+    config = SchedulerConfig().resolve(8192)
+    assert config.decode_kv_buckets == (256, 512, 1024, 2048, 4096, 8192)
+    assert config.kv_buckets == (256, 1024, 4096, 8192) and config.mixed_kv_buckets == (1024, 8192)
+    decoding = Sequence("d", list(range(3, 303)), SamplingParams())
+    decoding.num_computed = 300  # context 301: bucket 512 alone, 1024 beside a prompt chunk
+    prompt = Sequence("p", list(range(3, 43)), SamplingParams())
+    alone = step_shape(SchedulerOutput([decoding], [], []), config)
+    mixed = step_shape(SchedulerOutput([decoding], [PrefillChunk(prompt, 0, 40)], []), config)
+    assert alone == StepShape(1, 512, 0, 0)
+    assert mixed == StepShape(1, 1024, 256, 1024)
+    shapes = all_step_shapes(config)
+    assert alone in shapes and mixed in shapes and len(shapes) == len(set(shapes))
+    explicit = SchedulerConfig(kv_buckets=(64, 256)).resolve(256)
+    assert explicit.decode_kv_buckets == (64, 256)  # given KV buckets are not refined behind the user's back

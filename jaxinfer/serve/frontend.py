@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -59,7 +59,6 @@ class Frontend:
         self._in_flight: dict[str, str] = {}  # request id -> api
         self._idle = asyncio.Event()
         self._idle.set()
-        self._ids = itertools.count()
         self.metrics = ServingMetrics(lambda: self.engine.metrics, lambda: len(self._in_flight))
 
     # -- requests -------------------------------------------------------------------------------
@@ -123,7 +122,7 @@ class Frontend:
             if not prompt:
                 raise self.refuse(api, invalid("prompt is empty"))
             prompt = await self.encode(prompt)
-        request_id = request_id or f"{api}-{next(self._ids)}"
+        request_id = request_id or f"{api}-{uuid.uuid4().hex}"  # never collides with a client-chosen id
         if request_id in self._in_flight:
             raise self.refuse(api, invalid(f"request id {request_id!r} is already in use"))
         try:

@@ -67,7 +67,7 @@ class Server:
         self.http: _Uvicorn | None = None
         self.http_port = 0
         self._http_task: asyncio.Task | None = None
-        self._sampler: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -103,7 +103,7 @@ class Server:
                                             timeout_graceful_shutdown=5, lifespan="off"))
         self.http_port = http_socket.getsockname()[1]
         self._http_task = asyncio.create_task(self.http.serve(sockets=[http_socket]))
-        self._sampler = asyncio.create_task(self._sample_metrics())
+        self._watcher = asyncio.create_task(self._watch())
         while not self.http.started:
             await asyncio.sleep(0.01)
         say(f"jaxinfer ready: model {config.model_name} | gRPC {config.host}:{self.grpc_port} | "
@@ -130,9 +130,15 @@ class Server:
             engine.warm_up(report)
         return engine
 
-    async def _sample_metrics(self) -> None:
+    async def _watch(self) -> None:
+        """Every second: sample the tokens/s gauges; report NOT_SERVING once the engine has died."""
+        reported_dead = False
         while True:
             self.frontend.metrics.sample()
+            if not self.async_engine.alive and not reported_dead:
+                reported_dead = True
+                logger.error("engine stopped; health is now NOT_SERVING")
+                await self.grpc.set_serving(False)
             await asyncio.sleep(1.0)
 
     async def wait_stopped(self) -> None:
@@ -162,8 +168,8 @@ class Server:
                         await asyncio.wait_for(self._http_task, 10)
             if self.grpc is not None:
                 await self.grpc.stop(1.0)
-            if self._sampler is not None:
-                self._sampler.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
             if self.async_engine is not None:
                 await asyncio.to_thread(self.async_engine.shutdown)
         finally:

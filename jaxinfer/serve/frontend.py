@@ -102,13 +102,10 @@ class Frontend:
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
     def decode(self, ids: Seq[int], skip_special_tokens: bool = True) -> str:
-        self.check_token_ids(ids, "token id")
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def check_token_ids(self, ids: Seq[int], what: str = "prompt token id") -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise invalid(f"{what} {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+            raise invalid(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     async def submit(self, prompt: str | Seq[int], params: SamplingParams, api: str,
                      request_id: str | None = None) -> Submission:
@@ -118,9 +115,7 @@ class Frontend:
             raise self.refuse(api, RequestError(ErrorKind.UNAVAILABLE, "server is draining; retry elsewhere"))
         if not self.engine.alive:
             raise self.refuse(api, RequestError(ErrorKind.UNAVAILABLE, "engine is not running"))
-        if isinstance(prompt, str):
-            if not prompt:
-                raise self.refuse(api, invalid("prompt is empty"))
+        if isinstance(prompt, str):  # tokenized here, off the engine thread; the engine validates the ids
             prompt = await self.encode(prompt)
         request_id = request_id or f"{api}-{uuid.uuid4().hex}"  # never collides with a client-chosen id
         if request_id in self._in_flight:

@@ -108,7 +108,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 prompt = await frontend.encode_chat(_chat_messages(request.chat))
             elif which == "token_ids":
                 prompt = list(request.token_ids.ids)
-                frontend.check_token_ids(prompt)
             else:
                 raise invalid("GenerateRequest needs a prompt: text, chat or token_ids")
         except RequestError as exc:
@@ -207,7 +206,6 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
                 prompt = request.text_content.text
             else:
                 prompt = list(request.token_content.token_ids)
-                frontend.check_token_ids(prompt)
             params = SamplingParams(max_tokens=request.max_tokens or JETSTREAM_DEFAULT_MAX_TOKENS)
         except RequestError as exc:
             await _abort(context, frontend.refuse("jetstream", exc))

@@ -86,9 +86,6 @@ class HttpApi:
             prompts = body.prompts()
             if len(prompts) > self.max_prompts:
                 raise invalid(f"at most {self.max_prompts} prompts per request, got {len(prompts)}")
-            for prompt in prompts:
-                if not isinstance(prompt, str):
-                    frontend.check_token_ids(prompt)
             params = body.to_params()
         except RequestError as exc:
             raise frontend.refuse("completions", exc) from None
@@ -96,7 +93,7 @@ class HttpApi:
         ident = f"cmpl-{uuid.uuid4().hex}"
         shape = _Completion(ident, frontend, body.logprobs is not None)
         if body.stream:
-            return self._sse(request, submissions, shape, body.include_usage)
+            return self._sse(submissions, shape, body.include_usage)
         return await self._unless_disconnected(request, self._collect(submissions, shape), submissions)
 
     async def chat_completions(self, request: Request) -> Response:
@@ -112,7 +109,7 @@ class HttpApi:
         submissions = await self._submit_all([prompt], [params], "chat")
         shape = _Chat(f"chatcmpl-{uuid.uuid4().hex}", frontend, body.logprobs)
         if body.stream:
-            return self._sse(request, submissions, shape, body.include_usage)
+            return self._sse(submissions, shape, body.include_usage)
         return await self._unless_disconnected(request, self._collect(submissions, shape), submissions)
 
     async def _parse(self, request: Request, model: type[BaseModel], api: str) -> Any:
@@ -169,7 +166,7 @@ class HttpApi:
             for submission in submissions:
                 submission.close()
 
-    def _sse(self, request: Request, submissions: list[Submission], shape: _Shape, include_usage: bool):
+    def _sse(self, submissions: list[Submission], shape: _Shape, include_usage: bool) -> StreamingResponse:
         async def events() -> AsyncIterator[str]:
             finals: list[RequestOutput | None] = [None] * len(submissions)
             try:

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import jax
 import uvicorn
 
 from jaxinfer.compile_cache import enable_compilation_cache
@@ -82,8 +83,6 @@ class Server:
             _bind(config.host, config.grpc_port, "gRPC").close()
         try:
             if config.profiler_port:
-                import jax
-
                 jax.profiler.start_server(config.profiler_port)
                 say(f"jax profiler server on port {config.profiler_port} (XProf: capture from localhost:"
                     f"{config.profiler_port})")
@@ -105,6 +104,9 @@ class Server:
         self._http_task = asyncio.create_task(self.http.serve(sockets=[http_socket]))
         self._watcher = asyncio.create_task(self._watch())
         while not self.http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises why uvicorn could not start
+                raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
         say(f"jaxinfer ready: model {config.model_name} | gRPC {config.host}:{self.grpc_port} | "
             f"HTTP http://{config.host}:{self.http_port}")

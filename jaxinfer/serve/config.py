@@ -37,7 +37,7 @@ class ServeConfig:
         "help": "embedded model name, .gguf file, Hugging Face directory or jaxinfer checkpoint"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "weight dtype"})
     served_model_name: str = dataclasses.field(default="", metadata={
-        "help": "the model name clients send and /v1/models lists (default: --model)"})
+        "help": "the model name clients send and /v1/models lists (empty: the --model value)"})
     host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address both APIs bind to"})
     grpc_port: int = dataclasses.field(default=9000, metadata={"help": "gRPC port (0 = any free port)"})
     http_port: int = dataclasses.field(default=8000, metadata={"help": "HTTP port (0 = any free port)"})

@@ -82,6 +82,25 @@ async def _abort(context: grpc.aio.ServicerContext, error: RequestError) -> None
     await context.abort(STATUS[error.kind], error.message)
 
 
+async def _served(context: grpc.aio.ServicerContext, frontend: Frontend, prompt, params: SamplingParams, api: str,
+                  request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    """Admit a request and yield its outputs; refusals and failures end the RPC with their status, and
+    an RPC that ends early (deadline, cancellation) aborts the request."""
+    try:
+        submission = await frontend.submit(prompt, params, api, request_id)
+    except RequestError as exc:
+        await _abort(context, exc)
+        return
+    try:
+        async with contextlib.aclosing(submission.outputs()) as outputs:
+            async for output in outputs:
+                yield output
+    except RequestError as exc:
+        await _abort(context, exc)
+    finally:
+        submission.close()
+
+
 def _chat_messages(chat: pb.Chat) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in chat.messages]
 
@@ -113,19 +132,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except RequestError as exc:
             await _abort(context, frontend.refuse("grpc", exc) if exc.kind is ErrorKind.INVALID else exc)
             return
-        try:
-            submission = await frontend.submit(prompt, params, "grpc", request.request_id or None)
-        except RequestError as exc:
-            await _abort(context, exc)
-            return
-        try:
-            async with contextlib.aclosing(submission.outputs()) as outputs:
-                async for output in outputs:
-                    yield _response(output)
-        except RequestError as exc:
-            await _abort(context, exc)
-        finally:
-            submission.close()
+        async with contextlib.aclosing(_served(context, frontend, prompt, params, "grpc",
+                                               request.request_id or None)) as outputs:
+            async for output in outputs:
+                yield _response(output)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:
@@ -210,24 +220,14 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
         except RequestError as exc:
             await _abort(context, frontend.refuse("jetstream", exc))
             return
-        try:
-            submission = await frontend.submit(prompt, params, "jetstream")
-        except RequestError as exc:
-            await _abort(context, exc)
-            return
-        try:
-            async with contextlib.aclosing(submission.outputs()) as outputs:
-                async for output in outputs:
-                    if not output.new_token_ids and not output.new_text:
-                        continue
-                    sample = js.DecodeResponse.StreamContent.Sample(token_ids=output.new_token_ids)
-                    if which == "text_content":
-                        sample.text = output.new_text
-                    yield js.DecodeResponse(stream_content=js.DecodeResponse.StreamContent(samples=[sample]))
-        except RequestError as exc:
-            await _abort(context, exc)
-        finally:
-            submission.close()
+        async with contextlib.aclosing(_served(context, frontend, prompt, params, "jetstream")) as outputs:
+            async for output in outputs:
+                if not output.new_token_ids and not output.new_text:
+                    continue
+                sample = js.DecodeResponse.StreamContent.Sample(token_ids=output.new_token_ids)
+                if which == "text_content":
+                    sample.text = output.new_text
+                yield js.DecodeResponse(stream_content=js.DecodeResponse.StreamContent(samples=[sample]))
 
     async def HealthCheck(self, request: js.HealthCheckRequest, context) -> js.HealthCheckResponse:
         return js.HealthCheckResponse(is_live=self.frontend.engine.alive)

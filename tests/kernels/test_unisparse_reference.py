@@ -1,0 +1,118 @@
+"""UniSparse references against float64 numpy loops written independently here."""
+
+import numpy as np
+import pytest
+
+from pallas_kernels.unisparse import UniSparseConfig, block_scores, block_sparse_attention_reference, select_blocks
+
+
+def qkv(t=64, h=4, kv=2, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(t, h, d)).astype(np.float32)
+    k = rng.normal(size=(t, kv, d)).astype(np.float32)
+    v = rng.normal(size=(t, kv, d)).astype(np.float32)
+    return q, k, v
+
+
+def numpy_scores(q, k, cfg):
+    t, h, d = q.shape
+    group = h // k.shape[1]
+    s, cq, ck = cfg.block_size, cfg.c_q, cfg.c_k
+    qc = q.astype(np.float64).reshape(t // cq, cq, h, d).mean(1)
+    kc = k.astype(np.float64).reshape(t // ck, ck, k.shape[1], d).mean(1)
+    nb = t // s
+    out = np.zeros((h, nb, nb))
+    for head in range(h):
+        for a in range(t // cq):
+            visible = [b for b in range(t // ck) if b * ck <= (a + 1) * cq - 1]
+            logits = np.array([qc[a, head] @ kc[b, head // group] for b in visible]) / np.sqrt(d)
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            for b, pb in zip(visible, p, strict=True):
+                out[head, a * cq // s, b * ck // s] += pb / (s // cq)
+    return out
+
+
+def numpy_select(scores, cfg):
+    h, nq, nk = scores.shape
+    mask = np.zeros(scores.shape, bool)
+    for head in range(h):
+        for i in range(nq):
+            forced = [j for j in range(i + 1) if j < cfg.sink_blocks or j > i - cfg.local_blocks]
+            rest = sorted((j for j in range(i + 1) if j not in forced), key=lambda j: -scores[head, i, j])
+            kept, mass = list(forced), sum(scores[head, i, j] for j in forced)
+            for j in rest:
+                if mass >= cfg.tau or (cfg.max_blocks and len(kept) >= cfg.max_blocks):
+                    break
+                kept.append(j)
+                mass += scores[head, i, j]
+            mask[head, i, kept] = True
+    return mask
+
+
+def numpy_attention(q, k, v, mask, s):
+    t, h, d = q.shape
+    group = h // k.shape[1]
+    out = np.zeros((t, h, d))
+    for head in range(h):
+        for x in range(t):
+            keys = [y for y in range(x + 1) if mask[head, x // s, y // s]]
+            logits = np.array([q[x, head].astype(np.float64) @ k[y, head // group] for y in keys]) / np.sqrt(d)
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            out[x, head] = sum(pb * v[y, head // group].astype(np.float64) for pb, y in zip(p, keys, strict=True))
+    return out
+
+
+@pytest.mark.parametrize(("cq", "ck"), [(4, 4), (8, 2), (2, 8)])
+def test_block_scores_match_numpy(cq, ck):
+    cfg = UniSparseConfig(block_size=16, c_q=cq, c_k=ck)
+    q, k, _ = qkv()
+    got = np.asarray(block_scores(q, k, cfg))
+    want = numpy_scores(q, k, cfg)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(got, 1) == 0)  # no mass on future blocks
+
+
+@pytest.mark.parametrize("cfg", [UniSparseConfig(block_size=8, tau=0.6), UniSparseConfig(block_size=8, tau=0.9,
+                                                                                        sink_blocks=0),
+                                 UniSparseConfig(block_size=8, tau=0.99, max_blocks=3, local_blocks=2)])
+def test_selection_matches_numpy_and_keeps_forced_blocks(cfg):
+    q, k, _ = qkv(t=128, seed=1)
+    q[:, :, 0] *= 6  # sharper attention: selection has something to choose
+    scores = block_scores(q, k, UniSparseConfig(block_size=8, c_q=4, c_k=4))
+    mask, indices, counts = (np.asarray(x) for x in select_blocks(scores, cfg))
+    want = numpy_select(np.asarray(scores, np.float64), cfg)
+    np.testing.assert_array_equal(mask, want)
+    nq = mask.shape[1]
+    for i in range(nq):
+        assert mask[:, i, i].all() and not mask[:, i, i + 1:].any()
+        if cfg.sink_blocks:
+            assert mask[:, i, 0].all()
+    np.testing.assert_array_equal(counts, mask.sum(-1))
+    for head in range(mask.shape[0]):
+        for i in range(nq):
+            kept = np.flatnonzero(mask[head, i])
+            assert indices[head, i, :counts[head, i]].tolist() == kept.tolist()
+            assert (indices[head, i, counts[head, i]:] == kept[-1]).all()
+    assert mask.sum() < np.tril(np.ones((nq, nq))).sum() * mask.shape[0]  # actually sparse
+
+
+def test_sparse_attention_reference_matches_numpy_and_dense():
+    cfg = UniSparseConfig(block_size=8, c_q=4, c_k=4, tau=0.7)
+    q, k, v = qkv(t=48, seed=2)
+    mask, _, _ = select_blocks(block_scores(q, k, cfg), cfg)
+    got = np.asarray(block_sparse_attention_reference(q, k, v, mask, 8))
+    np.testing.assert_allclose(got, numpy_attention(q, k, v, np.asarray(mask), 8), atol=1e-5)
+    full = np.broadcast_to(np.tril(np.ones((6, 6), bool)), (4, 6, 6))
+    dense = np.asarray(block_sparse_attention_reference(q, k, v, full, 8))
+    np.testing.assert_allclose(dense, numpy_attention(q, k, v, full, 8), atol=1e-5)
+
+
+def test_config_is_validated():
+    for bad in (dict(c_q=3), dict(tau=0.0), dict(block_size=0), dict(max_blocks=-1), dict(sink_blocks=-1)):
+        with pytest.raises(ValueError):
+            UniSparseConfig(**bad)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        block_scores(*qkv(t=60)[:2], UniSparseConfig(block_size=16, c_q=4, c_k=4))

@@ -5,7 +5,9 @@ from pallas_kernels.unisparse.reference import (
     UniSparseConfig,
     block_scores,
     block_sparse_attention_reference,
+    block_sparse_attention_xla,
     select_blocks,
 )
 
-__all__ = ["UniSparseConfig", "block_scores", "block_sparse_attention_reference", "select_blocks"]
+__all__ = ["UniSparseConfig", "block_scores", "block_sparse_attention_reference", "block_sparse_attention_xla",
+           "select_blocks"]

@@ -120,3 +120,44 @@ def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, m
         jnp.repeat(mask, block_size, axis=1), block_size, axis=2)
     probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
     return jnp.einsum("hts,shd->thd", probs, vf).astype(q.dtype)
+
+
+def block_sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, counts: jax.Array,
+                               block_size: int, max_kept: int, query_blocks_per_chunk: int = 8) -> jax.Array:
+    """Block-sparse causal attention that only touches kept key blocks (the fast path where no Pallas
+    kernel runs, e.g. CPU): per chunk of query blocks, gather each head's first ``max_kept`` kept key
+    and value blocks and attend over them. Work and memory scale with ``max_kept``, not with the
+    sequence; equal to ``block_sparse_attention_reference`` when every count is <= ``max_kept`` (select
+    with ``max_blocks=max_kept`` to guarantee it). [T, H, D] in q's dtype."""
+    t, h, d = q.shape
+    kv_heads = k.shape[1]
+    s = block_size
+    nq = t // s
+    chunk = min(query_blocks_per_chunk, nq)
+    if nq % chunk:
+        raise ValueError(f"{nq} query blocks are not a multiple of query_blocks_per_chunk={chunk}")
+    kept = indices[:, :, :max_kept]  # [H, Nq, M]
+    kb = jnp.asarray(k, jnp.float32).reshape(nq, s, kv_heads, d)
+    vb = jnp.asarray(v, jnp.float32).reshape(nq, s, kv_heads, d)
+    kv_of_head = jnp.arange(h) // (h // kv_heads)
+    qb = jnp.asarray(q, jnp.float32).reshape(nq // chunk, chunk, s, h, d)
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+
+    def attend(args):
+        q_chunk, kept_chunk, count_chunk, first = args  # [C, S, H, D], [H, C, M], [H, C], []
+        keys = kb[kept_chunk, :, kv_of_head[:, None, None], :]  # [H, C, M, S, D]
+        values = vb[kept_chunk, :, kv_of_head[:, None, None], :]
+        logits = jnp.einsum("cxhd,hcmyd->hcxmy", q_chunk, keys) * scale  # [H, C, S, M, S]
+        query_pos = (first + jnp.arange(chunk))[:, None] * s + jnp.arange(s)[None, :]  # [C, S]
+        key_pos = kept_chunk[..., None] * s + jnp.arange(s)  # [H, C, M, S]
+        valid = jnp.arange(max_kept)[None, None, :] < count_chunk[..., None]  # [H, C, M]
+        allowed = (key_pos[:, :, None, :, :] <= query_pos[None, :, :, None, None]) & valid[:, :, None, :, None]
+        logits = jnp.where(allowed, logits, -jnp.inf).reshape(h, chunk, s, max_kept * s)
+        probs = jax.nn.softmax(logits, axis=-1).reshape(h, chunk, s, max_kept, s)
+        return jnp.einsum("hcxmy,hcmyd->cxhd", probs, values)
+
+    firsts = jnp.arange(0, nq, chunk)
+    kept_chunks = kept.reshape(h, nq // chunk, chunk, max_kept).transpose(1, 0, 2, 3)
+    count_chunks = counts.reshape(h, nq // chunk, chunk).transpose(1, 0, 2)
+    out = jax.lax.map(attend, (qb, kept_chunks, count_chunks, firsts))  # [Nq/C, C, S, H, D]
+    return out.reshape(t, h, d).astype(jnp.asarray(q).dtype)

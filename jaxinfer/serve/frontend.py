@@ -59,7 +59,7 @@ class Frontend:
         self._in_flight: dict[str, str] = {}  # request id -> api
         self._idle = asyncio.Event()
         self._idle.set()
-        self.metrics = ServingMetrics(lambda: self.engine.metrics, lambda: len(self._in_flight))
+        self.metrics = ServingMetrics(self.engine_metrics, lambda: self.num_in_flight)
 
     # -- requests -------------------------------------------------------------------------------
 

@@ -118,7 +118,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         frontend = self.frontend
         try:
             if _deadline_passed(context):
-                raise frontend.refuse("grpc", RequestError(ErrorKind.DEADLINE, "deadline passed before admission"))
+                raise RequestError(ErrorKind.DEADLINE, "deadline passed before admission")
             params = sampling_params(request.params)
             which = request.WhichOneof("prompt")
             if which == "text":
@@ -130,7 +130,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             else:
                 raise invalid("GenerateRequest needs a prompt: text, chat or token_ids")
         except RequestError as exc:
-            await _abort(context, frontend.refuse("grpc", exc) if exc.kind is ErrorKind.INVALID else exc)
+            await _abort(context, frontend.refuse("grpc", exc))
             return
         async with contextlib.aclosing(_served(context, frontend, prompt, params, "grpc",
                                                request.request_id or None)) as outputs:

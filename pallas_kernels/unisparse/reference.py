@@ -1,6 +1,9 @@
 """UniSparse (arXiv 2512.14082) in pure jnp: the references the kernels and the fast CPU path are
-tested against. One causal sequence; queries [T, H, D], keys and values [T, K, D] with H = K * G (GQA);
-T a multiple of the block size.
+tested against. One causal sequence: keys and values [Tk, K, D] at positions 0..Tk-1, queries [Tq, H, D]
+at positions q_start..q_start+Tq-1 (a prompt chunk; q_start = 0 and Tq = Tk for a whole prompt), H = K * G
+(GQA, query head h reads KV head h // G). Tq, Tk and q_start are multiples of the block size; key
+positions at or after ``kv_len`` (bucket padding) are never attended. Query block i is block
+q_start / S + i of the sequence; score and mask arrays are [H, Tq / S, Tk / S].
 
 1. ``block_scores``: average-pool queries (factor c_q) and keys (factor c_k) inside blocks into composite
    tokens, softmax their scaled logits per composite query under a composite-level causal mask, and sum
@@ -56,34 +59,49 @@ def _pool(x: jax.Array, factor: int) -> jax.Array:
     return x.astype(jnp.float32).reshape(t // factor, factor, n, d).mean(axis=1)
 
 
-def block_scores(q: jax.Array, k: jax.Array, config: UniSparseConfig) -> jax.Array:
+def check_blocking(q: jax.Array, k: jax.Array, block_size: int) -> None:
+    """Shape rules shared by the references, the XLA paths and the kernels."""
+    if q.ndim != 3 or k.ndim != 3 or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"expected q [Tq, H, D] and k [Tk, K, D] with K dividing H, got {q.shape=}, {k.shape=}")
+    if q.shape[0] % block_size or k.shape[0] % block_size:
+        raise ValueError(f"query length {q.shape[0]} and key length {k.shape[0]} must be multiples of "
+                         f"block_size {block_size}")
+
+
+def composite_visible(num_q: int, num_k: int, config: UniSparseConfig, q_start, kv_len) -> jax.Array:
+    """[Tq/cq, Tk/ck] bool: composite query a (positions q_start + a*cq .. + cq - 1) sees composite key b
+    (starting at b*ck) when b starts at or before the query run's last token and inside kv_len."""
+    a = jnp.arange(num_q)[:, None]
+    b = jnp.arange(num_k)[None, :]
+    start = b * config.c_k
+    return (start <= q_start + (a + 1) * config.c_q - 1) & (start < kv_len)
+
+
+def block_scores(q: jax.Array, k: jax.Array, config: UniSparseConfig, q_start: jax.Array | int = 0,
+                 kv_len: jax.Array | int | None = None) -> jax.Array:
     """[H, Nq, Nk] float32: per query block, the estimated share of its attention mass on each key block."""
-    t, h, d = q.shape
-    kv_heads = k.shape[1]
+    check_blocking(q, k, config.block_size)
+    tq, h, d = q.shape
+    tk, kv_heads, _ = k.shape
     s = config.block_size
-    if t % s:
-        raise ValueError(f"sequence length {t} is not a multiple of block_size {s}")
-    qc = _pool(q, config.c_q)  # [T/cq, H, D]
-    kc = jnp.repeat(_pool(k, config.c_k), h // kv_heads, axis=1)  # [T/ck, H, D]
+    qc = _pool(q, config.c_q)  # [Tq/cq, H, D]
+    kc = jnp.repeat(_pool(k, config.c_k), h // kv_heads, axis=1)  # [Tk/ck, H, D]
     logits = jnp.einsum("ahd,bhd->hab", qc, kc) / jnp.sqrt(jnp.float32(d))
-    # composite query a covers tokens [a*cq, (a+1)*cq); composite key b starts at b*ck: visible if it
-    # starts at or before the query run's last token
-    a = jnp.arange(qc.shape[0])[:, None]
-    b = jnp.arange(kc.shape[0])[None, :]
-    visible = b * config.c_k <= (a + 1) * config.c_q - 1
-    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)  # [H, T/cq, T/ck]
-    nq, per_q, per_k = t // s, s // config.c_q, s // config.c_k
-    return probs.reshape(h, nq, per_q, nq, per_k).sum(axis=(2, 4)) / per_q
+    visible = composite_visible(qc.shape[0], kc.shape[0], config, q_start, tk if kv_len is None else kv_len)
+    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)  # [H, Tq/cq, Tk/ck]
+    per_q, per_k = s // config.c_q, s // config.c_k
+    return probs.reshape(h, tq // s, per_q, tk // s, per_k).sum(axis=(2, 4)) / per_q
 
 
-def select_blocks(scores: jax.Array, config: UniSparseConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Kept blocks per (head, query block).
+def select_blocks(scores: jax.Array, config: UniSparseConfig, q_start: jax.Array | int = 0
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Kept blocks per (head, query block); q_start is the first query's position.
 
     Returns ``mask`` [H, Nq, Nk] bool, ``indices`` [H, Nq, Nk] int32 (kept key blocks ascending, then
     padding that repeats the last kept block) and ``counts`` [H, Nq] int32.
     """
     _, nq, nk = scores.shape
-    i = jnp.arange(nq)[:, None]
+    i = jnp.arange(nq)[:, None] + q_start // config.block_size
     j = jnp.arange(nk)[None, :]
     causal = j <= i
     forced = causal & ((j < config.sink_blocks) | (j > i - config.local_blocks))
@@ -108,56 +126,17 @@ def select_blocks(scores: jax.Array, config: UniSparseConfig) -> tuple[jax.Array
 
 
 def block_sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                                     block_size: int) -> jax.Array:
-    """Dense causal attention restricted to the kept (query block, key block) pairs; [T, H, D] in q's dtype."""
-    t, h, d = q.shape
+                                     block_size: int, q_start: jax.Array | int = 0) -> jax.Array:
+    """Dense causal attention restricted to the kept (query block, key block) pairs; [Tq, H, D] in q's
+    dtype. With an all-true mask this is plain causal attention (the dense reference)."""
+    check_blocking(q, k, block_size)
+    tq, h, d = q.shape
     group = h // k.shape[1]
     kf = jnp.repeat(k.astype(jnp.float32), group, axis=1)
     vf = jnp.repeat(v.astype(jnp.float32), group, axis=1)
     logits = jnp.einsum("thd,shd->hts", q.astype(jnp.float32), kf) / jnp.sqrt(jnp.float32(d))
-    tokens = jnp.arange(t)
-    allowed = (tokens[None, :] <= tokens[:, None])[None] & jnp.repeat(
+    query_pos = q_start + jnp.arange(tq)
+    allowed = (jnp.arange(k.shape[0])[None, :] <= query_pos[:, None])[None] & jnp.repeat(
         jnp.repeat(mask, block_size, axis=1), block_size, axis=2)
     probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
     return jnp.einsum("hts,shd->thd", probs, vf).astype(q.dtype)
-
-
-def block_sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, counts: jax.Array,
-                               block_size: int, max_kept: int, query_blocks_per_chunk: int = 8) -> jax.Array:
-    """Block-sparse causal attention that only touches kept key blocks (the fast path where no Pallas
-    kernel runs, e.g. CPU): per chunk of query blocks, gather each head's first ``max_kept`` kept key
-    and value blocks and attend over them. Work and memory scale with ``max_kept``, not with the
-    sequence; equal to ``block_sparse_attention_reference`` when every count is <= ``max_kept`` (select
-    with ``max_blocks=max_kept`` to guarantee it). [T, H, D] in q's dtype."""
-    t, h, d = q.shape
-    kv_heads = k.shape[1]
-    s = block_size
-    nq = t // s
-    chunk = min(query_blocks_per_chunk, nq)
-    if nq % chunk:
-        raise ValueError(f"{nq} query blocks are not a multiple of query_blocks_per_chunk={chunk}")
-    kept = indices[:, :, :max_kept]  # [H, Nq, M]
-    kb = jnp.asarray(k, jnp.float32).reshape(nq, s, kv_heads, d)
-    vb = jnp.asarray(v, jnp.float32).reshape(nq, s, kv_heads, d)
-    kv_of_head = jnp.arange(h) // (h // kv_heads)
-    qb = jnp.asarray(q, jnp.float32).reshape(nq // chunk, chunk, s, h, d)
-    scale = 1.0 / jnp.sqrt(jnp.float32(d))
-
-    def attend(args):
-        q_chunk, kept_chunk, count_chunk, first = args  # [C, S, H, D], [H, C, M], [H, C], []
-        keys = kb[kept_chunk, :, kv_of_head[:, None, None], :]  # [H, C, M, S, D]
-        values = vb[kept_chunk, :, kv_of_head[:, None, None], :]
-        logits = jnp.einsum("cxhd,hcmyd->hcxmy", q_chunk, keys) * scale  # [H, C, S, M, S]
-        query_pos = (first + jnp.arange(chunk))[:, None] * s + jnp.arange(s)[None, :]  # [C, S]
-        key_pos = kept_chunk[..., None] * s + jnp.arange(s)  # [H, C, M, S]
-        valid = jnp.arange(max_kept)[None, None, :] < count_chunk[..., None]  # [H, C, M]
-        allowed = (key_pos[:, :, None, :, :] <= query_pos[None, :, :, None, None]) & valid[:, :, None, :, None]
-        logits = jnp.where(allowed, logits, -jnp.inf).reshape(h, chunk, s, max_kept * s)
-        probs = jax.nn.softmax(logits, axis=-1).reshape(h, chunk, s, max_kept, s)
-        return jnp.einsum("hcxmy,hcmyd->cxhd", probs, values)
-
-    firsts = jnp.arange(0, nq, chunk)
-    kept_chunks = kept.reshape(h, nq // chunk, chunk, max_kept).transpose(1, 0, 2, 3)
-    count_chunks = counts.reshape(h, nq // chunk, chunk).transpose(1, 0, 2)
-    out = jax.lax.map(attend, (qb, kept_chunks, count_chunks, firsts))  # [Nq/C, C, S, H, D]
-    return out.reshape(t, h, d).astype(jnp.asarray(q).dtype)

@@ -14,17 +14,18 @@ def qkv(t=64, h=4, kv=2, d=16, seed=0):
     return q, k, v
 
 
-def numpy_scores(q, k, cfg):
+def numpy_scores(q, k, cfg, q_start=0, kv_len=None):
     t, h, d = q.shape
+    tk = k.shape[0]
+    kv_len = tk if kv_len is None else kv_len
     group = h // k.shape[1]
     s, cq, ck = cfg.block_size, cfg.c_q, cfg.c_k
     qc = q.astype(np.float64).reshape(t // cq, cq, h, d).mean(1)
-    kc = k.astype(np.float64).reshape(t // ck, ck, k.shape[1], d).mean(1)
-    nb = t // s
-    out = np.zeros((h, nb, nb))
+    kc = k.astype(np.float64).reshape(tk // ck, ck, k.shape[1], d).mean(1)
+    out = np.zeros((h, t // s, tk // s))
     for head in range(h):
         for a in range(t // cq):
-            visible = [b for b in range(t // ck) if b * ck <= (a + 1) * cq - 1]
+            visible = [b for b in range(tk // ck) if b * ck <= q_start + (a + 1) * cq - 1 and b * ck < kv_len]
             logits = np.array([qc[a, head] @ kc[b, head // group] for b in visible]) / np.sqrt(d)
             p = np.exp(logits - logits.max())
             p /= p.sum()
@@ -33,13 +34,14 @@ def numpy_scores(q, k, cfg):
     return out
 
 
-def numpy_select(scores, cfg):
+def numpy_select(scores, cfg, first_block=0):
     h, nq, nk = scores.shape
     mask = np.zeros(scores.shape, bool)
     for head in range(h):
         for i in range(nq):
-            forced = [j for j in range(i + 1) if j < cfg.sink_blocks or j > i - cfg.local_blocks]
-            rest = sorted((j for j in range(i + 1) if j not in forced), key=lambda j: -scores[head, i, j])
+            b = first_block + i
+            forced = [j for j in range(b + 1) if j < cfg.sink_blocks or j > b - cfg.local_blocks]
+            rest = sorted((j for j in range(b + 1) if j not in forced), key=lambda j: -scores[head, i, j])
             kept, mass = list(forced), sum(scores[head, i, j] for j in forced)
             for j in rest:
                 if mass >= cfg.tau or (cfg.max_blocks and len(kept) >= cfg.max_blocks):
@@ -50,13 +52,13 @@ def numpy_select(scores, cfg):
     return mask
 
 
-def numpy_attention(q, k, v, mask, s):
+def numpy_attention(q, k, v, mask, s, q_start=0):
     t, h, d = q.shape
     group = h // k.shape[1]
     out = np.zeros((t, h, d))
     for head in range(h):
         for x in range(t):
-            keys = [y for y in range(x + 1) if mask[head, x // s, y // s]]
+            keys = [y for y in range(q_start + x + 1) if mask[head, x // s, y // s]]
             logits = np.array([q[x, head].astype(np.float64) @ k[y, head // group] for y in keys]) / np.sqrt(d)
             p = np.exp(logits - logits.max())
             p /= p.sum()
@@ -114,19 +116,67 @@ def test_config_is_validated():
     for bad in (dict(c_q=3), dict(tau=0.0), dict(block_size=0), dict(max_blocks=-1), dict(sink_blocks=-1)):
         with pytest.raises(ValueError):
             UniSparseConfig(**bad)
-    with pytest.raises(ValueError, match="multiple of block_size"):
+    with pytest.raises(ValueError, match="multiples of block_size"):
         block_scores(*qkv(t=60)[:2], UniSparseConfig(block_size=16, c_q=4, c_k=4))
 
 
-@pytest.mark.parametrize(("cap", "chunk"), [(3, 2), (6, 6), (2, 3)])
-def test_xla_sparse_path_equals_reference(cap, chunk):
+def test_chunk_of_a_longer_sequence_matches_numpy():
+    """Queries are the last blocks of the sequence (chunked prefill) and the keys have bucket padding."""
+    cfg = UniSparseConfig(block_size=8, c_q=4, c_k=2, tau=0.8)
+    q, k, v = qkv(t=80, seed=4)
+    q[:, :, 0] *= 5
+    q_part, q_start, kv_len = q[40:64], 40, 61  # rows past kv_len are bucket padding
+    scores = np.asarray(block_scores(q_part, k, cfg, q_start=q_start, kv_len=kv_len))
+    np.testing.assert_allclose(scores, numpy_scores(q_part, k, cfg, q_start, kv_len), atol=1e-5)
+    mask, indices, counts = select_blocks(scores, cfg, q_start=q_start)
+    np.testing.assert_array_equal(np.asarray(mask), numpy_select(scores.astype(np.float64), cfg, 5))
+    got = np.asarray(block_sparse_attention_reference(q_part, k, v, mask, 8, q_start=q_start))
+    np.testing.assert_allclose(got[:21], numpy_attention(q_part, k, v, np.asarray(mask), 8, q_start)[:21], atol=1e-5)
+
+
+def _xla_case(seed, t=96, h=6, kv=2, d=16):
+    q, k, v = qkv(t=t, h=h, kv=kv, d=d, seed=seed)
+    q[:, :, 0] *= 5
+    return q, k, v
+
+
+@pytest.mark.parametrize(("chunk", "step", "q_start", "tq", "kv_len"),
+                         [(2, 2, 0, 96, 96), (4, 3, 0, 96, 96), (1, 5, 32, 48, 75), (3, 1, 48, 48, 96)])
+def test_xla_sparse_path_equals_masked_reference(chunk, step, q_start, tq, kv_len):
     from pallas_kernels.unisparse import block_sparse_attention_xla
 
-    cfg = UniSparseConfig(block_size=8, c_q=4, c_k=4, tau=0.8, max_blocks=cap)
-    q, k, v = qkv(t=48, h=6, kv=2, seed=3)
-    mask, indices, counts = select_blocks(block_scores(q, k, cfg), cfg)
-    assert int(np.asarray(counts).max()) <= cap
-    got = np.asarray(block_sparse_attention_xla(q, k, v, indices, counts, 8, max_kept=cap,
-                                                query_blocks_per_chunk=chunk))
-    want = np.asarray(block_sparse_attention_reference(q, k, v, mask, 8))
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    cfg = UniSparseConfig(block_size=8, c_q=4, c_k=4, tau=0.8)
+    q, k, v = _xla_case(5)
+    q_part = q[q_start:q_start + tq]
+    mask, indices, counts = select_blocks(block_scores(q_part, k, cfg, q_start, kv_len), cfg, q_start)
+    got = np.asarray(block_sparse_attention_xla(q_part, k, v, indices, counts, block_size=8, q_start=q_start,
+                                                kv_len=kv_len, query_blocks_per_item=chunk, blocks_per_step=step))
+    real = kv_len - q_start
+    want = numpy_attention(q_part, k, v, np.asarray(mask), 8, q_start)
+    np.testing.assert_allclose(got[:real], want[:real], atol=1e-5)
+    assert np.asarray(mask).sum() < np.asarray(counts).size * (96 // 8)  # some blocks were skipped
+
+
+@pytest.mark.parametrize(("chunk", "step", "q_start", "tq", "kv_len"),
+                         [(2, 2, 0, 96, 96), (3, 5, 0, 96, 96), (2, 3, 32, 64, 90)])
+def test_xla_dense_blocked_path_equals_causal_attention(chunk, step, q_start, tq, kv_len):
+    from pallas_kernels.unisparse import dense_blocked_attention_xla
+
+    q, k, v = _xla_case(6)
+    q_part = q[q_start:q_start + tq]
+    got = np.asarray(dense_blocked_attention_xla(q_part, k, v, block_size=8, q_start=q_start, kv_len=kv_len,
+                                                 query_blocks_per_item=chunk, blocks_per_step=step))
+    full = np.ones((6, tq // 8, 96 // 8), bool)
+    want = numpy_attention(q_part, k, v, full, 8, q_start)
+    real = kv_len - q_start
+    np.testing.assert_allclose(got[:real], want[:real], atol=1e-5)
+
+
+def test_xla_paths_reject_bad_shapes():
+    from pallas_kernels.unisparse import block_sparse_attention_xla, dense_blocked_attention_xla
+
+    q, k, v = qkv(t=64)
+    with pytest.raises(ValueError, match="query_blocks_per_item"):
+        dense_blocked_attention_xla(q, k, v, block_size=8, query_blocks_per_item=3)
+    with pytest.raises(ValueError, match="expected indices"):
+        block_sparse_attention_xla(q, k, v, np.zeros((4, 8, 7), np.int32), np.ones((4, 8), np.int32), block_size=8)

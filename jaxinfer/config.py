@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pallas_kernels.unisparse.config import UniSparseConfig
+
 # Architectures of the Llama family this engine runs, by their Hugging Face and GGUF names.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -266,6 +268,33 @@ def _geometric(start: int, ratio: int, stop: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class SparsePrefillConfig:
+    """The blocked prefill backend for long prompts (UniSparse, arXiv 2512.14082).
+
+    A prompt longer than ``min_len`` tokens is prefilled in steps of its own whose attention is
+    UniSparse block-sparse ('sparse') or dense with the same blocking ('dense_blocked', the fair
+    baseline); 'off' keeps every prompt on the paged prefill path. Decode always stays dense and paged.
+    A request can opt out with SamplingParams.sparse_prefill=False.
+    """
+
+    mode: str = dataclasses.field(default="sparse", metadata={"help": "sparse, dense_blocked or off"})
+    min_len: int = dataclasses.field(default=4096, metadata={"help": "prompts longer than this use the backend"})
+    unisparse: UniSparseConfig = UniSparseConfig()
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sparse", "dense_blocked", "off"):
+            raise ValueError(f"unknown sparse prefill mode {self.mode!r} (choose sparse, dense_blocked or off)")
+        if not isinstance(self.min_len, int) or isinstance(self.min_len, bool) or self.min_len < 0:
+            raise ValueError(f"sparse prefill min_len must be an integer >= 0, got {self.min_len!r}")
+        if not isinstance(self.unisparse, UniSparseConfig):
+            raise ValueError(f"unisparse must be a UniSparseConfig, got {type(self.unisparse).__name__}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Composes the per-concern configs of one engine (one replica)."""
 
@@ -273,6 +302,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     attention_impl: str = "auto"
     max_logprobs: int = 20
+    sparse_prefill: SparsePrefillConfig = SparsePrefillConfig()
 
     def __post_init__(self) -> None:
         if self.attention_impl not in ("auto", "pallas", "reference"):

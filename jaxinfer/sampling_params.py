@@ -40,6 +40,8 @@ class SamplingParams:
         default=(), metadata={"help": "extra stop token id (repeatable)", "item_type": int})
     logprobs: int | None = dataclasses.field(
         default=None, metadata={"help": "return the sampled token's logprob and this many top ones", "type": int})
+    sparse_prefill: bool = dataclasses.field(
+        default=True, metadata={"help": "allow UniSparse block-sparse prefill of a long prompt (False: dense)"})
 
     def __post_init__(self) -> None:
         if not _number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
@@ -60,8 +62,9 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _integer(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "sparse_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         object.__setattr__(self, "stop", _stop_strings(self.stop))
         object.__setattr__(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
         if self.logprobs is not None and (not _integer(self.logprobs) or self.logprobs < 0):

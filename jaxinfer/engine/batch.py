@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxinfer.config import SchedulerConfig
+from jaxinfer.config import SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.attention import AttentionMeta
 from jaxinfer.layers.sampler import SamplingArrays, key_data_from_seed
@@ -27,6 +27,7 @@ class StepShape:
     decode_kv_tokens: int  # KV slots each decode row reads (a KV bucket; 0 without decodes)
     num_prefill_tokens: int  # Tp prompt tokens (0: no prompt part)
     prefill_kv_tokens: int  # bound on the prompt requests' summed KV lengths (0 without prompts)
+    blocked: bool = False  # one long prompt's chunk through the blocked prefill backend
 
 
 def _bucket(value: int, buckets: tuple[int, ...]) -> int:
@@ -36,9 +37,21 @@ def _bucket(value: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
 
 
-def step_shape(out: SchedulerOutput, config: SchedulerConfig) -> StepShape:
+def blocked_buckets(config: SchedulerConfig, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Chunk and KV buckets of blocked steps: the ordinary ones rounded up to whole blocks."""
+    def rounded(buckets):
+        return tuple(sorted({-(-b // block_size) * block_size for b in buckets}))
+    return rounded(config.prefill_buckets), rounded(config.kv_buckets)
+
+
+def step_shape(out: SchedulerOutput, config: SchedulerConfig, block_size: int = 64) -> StepShape:
     """Bucketed shape of a scheduled step. Mixed steps pad the prompt part to the largest prompt
     bucket and its KV bound to a mixed KV bucket, so mixing adds few compiled variants."""
+    if out.blocked:
+        chunk = out.prefills[0]
+        q_buckets, kv_buckets = blocked_buckets(config, block_size)
+        kv = _bucket(chunk.start + chunk.num_tokens, kv_buckets)
+        return StepShape(0, 0, _bucket(chunk.num_tokens, q_buckets), kv, blocked=True)
     num_decode = decode_kv = prefill_tokens = prefill_kv = 0
     if out.decodes:
         num_decode = _bucket(len(out.decodes), config.decode_buckets)
@@ -52,12 +65,15 @@ def step_shape(out: SchedulerOutput, config: SchedulerConfig) -> StepShape:
     return StepShape(num_decode, decode_kv, prefill_tokens, prefill_kv)
 
 
-def all_step_shapes(config: SchedulerConfig) -> list[StepShape]:
+def all_step_shapes(config: SchedulerConfig, sparse: SparsePrefillConfig | None = None) -> list[StepShape]:
     """Every shape step_shape can return: what warm-up compiles."""
     shapes = [StepShape(d, kv, 0, 0) for d in config.decode_buckets for kv in config.decode_kv_buckets]
     shapes += [StepShape(0, 0, t, kv) for t in config.prefill_buckets for kv in config.kv_buckets]
     shapes += [StepShape(d, dkv, config.prefill_buckets[-1], pkv) for d in config.decode_buckets
                for dkv in config.kv_buckets for pkv in config.mixed_kv_buckets]
+    if sparse is not None and sparse.enabled and config.max_model_len > sparse.min_len:
+        q_buckets, kv_buckets = blocked_buckets(config, sparse.unisparse.block_size)
+        shapes += [StepShape(0, 0, t, kv, blocked=True) for t in q_buckets for kv in kv_buckets if t <= kv]
     return shapes
 
 
@@ -88,11 +104,16 @@ class StepInput:
 class BatchBuilder:
     """Turns SchedulerOutputs into StepInputs for one cache geometry."""
 
-    def __init__(self, config: SchedulerConfig, page_size: int, num_pages: int):
+    def __init__(self, config: SchedulerConfig, page_size: int, num_pages: int,
+                 sparse: SparsePrefillConfig | None = None):
         self.config = config
         self.page_size = page_size
         self.num_pages = num_pages
-        self.max_pages_per_seq = -(-config.max_model_len // page_size)
+        self.sparse = sparse if sparse is not None and sparse.enabled else None
+        kv_limit = config.max_model_len
+        if self.sparse is not None:
+            kv_limit = max(kv_limit, blocked_buckets(config, self.sparse.unisparse.block_size)[1][-1])
+        self.max_pages_per_seq = -(-kv_limit // page_size)
 
     def num_rows(self, shape: StepShape) -> int:
         """Sampling rows N of a step: its decode rows plus, with a prompt part, one per possible chunk."""
@@ -156,7 +177,9 @@ class BatchBuilder:
             decode_num_seqs=np.array([len(out.decodes)], np.int32), prefill_kv_lens=prefill_kv_lens,
             prefill_page_indices=prefill_page_indices, prefill_cu_q_lens=cu_q_lens,
             prefill_num_seqs=np.array([len(out.prefills)], np.int32), prefill_kv_tokens=shape.prefill_kv_tokens,
-            impl=impl, interpret=interpret)
+            impl=impl, interpret=interpret,
+            blocked_mode=self.sparse.mode if shape.blocked and self.sparse is not None else "",
+            unisparse=self.sparse.unisparse if shape.blocked and self.sparse is not None else None)
         want_logprobs = np.array(any(s is not None and s.params.logprobs is not None for s in rows))
         sample = SampleInput(sampling=_sampling_arrays(rows), row_slots=row_slots, emit=emit,
                              want_logprobs=want_logprobs)

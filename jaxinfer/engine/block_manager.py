@@ -54,7 +54,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.params.uses_penalties:
             return []
-        hits, parent = [], None
+        hits, parent = [], seq.cache_salt
         limit = (seq.num_tokens - 1) // self.page_size
         for index in range(limit):
             start = index * self.page_size
@@ -99,7 +99,7 @@ class BlockManager:
         full = min(seq.num_computed // self.page_size, len(seq.pages))
         for index in range(len(seq.page_hashes), full):
             start = index * self.page_size
-            parent = seq.page_hashes[-1] if seq.page_hashes else None
+            parent = seq.page_hashes[-1] if seq.page_hashes else seq.cache_salt
             digest = page_hash(parent, seq.tokens(start, start + self.page_size))
             seq.page_hashes.append(digest)
             page = seq.pages[index]

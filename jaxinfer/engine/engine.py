@@ -67,9 +67,16 @@ class Engine:
             raise ValueError(f"a KV pool of {num_pages} pages x {page_size} tokens cannot hold one request of "
                              f"max_model_len={max_len} tokens; add pages or lower max_model_len")
         self.block_manager = BlockManager(num_pages, page_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        sparse = config.sparse_prefill
+        if not sparse.enabled or max_len <= sparse.min_len:
+            sparse = dataclasses.replace(sparse, mode="off")  # no prompt can be long enough
+        self.sparse_prefill = sparse
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager,
+                                   long_prompt_len=sparse.min_len if sparse.enabled else 0,
+                                   block_size=sparse.unisparse.block_size)
         self.runner = ModelRunner(model, self.model_config, self.scheduler_config, num_pages, page_size,
-                                  attention_impl=config.attention_impl, max_logprobs=config.max_logprobs)
+                                  attention_impl=config.attention_impl, max_logprobs=config.max_logprobs,
+                                  sparse_prefill=sparse)
         self._streams: dict[str, TextStream] = {}
         self._ids = itertools.count()
         self._eos_ids = frozenset(tokenizer.eos_ids)
@@ -122,6 +129,9 @@ class Engine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, arrival_time)
+        if self.sparse_prefill.mode == "sparse" and self.scheduler.is_long(seq):
+            # its KV differs from dense KV: cached pages are shared only with the same sparse setting
+            seq.cache_salt = repr(self.sparse_prefill.unisparse).encode()
         self.scheduler.add(seq)
         self._streams[request_id] = TextStream(self.tokenizer, params.stop)
         return request_id
@@ -149,7 +159,7 @@ class Engine:
             out = self.scheduler.schedule()
         if out.empty:
             return []
-        shape = step_shape(out, self.scheduler_config)
+        shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
         result = self.runner.execute(out, shape)
         with jax.profiler.TraceAnnotation("detokenize"):
             outputs = self._postprocess(out, result, shape.num_decode)

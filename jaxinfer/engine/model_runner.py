@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.config import ModelConfig, SchedulerConfig
+from jaxinfer.config import ModelConfig, SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.batch import BatchBuilder, SampleInput, StepInput, StepShape, all_step_shapes
 from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.engine.scheduler import SchedulerOutput
@@ -92,7 +92,8 @@ def _sample_step(num_top: int, logits: jax.Array, sampler: SamplerState, batch: 
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, scheduler_config: SchedulerConfig,
-                 num_pages: int, page_size: int, *, attention_impl: str = "auto", max_logprobs: int = 20):
+                 num_pages: int, page_size: int, *, attention_impl: str = "auto", max_logprobs: int = 20,
+                 sparse_prefill: SparsePrefillConfig | None = None):
         self.model_config = model_config
         self.scheduler_config = scheduler_config
         self.graphdef, self.state = nnx.split(model)
@@ -102,7 +103,8 @@ class ModelRunner:
         self.impl = resolve_impl(attention_impl)
         self.interpret = resolve_interpret() if self.impl == "pallas" else False
         self.max_logprobs = max_logprobs
-        self.builder = BatchBuilder(scheduler_config, page_size, num_pages)
+        self.sparse_prefill = sparse_prefill
+        self.builder = BatchBuilder(scheduler_config, page_size, num_pages, sparse_prefill)
         self._forward = jax.jit(functools.partial(_forward_step, self.graphdef), donate_argnums=(1, 2))
         self._sample = jax.jit(functools.partial(_sample_step, max_logprobs), donate_argnums=(1,))
         self._executables: dict[StepShape | int, Callable] = {}
@@ -112,7 +114,7 @@ class ModelRunner:
 
     def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Compile every step shape the scheduler can produce."""
-        shapes = all_step_shapes(self.scheduler_config)
+        shapes = all_step_shapes(self.scheduler_config, self.sparse_prefill)
         for done, shape in enumerate(shapes, 1):
             self._executable(shape)
             if progress is not None:
@@ -145,7 +147,8 @@ class ModelRunner:
         self.last_shape = shape
         with jax.profiler.TraceAnnotation("build_batch"):
             batch = self.builder.build(out, shape, impl=self.impl, interpret=self.interpret)
-        phase = "decode" if not out.prefills else "prefill" if not out.decodes else "prefill+decode"
+        phase = ("decode" if not out.prefills else "blocked_prefill" if out.blocked else "prefill" if not out.decodes
+                 else "prefill+decode")
         with jax.profiler.TraceAnnotation(phase, decode_rows=shape.num_decode, prompt_tokens=shape.num_prefill_tokens):
             logits, self.kv, self.sampler = forward(self.state, self.kv, self.sampler, batch)
         with jax.profiler.TraceAnnotation("sample"):

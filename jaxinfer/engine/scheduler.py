@@ -9,6 +9,12 @@ Policy per step, within the token budget:
    running limit and the free pages allow (prefix-cache hits count as already computed).
 A single request always fits (the engine checks prompt + max_tokens <= max_model_len <= pool), so
 the oldest request always progresses: no deadlock, and running out of pages is never an error.
+
+Long prompts (``long_prompt_len``, the blocked prefill backend): a chunk of a prompt longer than that
+runs as a step of its own ("blocked" step: one request, no decodes), starting on a block boundary.
+Blocked steps alternate with ordinary steps while both have work, so decodes stall for at most one
+chunk at a time and long prompts still progress. A chunk that starts off a block boundary (after a
+prefix-cache hit) runs on the ordinary path and ends on a boundary, so the next one is blocked.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class SchedulerOutput:
     decodes: list[Sequence]
     prefills: list[PrefillChunk]
     preempted: list[Sequence]
+    blocked: bool = False  # a long prompt's chunk alone, for the blocked prefill backend
 
     @property
     def num_tokens(self) -> int:
@@ -54,11 +61,20 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, *, long_prompt_len: int = 0,
+                 block_size: int = 64):
+        """long_prompt_len: prompts longer than this get blocked steps (0: never); block_size: their
+        chunks start on multiples of it."""
         if not config.max_model_len:
             raise ValueError("SchedulerConfig must be resolved (max_model_len set) before use")
+        if long_prompt_len and config.max_num_batched_tokens < block_size:
+            raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least the "
+                             f"sparse prefill block size ({block_size})")
         self.config = config
         self.block_manager = block_manager
+        self.long_prompt_len = long_prompt_len
+        self.block_size = block_size
+        self._last_blocked = False
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))
@@ -91,7 +107,76 @@ class Scheduler:
         seq.finish_reason = reason
         seq.finish_time = time.perf_counter()
 
+    def is_long(self, seq: Sequence) -> bool:
+        """The request's prompt goes through the blocked prefill backend."""
+        return bool(self.long_prompt_len) and len(seq.prompt_ids) > self.long_prompt_len and seq.params.sparse_prefill
+
+    def _blocked_ready(self, seq: Sequence) -> bool:
+        """A long prompt still prefilling whose next chunk starts on a block boundary."""
+        return not seq.is_decoding and self.is_long(seq) and seq.num_computed % self.block_size == 0
+
+    def _chunk_end(self, seq: Sequence, start: int, num_new: int) -> int:
+        """Shorten a long prompt's chunk to end on a block boundary unless it finishes the prompt."""
+        if self.is_long(seq) and start + num_new < seq.num_tokens:
+            aligned = num_new - (start + num_new) % self.block_size
+            return aligned if aligned > 0 else num_new
+        return num_new
+
     def schedule(self) -> SchedulerOutput:
+        if not self.long_prompt_len:
+            return self._schedule_mixed()
+        order = (self._schedule_mixed, self._schedule_blocked) if self._last_blocked else (
+            self._schedule_blocked, self._schedule_mixed)
+        out = None
+        for schedule in order:
+            out = schedule()
+            if out is not None and (not out.empty or out.preempted):
+                break
+        out = out or SchedulerOutput([], [], [])
+        self._last_blocked = out.blocked
+        return out
+
+    def _schedule_blocked(self) -> SchedulerOutput | None:
+        """The next chunk of the oldest long prompt that can take one, alone in the step; None if none."""
+        blocks, budget = self.block_manager, self.config.max_num_batched_tokens
+        out = SchedulerOutput([], [], [], blocked=True)
+        seq = next((s for s in self.running if self._blocked_ready(s)), None)
+        if seq is None:
+            if not self.waiting or len(self.running) >= self.config.max_num_seqs or not self.is_long(self.waiting[0]):
+                return None
+            seq = self.waiting[0]
+            hits = blocks.match_prefix(seq)
+            start = len(hits) * blocks.page_size
+            if start % self.block_size:
+                return None  # the ordinary path runs the first chunk up to a block boundary
+            num_new = self._chunk_end(seq, start, min(seq.num_tokens - start, budget))
+            if not blocks.can_admit(seq, hits, num_new):
+                return None
+            self.waiting.popleft()
+            self._admit(seq, hits)
+        else:
+            num_new = self._chunk_end(seq, seq.num_computed, min(seq.num_uncomputed, budget))
+            while not blocks.can_append(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    return out
+        blocks.append(seq, num_new)
+        out.prefills.append(PrefillChunk(seq, seq.num_computed, num_new))
+        return out
+
+    def _admit(self, seq: Sequence, hits) -> None:
+        self.block_manager.admit(seq, hits)
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.perf_counter()
+            seq.num_cached = seq.num_computed
+        seq.status = SequenceStatus.RUNNING
+        seq.slot = self._free_slots.pop()
+        self.running.append(seq)
+
+    def _schedule_mixed(self) -> SchedulerOutput:
+        """Decodes and prompt chunks together (long prompts ready for a blocked step wait for one)."""
         config, blocks = self.config, self.block_manager
         budget = config.max_num_batched_tokens
         out = SchedulerOutput([], [], [])
@@ -103,7 +188,10 @@ class Scheduler:
             if seq.is_decoding:
                 num_new = 1
             else:
-                num_new = min(seq.num_uncomputed, budget)
+                if self._blocked_ready(seq):
+                    index += 1
+                    continue
+                num_new = self._chunk_end(seq, seq.num_computed, min(seq.num_uncomputed, budget))
                 if (num_new < seq.num_uncomputed and not config.enable_chunked_prefill) \
                         or len(out.prefills) == config.max_prefill_seqs \
                         or prefill_kv + seq.num_computed + num_new > config.max_model_len:
@@ -130,21 +218,18 @@ class Scheduler:
                 and len(out.prefills) < config.max_prefill_seqs:
             seq = self.waiting[0]
             hits = blocks.match_prefix(seq)
-            num_new = min(seq.num_tokens - len(hits) * blocks.page_size, budget)
-            if num_new < seq.num_tokens - len(hits) * blocks.page_size and not config.enable_chunked_prefill:
+            start = len(hits) * blocks.page_size
+            if self.is_long(seq) and start % self.block_size == 0:
+                break  # admitted by a blocked step
+            num_new = self._chunk_end(seq, start, min(seq.num_tokens - start, budget))
+            if num_new < seq.num_tokens - start and not config.enable_chunked_prefill:
                 break
             if prefill_kv + len(hits) * blocks.page_size + num_new > config.max_model_len \
                     or not blocks.can_admit(seq, hits, num_new):
                 break
             self.waiting.popleft()
-            blocks.admit(seq, hits)
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.perf_counter()
-                seq.num_cached = seq.num_computed
+            self._admit(seq, hits)
             blocks.append(seq, num_new)
-            seq.status = SequenceStatus.RUNNING
-            seq.slot = self._free_slots.pop()
-            self.running.append(seq)
             out.prefills.append(PrefillChunk(seq, seq.num_computed, num_new))
             prefill_kv += seq.num_computed + num_new
             budget -= num_new

@@ -30,7 +30,7 @@ class Sequence:
 
     __slots__ = ("request_id", "prompt_ids", "output_ids", "params", "status", "finish_reason", "pages",
                  "num_computed", "num_cached", "slot", "page_hashes", "arrival_time", "first_scheduled_time",
-                 "first_token_time", "finish_time", "num_preemptions", "logprobs")
+                 "first_token_time", "finish_time", "num_preemptions", "logprobs", "cache_salt")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival_time: float | None = None):
@@ -51,6 +51,8 @@ class Sequence:
         self.finish_time: float | None = None
         self.num_preemptions = 0
         self.logprobs: list[tuple[float, list[int], list[float]]] = []
+        # starts the prefix-cache hash chain: KV computed another way (sparse prefill) is never shared
+        self.cache_salt: bytes | None = None
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, prompt={len(self.prompt_ids)}, out={len(self.output_ids)}, "

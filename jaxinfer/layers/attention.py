@@ -4,6 +4,10 @@ Axis letters: T tokens of the step, H query heads, K KV heads, D head_dim, P pag
 A step's tokens are laid out as ``num_decode`` decode rows (one token per request) followed by
 prompt chunks (ragged, several tokens per request). Both parts read the paged KV through the
 ragged paged-attention op: its Pallas kernel on GPU/TPU, its pure-jnp reference on CPU.
+
+Blocked steps (one long prompt's chunk, no decodes) gather the request's KV from its pages and run
+the blocked prefill backend instead: UniSparse block-sparse attention or the dense attention with
+the same blocking (Pallas kernels on GPU/TPU, the XLA paths on CPU).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.unisparse import UniSparseConfig, dense_attention, sparse_attention
 
 
 @jax.tree_util.register_dataclass
@@ -25,8 +30,9 @@ class AttentionMeta:
     tokens point past the pool and are dropped); for the decode rows kv_lens [Bd], page_indices
     [Bd, Pd], num_seqs [1]; for the prompt chunks kv_lens [Bp], page_indices [Bp, Pp], cu_q_lens
     [Bp + 1] (offsets inside the prompt part), num_seqs [1].
-    Static: the attention impl ('pallas' or 'reference'), interpret mode, and prefill_kv_tokens, a
-    bound on the prompt requests' summed KV lengths (sizes the reference's gather).
+    Static: the attention impl ('pallas' or 'reference'), interpret mode, prefill_kv_tokens, a
+    bound on the prompt requests' summed KV lengths (sizes the reference's gather), and for blocked
+    steps the backend ('sparse' or 'dense_blocked') with its UniSparse parameters.
     """
 
     slot_mapping: jax.Array
@@ -40,6 +46,8 @@ class AttentionMeta:
     prefill_kv_tokens: int = dataclasses.field(default=0, metadata=dict(static=True))
     impl: str = dataclasses.field(default="reference", metadata=dict(static=True))
     interpret: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    blocked_mode: str = dataclasses.field(default="", metadata=dict(static=True))
+    unisparse: UniSparseConfig | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def num_decode(self) -> int:
@@ -63,6 +71,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
 
     page_offset: added to every page index (the layer's first page in a pool shared by all layers).
     """
+    if meta.blocked_mode:
+        return blocked_prefill_attention(q, k_pages, v_pages, meta, page_offset)
     num_decode = meta.num_decode
     parts = []
     if num_decode:
@@ -81,3 +91,27 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
         else:
             parts.append(ragged_paged_attention_reference(*args, max_kv_tokens=meta.prefill_kv_tokens or None))
     return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def blocked_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMeta,
+                              page_offset: jax.Array | int = 0) -> jax.Array:
+    """A blocked step: q [Tq, H, D], the chunk of one prompt (padded to a block multiple) at positions
+    kv_len - q_len.., over the request's KV [prefill_kv_tokens] gathered from its pages -> [Tq, H, D] f32."""
+    kv_heads, _, page_size, head_dim = k_pages.shape
+    kv_tokens = meta.prefill_kv_tokens
+    pages = meta.prefill_page_indices[0, :-(-kv_tokens // page_size)] + page_offset
+
+    def gather(pool):
+        return pool[:, pages].reshape(kv_heads, -1, head_dim)[:, :kv_tokens].transpose(1, 0, 2)  # [Tk, K, D]
+
+    kv_len = meta.prefill_kv_lens[0]
+    q_start = kv_len - meta.prefill_cu_q_lens[1]
+    impl = "pallas" if meta.impl == "pallas" else "xla"
+    config = meta.unisparse
+    if meta.blocked_mode == "sparse":
+        out = sparse_attention(q, gather(k_pages), gather(v_pages), config, q_start=q_start, kv_len=kv_len,
+                               impl=impl, interpret=meta.interpret)
+    else:
+        out = dense_attention(q, gather(k_pages), gather(v_pages), config.block_size, q_start=q_start,
+                              kv_len=kv_len, impl=impl, interpret=meta.interpret)
+    return out.astype(jnp.float32)

@@ -40,16 +40,20 @@ class LlamaAttention(nnx.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
 
-    def __call__(self, x, positions, k_pages, v_pages, inv_freq, meta, page_offset):
+    def project(self, x, positions, inv_freq):
+        """x [T, E] -> q [T, H, D], k and v [T, K, D], rotary applied to q and k."""
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         q_end = self.num_heads * self.head_dim
         k_end = q_end + self.num_kv_heads * self.head_dim
-        q = qkv[:, :q_end].reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = qkv[:, q_end:k_end].reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
+        q = qkv[:, :q_end].reshape(num_tokens, self.num_heads, self.head_dim)
+        k = qkv[:, q_end:k_end].reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = qkv[:, k_end:].reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, positions, inv_freq)
-        k = apply_rotary(k, positions, inv_freq)
+        return apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq), v
+
+    def __call__(self, x, positions, k_pages, v_pages, inv_freq, meta, page_offset):
+        num_tokens = x.shape[0]
+        q, k, v = self.project(x, positions, inv_freq)
         with jax.named_scope("kv_write"):
             slots = meta.slot_mapping + page_offset * k_pages.shape[2]
             k_pages = write_kv(k_pages, k, slots)

@@ -10,7 +10,7 @@ A config file has one table per concern; every key is optional::
     [scheduler]                     # SchedulerConfig, bucket tuples included
     max_num_seqs = 16
     decode_buckets = [1, 8, 16]
-    [engine]                        # attention_impl, max_logprobs
+    [engine]                        # attention_impl, max_logprobs, sparse_prefill, sparse_min_len, sparse_tau
     max_logprobs = 5
 """
 
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from jaxinfer.cli import add_dataclass_arguments, dataclass_from_args
-from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SparsePrefillConfig
 from jaxinfer.loader import DEFAULT_MODEL, DTYPES
+from pallas_kernels.unisparse.config import UniSparseConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,7 @@ class ServeConfig:
         return self.served_model_name or self.model
 
 
-ENGINE_KEYS = ("attention_impl", "max_logprobs")
+ENGINE_KEYS = ("attention_impl", "max_logprobs", "sparse_prefill", "sparse_min_len", "sparse_tau")
 SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig}
 
 
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--attention-impl", default="auto", choices=["auto", "pallas", "reference"],
                         help="attention implementation (auto: Pallas kernel on GPU/TPU, reference on CPU)")
     engine.add_argument("--max-logprobs", type=int, default=20, help="largest top-logprobs count a request may ask")
+    sparse = SparsePrefillConfig()
+    engine.add_argument("--sparse-prefill", default=sparse.mode, choices=["sparse", "dense_blocked", "off"],
+                        help="prefill backend for long prompts (UniSparse block-sparse, dense blocked, or off)")
+    engine.add_argument("--sparse-min-len", type=int, default=sparse.min_len,
+                        help="prompts longer than this many tokens use the sparse prefill backend")
+    engine.add_argument("--sparse-tau", type=float, default=sparse.unisparse.tau,
+                        help="UniSparse: estimated attention mass each query block keeps")
     return parser
 
 
@@ -97,7 +105,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeConfig, EngineCo
     args = parser.parse_args(argv)
     engine = EngineConfig(cache=dataclass_from_args(CacheConfig, args),
                           scheduler=dataclass_from_args(SchedulerConfig, args),
-                          attention_impl=args.attention_impl, max_logprobs=args.max_logprobs)
+                          attention_impl=args.attention_impl, max_logprobs=args.max_logprobs,
+                          sparse_prefill=SparsePrefillConfig(
+                              mode=args.sparse_prefill, min_len=args.sparse_min_len,
+                              unisparse=dataclasses.replace(UniSparseConfig(), tau=args.sparse_tau)))
     return dataclass_from_args(ServeConfig, args), engine
 
 

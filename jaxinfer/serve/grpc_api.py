@@ -39,7 +39,7 @@ SERVICES = (pb.DESCRIPTOR.services_by_name["Inference"].full_name,
             pb.DESCRIPTOR.services_by_name["Admin"].full_name,
             js.DESCRIPTOR.services_by_name["Orchestrator"].full_name)
 OPTIONAL_PARAMS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty", "seed", "max_tokens", "ignore_eos", "logprobs")
+                   "frequency_penalty", "seed", "max_tokens", "ignore_eos", "logprobs", "sparse_prefill")
 JETSTREAM_DEFAULT_MAX_TOKENS = 256
 
 

@@ -3,7 +3,7 @@
 Fields OpenAI defines but the engine cannot honour (n > 1, best_of, echo, logit_bias, tools,
 non-text response formats, suffix) are refused with a 400 rather than silently ignored; unknown
 fields are ignored, as OpenAI clients send new ones over time. Extensions beyond OpenAI: top_k,
-min_p, repetition_penalty, ignore_eos, stop_token_ids.
+min_p, repetition_penalty, ignore_eos, stop_token_ids, sparse_prefill (false: dense prefill for this request).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    sparse_prefill: bool = True
 
     def check_supported(self) -> None:
         if self.n != 1:
@@ -66,7 +67,7 @@ class _SamplingRequest(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         try:
             return SamplingParams(**values, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
-                                  ignore_eos=self.ignore_eos, logprobs=logprobs)
+                                  ignore_eos=self.ignore_eos, logprobs=logprobs, sparse_prefill=self.sparse_prefill)
         except ValueError as exc:
             raise invalid(str(exc)) from None
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$jaxinfer/serve/proto/inference.proto\x12\x0bjaxinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xec\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x17\n\nignore_eos\x18\n \x01(\x08H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\xbb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.jaxinfer.v1.ChatH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.jaxinfer.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxinfer.v1.TopLogprob\"\x82\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\x12\x14\n\x0cttft_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x65\x32\x65_seconds\x18\x05 \x01(\x01\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxinfer.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\"M\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x11.jaxinfer.v1.ChatH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x0e\n\x0cStatsRequest\"\xcd\x02\n\x0b\x45ngineStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x15\n\rkv_pages_used\x18\x03 \x01(\x05\x12\x15\n\rkv_pages_free\x18\x04 \x01(\x05\x12\x16\n\x0ekv_pages_total\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x11\n\tnum_steps\x18\x07 \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x01\x12\x1b\n\x13prompt_tokens_total\x18\n \x01(\x03\x12\x1e\n\x16generated_tokens_total\x18\x0b \x01(\x03\x12\x19\n\x11last_step_seconds\x18\x0c \x01(\x01\x12\x18\n\x10last_step_tokens\x18\r \x01(\x05\"\x8b\x01\n\x11ReplicaGroupStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cnum_replicas\x18\x02 \x01(\x05\x12\x13\n\x0bmin_context\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12(\n\x06\x65ngine\x18\x05 \x01(\x0b\x32\x18.jaxinfer.v1.EngineStats\"\xdb\x01\n\rStatsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x14\n\x0c\x65ngine_alive\x18\x03 \x01(\x08\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\x03\x12\x36\n\x0ereplica_groups\x18\x05 \x03(\x0b\x32\x1e.jaxinfer.v1.ReplicaGroupStats\x12\'\n\x05total\x18\x06 \x01(\x0b\x32\x18.jaxinfer.v1.EngineStats\x12\x16\n\x0euptime_seconds\x18\x07 \x01(\x01\"=\n\x15\x43\x61ptureProfileRequest\x12\x13\n\x0b\x64uration_ms\x18\x01 \x01(\x05\x12\x0f\n\x07log_dir\x18\x02 \x01(\t\":\n\x16\x43\x61ptureProfileResponse\x12\x0f\n\x07log_dir\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"A\n\x0c\x44rainRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\x12\x18\n\x10\x63\x61ncel_remaining\x18\x02 \x01(\x08\"G\n\rDrainResponse\x12\x10\n\x08\x66inished\x18\x01 \x01(\x05\x12\x11\n\tcancelled\x18\x02 \x01(\x05\x12\x11\n\tremaining\x18\x03 \x01(\x05\"\x0f\n\rResumeRequest\"\x10\n\x0eResumeResponse*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xae\x02\n\tInference\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxinfer.v1.DetokenizeRequest\x1a\x1f.jaxinfer.v1.DetokenizeResponse\x12>\n\x05Stats\x12\x19.jaxinfer.v1.StatsRequest\x1a\x1a.jaxinfer.v1.StatsResponse2\xe5\x01\n\x05\x41\x64min\x12Y\n\x0e\x43\x61ptureProfile\x12\".jaxinfer.v1.CaptureProfileRequest\x1a#.jaxinfer.v1.CaptureProfileResponse\x12>\n\x05\x44rain\x12\x19.jaxinfer.v1.DrainRequest\x1a\x1a.jaxinfer.v1.DrainResponse\x12\x41\n\x06Resume\x12\x1a.jaxinfer.v1.ResumeRequest\x1a\x1b.jaxinfer.v1.ResumeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$jaxinfer/serve/proto/inference.proto\x12\x0bjaxinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9c\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x17\n\nignore_eos\x18\n \x01(\x08H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12\x1b\n\x0esparse_prefill\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x11\n\x0f_sparse_prefill\"\xbb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.jaxinfer.v1.ChatH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.jaxinfer.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxinfer.v1.TopLogprob\"\x82\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\x12\x14\n\x0cttft_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x65\x32\x65_seconds\x18\x05 \x01(\x01\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxinfer.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\"M\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x11.jaxinfer.v1.ChatH\x00\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x0e\n\x0cStatsRequest\"\xcd\x02\n\x0b\x45ngineStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x15\n\rkv_pages_used\x18\x03 \x01(\x05\x12\x15\n\rkv_pages_free\x18\x04 \x01(\x05\x12\x16\n\x0ekv_pages_total\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x11\n\tnum_steps\x18\x07 \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x01\x12\x1b\n\x13prompt_tokens_total\x18\n \x01(\x03\x12\x1e\n\x16generated_tokens_total\x18\x0b \x01(\x03\x12\x19\n\x11last_step_seconds\x18\x0c \x01(\x01\x12\x18\n\x10last_step_tokens\x18\r \x01(\x05\"\x8b\x01\n\x11ReplicaGroupStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cnum_replicas\x18\x02 \x01(\x05\x12\x13\n\x0bmin_context\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12(\n\x06\x65ngine\x18\x05 \x01(\x0b\x32\x18.jaxinfer.v1.EngineStats\"\xdb\x01\n\rStatsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x14\n\x0c\x65ngine_alive\x18\x03 \x01(\x08\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\x03\x12\x36\n\x0ereplica_groups\x18\x05 \x03(\x0b\x32\x1e.jaxinfer.v1.ReplicaGroupStats\x12\'\n\x05total\x18\x06 \x01(\x0b\x32\x18.jaxinfer.v1.EngineStats\x12\x16\n\x0euptime_seconds\x18\x07 \x01(\x01\"=\n\x15\x43\x61ptureProfileRequest\x12\x13\n\x0b\x64uration_ms\x18\x01 \x01(\x05\x12\x0f\n\x07log_dir\x18\x02 \x01(\t\":\n\x16\x43\x61ptureProfileResponse\x12\x0f\n\x07log_dir\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"A\n\x0c\x44rainRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x01\x12\x18\n\x10\x63\x61ncel_remaining\x18\x02 \x01(\x08\"G\n\rDrainResponse\x12\x10\n\x08\x66inished\x18\x01 \x01(\x05\x12\x11\n\tcancelled\x18\x02 \x01(\x05\x12\x11\n\tremaining\x18\x03 \x01(\x05\"\x0f\n\rResumeRequest\"\x10\n\x0eResumeResponse*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xae\x02\n\tInference\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxinfer.v1.DetokenizeRequest\x1a\x1f.jaxinfer.v1.DetokenizeResponse\x12>\n\x05Stats\x12\x19.jaxinfer.v1.StatsRequest\x1a\x1a.jaxinfer.v1.StatsResponse2\xe5\x01\n\x05\x41\x64min\x12Y\n\x0e\x43\x61ptureProfile\x12\".jaxinfer.v1.CaptureProfileRequest\x1a#.jaxinfer.v1.CaptureProfileResponse\x12>\n\x05\x44rain\x12\x19.jaxinfer.v1.DrainRequest\x1a\x1a.jaxinfer.v1.DrainResponse\x12\x41\n\x06Resume\x12\x1a.jaxinfer.v1.ResumeRequest\x1a\x1b.jaxinfer.v1.ResumeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jaxinfer.serve.proto.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2573
-  _globals['_FINISHREASON']._serialized_end=2693
+  _globals['_FINISHREASON']._serialized_start=2621
+  _globals['_FINISHREASON']._serialized_end=2741
   _globals['_CHATMESSAGE']._serialized_start=53
   _globals['_CHATMESSAGE']._serialized_end=97
   _globals['_CHAT']._serialized_start=99
@@ -40,47 +40,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=151
   _globals['_TOKENIDS']._serialized_end=174
   _globals['_SAMPLINGPARAMS']._serialized_start=177
-  _globals['_SAMPLINGPARAMS']._serialized_end=669
-  _globals['_GENERATEREQUEST']._serialized_start=672
-  _globals['_GENERATEREQUEST']._serialized_end=859
-  _globals['_TOPLOGPROB']._serialized_start=861
-  _globals['_TOPLOGPROB']._serialized_end=908
-  _globals['_TOKENLOGPROB']._serialized_start=910
-  _globals['_TOKENLOGPROB']._serialized_end=997
-  _globals['_USAGE']._serialized_start=1000
-  _globals['_USAGE']._serialized_end=1130
-  _globals['_GENERATERESPONSE']._serialized_start=1133
-  _globals['_GENERATERESPONSE']._serialized_end=1334
-  _globals['_TOKENIZEREQUEST']._serialized_start=1336
-  _globals['_TOKENIZEREQUEST']._serialized_end=1413
-  _globals['_TOKENIZERESPONSE']._serialized_start=1415
-  _globals['_TOKENIZERESPONSE']._serialized_end=1452
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1454
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1521
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1523
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1557
-  _globals['_STATSREQUEST']._serialized_start=1559
-  _globals['_STATSREQUEST']._serialized_end=1573
-  _globals['_ENGINESTATS']._serialized_start=1576
-  _globals['_ENGINESTATS']._serialized_end=1909
-  _globals['_REPLICAGROUPSTATS']._serialized_start=1912
-  _globals['_REPLICAGROUPSTATS']._serialized_end=2051
-  _globals['_STATSRESPONSE']._serialized_start=2054
-  _globals['_STATSRESPONSE']._serialized_end=2273
-  _globals['_CAPTUREPROFILEREQUEST']._serialized_start=2275
-  _globals['_CAPTUREPROFILEREQUEST']._serialized_end=2336
-  _globals['_CAPTUREPROFILERESPONSE']._serialized_start=2338
-  _globals['_CAPTUREPROFILERESPONSE']._serialized_end=2396
-  _globals['_DRAINREQUEST']._serialized_start=2398
-  _globals['_DRAINREQUEST']._serialized_end=2463
-  _globals['_DRAINRESPONSE']._serialized_start=2465
-  _globals['_DRAINRESPONSE']._serialized_end=2536
-  _globals['_RESUMEREQUEST']._serialized_start=2538
-  _globals['_RESUMEREQUEST']._serialized_end=2553
-  _globals['_RESUMERESPONSE']._serialized_start=2555
-  _globals['_RESUMERESPONSE']._serialized_end=2571
-  _globals['_INFERENCE']._serialized_start=2696
-  _globals['_INFERENCE']._serialized_end=2998
-  _globals['_ADMIN']._serialized_start=3001
-  _globals['_ADMIN']._serialized_end=3230
+  _globals['_SAMPLINGPARAMS']._serialized_end=717
+  _globals['_GENERATEREQUEST']._serialized_start=720
+  _globals['_GENERATEREQUEST']._serialized_end=907
+  _globals['_TOPLOGPROB']._serialized_start=909
+  _globals['_TOPLOGPROB']._serialized_end=956
+  _globals['_TOKENLOGPROB']._serialized_start=958
+  _globals['_TOKENLOGPROB']._serialized_end=1045
+  _globals['_USAGE']._serialized_start=1048
+  _globals['_USAGE']._serialized_end=1178
+  _globals['_GENERATERESPONSE']._serialized_start=1181
+  _globals['_GENERATERESPONSE']._serialized_end=1382
+  _globals['_TOKENIZEREQUEST']._serialized_start=1384
+  _globals['_TOKENIZEREQUEST']._serialized_end=1461
+  _globals['_TOKENIZERESPONSE']._serialized_start=1463
+  _globals['_TOKENIZERESPONSE']._serialized_end=1500
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1502
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1569
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1571
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1605
+  _globals['_STATSREQUEST']._serialized_start=1607
+  _globals['_STATSREQUEST']._serialized_end=1621
+  _globals['_ENGINESTATS']._serialized_start=1624
+  _globals['_ENGINESTATS']._serialized_end=1957
+  _globals['_REPLICAGROUPSTATS']._serialized_start=1960
+  _globals['_REPLICAGROUPSTATS']._serialized_end=2099
+  _globals['_STATSRESPONSE']._serialized_start=2102
+  _globals['_STATSRESPONSE']._serialized_end=2321
+  _globals['_CAPTUREPROFILEREQUEST']._serialized_start=2323
+  _globals['_CAPTUREPROFILEREQUEST']._serialized_end=2384
+  _globals['_CAPTUREPROFILERESPONSE']._serialized_start=2386
+  _globals['_CAPTUREPROFILERESPONSE']._serialized_end=2444
+  _globals['_DRAINREQUEST']._serialized_start=2446
+  _globals['_DRAINREQUEST']._serialized_end=2511
+  _globals['_DRAINRESPONSE']._serialized_start=2513
+  _globals['_DRAINRESPONSE']._serialized_end=2584
+  _globals['_RESUMEREQUEST']._serialized_start=2586
+  _globals['_RESUMEREQUEST']._serialized_end=2601
+  _globals['_RESUMERESPONSE']._serialized_start=2603
+  _globals['_RESUMERESPONSE']._serialized_end=2619
+  _globals['_INFERENCE']._serialized_start=2744
+  _globals['_INFERENCE']._serialized_end=3046
+  _globals['_ADMIN']._serialized_start=3049
+  _globals['_ADMIN']._serialized_end=3278
 # @@protoc_insertion_point(module_scope)

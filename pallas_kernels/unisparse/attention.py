@@ -80,8 +80,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, config: UniSparse
         selection = select(q, k, config, q_start=q_start, kv_len=kv_len, impl=impl, interpret=interpret)
     h = q.shape[1]
     if impl == "xla":
-        return block_sparse_attention_xla(q, k, v, selection.indices, selection.counts, block_size=config.block_size,
-                                          q_start=q_start, kv_len=kv_len, query_blocks_per_item=_items(q, config))
+        return block_sparse_attention_xla(q, k, v, selection.mask, block_size=config.block_size, q_start=q_start,
+                                          kv_len=kv_len, query_blocks_per_item=_items(q, config))
     full = selection.per_query_head(h)
     if impl == "pallas":
         return block_sparse_attention(q, k, v, full.indices, full.counts, block_size=config.block_size,

@@ -4,9 +4,9 @@ blocked path it is measured against. Same contract as ``reference`` (see its doc
 Both walk the same blocking: work items of ``query_blocks_per_item`` consecutive query blocks, each
 looping over key blocks ``blocks_per_step`` at a time with an online softmax (f32). The loop's trip
 count is dynamic, so work is proportional to what each item really attends to:
-- ``block_sparse_attention_xla``: one item per (query head, chunk of query blocks); every step
-  gathers each query block's next kept key blocks, so unselected blocks are never read or multiplied;
-  the item runs as many steps as its largest kept count needs.
+- ``block_sparse_attention_xla``: one item per (selection list, chunk of query blocks); steps gather
+  the next kept key blocks of the chunk's union, so blocks no query block of the chunk kept are never
+  read or multiplied.
 - ``dense_blocked_attention_xla``: one item per (KV head, chunk); steps slice contiguous key ranges up
   to the chunk's last causal block, so only the causal triangle (rounded up to steps) is computed.
 """
@@ -22,16 +22,15 @@ from pallas_kernels.unisparse.reference import check_blocking
 NEG_INF = -1e30
 
 
-def _online_softmax_step(carry, logits, visible, values, value_spec: str):
-    """One flash step: fold logits [..., X, Y] (masked by visible) and values into (m, l, acc)."""
+def _biased_softmax_step(carry, logits, values):
+    """A flash step whose masked logits already carry NEG_INF. A row that has seen only masked keys
+    accumulates junk with m = NEG_INF; its first visible key rescales that junk by exp(NEG_INF - m) = 0.
+    Every real query row sees its own key, so no junk survives in rows that are read back."""
     m_prev, l_prev, acc_prev = carry
-    logits = jnp.where(visible, logits, NEG_INF)
     m_next = jnp.maximum(m_prev, logits.max(axis=-1, keepdims=True))
-    probs = jnp.where(visible, jnp.exp(logits - m_next), 0.0)
+    probs = jnp.exp(logits - m_next)
     alpha = jnp.exp(m_prev - m_next)
-    l_next = alpha * l_prev + probs.sum(axis=-1, keepdims=True)
-    acc_next = alpha * acc_prev + jnp.einsum(value_spec, probs, values)
-    return m_next, l_next, acc_next
+    return m_next, alpha * l_prev + probs.sum(axis=-1, keepdims=True), alpha * acc_prev + probs @ values
 
 
 def _finish(l_final, acc):
@@ -45,13 +44,15 @@ def _items(nq: int, query_blocks_per_item: int) -> int:
     return chunk
 
 
-def block_sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, counts: jax.Array,
-                               *, block_size: int, q_start: jax.Array | int = 0, kv_len: jax.Array | int | None = None,
-                               query_blocks_per_item: int = 8, blocks_per_step: int = 4) -> jax.Array:
+def block_sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, block_size: int,
+                               q_start: jax.Array | int = 0, kv_len: jax.Array | int | None = None,
+                               query_blocks_per_item: int = 4, blocks_per_step: int = 4) -> jax.Array:
     """Attention of each query block over its kept key blocks only; [Tq, H, D] in q's dtype.
 
-    ``indices`` [L, Nq, Nk] and ``counts`` [L, Nq] hold one list per query head (L = H) or one per KV
-    head shared by its query heads (L = K, the cheaper layout: each gathered block serves G heads).
+    ``mask`` [L, Nq, Nk] holds one selection per query head (L = H) or one per KV head shared by its
+    query heads (L = K, the cheaper layout). A work item (list, chunk of query blocks) gathers the
+    union of its query blocks' kept key blocks, ``blocks_per_step`` at a time, and masks each query
+    block to its own; the union keeps the matmuls as large as the dense path's.
     """
     check_blocking(q, k, block_size)
     tq, h, d = q.shape
@@ -60,58 +61,57 @@ def block_sparse_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, indices
     nq, nk = tq // s, tk // s
     c = _items(nq, query_blocks_per_item)
     kv_len = tk if kv_len is None else kv_len
-    lists = indices.shape[0]
-    if lists not in (h, kv_heads) or indices.shape != (lists, nq, nk) or counts.shape != (lists, nq):
-        raise ValueError(f"expected indices [H or K, {nq}, {nk}] and counts [H or K, {nq}] for {h} query and "
-                         f"{kv_heads} KV heads, got {indices.shape}, {counts.shape}")
+    lists = mask.shape[0]
+    if lists not in (h, kv_heads) or mask.shape != (lists, nq, nk):
+        raise ValueError(f"expected a mask [H or K, {nq}, {nk}] for {h} query and {kv_heads} KV heads, "
+                         f"got {mask.shape}")
     per_list = h // lists  # query heads served by one list
+    items = lists * (nq // c)
+    item_mask = jnp.asarray(mask).reshape(items, c, nk)
+    union = item_mask.any(axis=1)  # [I, Nk]
+    union_counts = union.sum(axis=1).astype(jnp.int32)
     width = -(-nk // g) * g
-    indices = jnp.pad(jnp.asarray(indices), ((0, 0), (0, 0), (0, width - nk)), mode="edge")
+    order = jnp.argsort(jnp.where(union, jnp.arange(nk), nk + jnp.arange(nk)), axis=1, stable=True)
+    union_lists = jnp.pad(order.astype(jnp.int32), ((0, 0), (0, width - nk)))  # kept blocks first, ascending
     kb = jnp.asarray(k, jnp.float32).reshape(nk, s, kv_heads, d).transpose(2, 0, 1, 3)  # [K, Nk, S, D]
     vb = jnp.asarray(v, jnp.float32).reshape(nk, s, kv_heads, d).transpose(2, 0, 1, 3)
     scale = 1.0 / jnp.sqrt(jnp.float32(d))
-    # items: (list, chunk of C query blocks); q rows [I, C, R, D] with R = per_list * S (head-major)
-    items = lists * (nq // c)
+    # q rows of an item: [C * R, D] with R = per_list * S (query block, head, token)
+    rows = per_list * s
     q_items = (jnp.asarray(q, jnp.float32) * scale).reshape(nq // c, c, s, lists, per_list, d).transpose(
-        3, 0, 1, 4, 2, 5).reshape(items, c, per_list * s, d)
-    item_lists = indices.reshape(items, c, width)
-    item_counts = jnp.asarray(counts).reshape(items, c)
+        3, 0, 1, 4, 2, 5).reshape(items, c * rows, d)
     item_kv = jnp.repeat(jnp.arange(lists) * per_list // (h // kv_heads), nq // c)
     item_first = jnp.tile(jnp.arange(nq // c) * c, lists)  # first query block of the item
     x = jnp.arange(s)
-    row_pos = jnp.tile(x, per_list)  # [R] offset of each row inside its query block
+    triangle = jnp.where(x[None, :] <= jnp.tile(x, per_list)[:, None], 0.0, NEG_INF)  # [R, S] diagonal block
+    tiles = jnp.tile(triangle, (c, g))  # [C*R, G*S]
+    expand_rows = (jnp.arange(c * rows)[:, None] // rows == jnp.arange(c)[None, :]).astype(jnp.float32)  # [C*R, C]
+    expand_cols = (jnp.arange(g)[:, None] == jnp.arange(g * s)[None, :] // s).astype(jnp.float32)  # [G, G*S]
 
     def attend(args):
-        q_item, kept, kept_count, kv_head, first = args
-        query_pos = (q_start + (first + jnp.arange(c))[:, None] * s + row_pos)[:, :, None, None]  # [C, R, 1, 1]
-
-        def block(array, index):
-            return lax.dynamic_slice(array, (kv_head, index, 0, 0), (1, 1, s, d))[0, 0]
+        q_item, blocks_kept, union_list, count, kv_head, first = args
+        query_block = q_start // s + first + jnp.arange(c)  # [C] sequence block of each query block
 
         def step(carry):
             n, state = carry
-            blocks = lax.dynamic_slice_in_dim(kept, n * g, g, axis=1)  # [C, G]
-            # one contiguous slice per block: cheaper on CPU than a gather of rows
-            flat = blocks.reshape(c * g)
-            keys = kb[kv_head, flat].reshape(c, g * s, d)
-            values = vb[kv_head, flat].reshape(c, g * s, d)
-            logits = jnp.einsum("crd,cyd->cry", q_item, keys).reshape(c, -1, g, s)
-            key_pos = blocks[:, None, :, None] * s + x  # [C, 1, G, S]
-            slot = n * g + jnp.arange(g)
-            visible = ((key_pos <= query_pos) & (key_pos < kv_len)
-                       & (slot[None, None, :, None] < kept_count[:, None, None, None]))
-            rows = q_item.shape[1]
-            state = _online_softmax_step(state, logits.reshape(c, rows, g * s), visible.reshape(c, rows, g * s),
-                                         values, "cry,cyd->crd")
-            return n + 1, state
+            blocks = lax.dynamic_slice_in_dim(union_list, n * g, g)  # [G]
+            keys = kb[kv_head, blocks].reshape(g * s, d)
+            values = vb[kv_head, blocks].reshape(g * s, d)
+            # an additive mask over [C, R, G, S] (a free view of [C*R, G*S]): a block counts for a query
+            # block when it kept it; inside the diagonal block only keys at or before the query. Keys past
+            # kv_len sit only in blocks a real query's diagonal cuts, so causality already hides them.
+            own = (blocks_kept[:, blocks] & (n * g + jnp.arange(g) < count)).astype(jnp.float32)  # [C, G]
+            diagonal = (blocks[None, :] == query_block[:, None]).astype(jnp.float32)  # [C, G]
+            # block flags expanded to [C*R, G*S] by one-hot products (2-D ops stay fast on XLA:CPU)
+            bias = (expand_rows @ (own - 1.0) @ expand_cols) * -NEG_INF + (expand_rows @ diagonal @ expand_cols) * tiles
+            logits = q_item @ keys.T + bias  # [C*R, G*S]
+            return n + 1, _biased_softmax_step(state, logits, values)
 
-        steps = (kept_count.max() + g - 1) // g
-        rows = q_item.shape[1]
-        init = (jnp.full((c, rows, 1), NEG_INF), jnp.zeros((c, rows, 1)), jnp.zeros((c, rows, d)))
-        _, (_, l_final, acc) = lax.while_loop(lambda carry: carry[0] < steps, step, (0, init))
+        init = (jnp.full((c * rows, 1), NEG_INF), jnp.zeros((c * rows, 1)), jnp.zeros((c * rows, d)))
+        _, (_, l_final, acc) = lax.while_loop(lambda carry: carry[0] * g < count, step, (0, init))
         return _finish(l_final, acc)
 
-    out = lax.map(attend, (q_items, item_lists, item_counts, item_kv, item_first))  # [I, C, R, D]
+    out = lax.map(attend, (q_items, item_mask, union_lists, union_counts, item_kv, item_first))  # [I, C*R, D]
     out = out.reshape(lists, nq // c, c, per_list, s, d).transpose(1, 2, 4, 0, 3, 5)
     return out.reshape(tq, h, d).astype(jnp.asarray(q).dtype)
 
@@ -136,7 +136,7 @@ def dense_blocked_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, blo
     items = kv_heads * (nq // c)
     # items: (KV head, chunk); q [I, G', C*S, D] with the KV head's query heads together
     q_items = (jnp.asarray(q, jnp.float32) * scale).reshape(nq // c, c * s, kv_heads, group, d).transpose(
-        2, 0, 3, 1, 4).reshape(items, group, c * s, d)
+        2, 0, 3, 1, 4).reshape(items, group * c * s, d)
     item_kv = jnp.repeat(jnp.arange(kv_heads), nq // c)
     item_first = jnp.tile(jnp.arange(nq // c) * c, kv_heads)
     rows = jnp.arange(c * s)
@@ -150,13 +150,14 @@ def dense_blocked_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, blo
             n, state = carry
             keys = lax.dynamic_slice_in_dim(kf[kv_head], n * span, span, axis=0)  # [span, D]
             values = lax.dynamic_slice_in_dim(vf[kv_head], n * span, span, axis=0)
-            logits = jnp.einsum("gxd,yd->gxy", q_item, keys)
             key_pos = n * span + jnp.arange(span)[None, :]
-            visible = ((key_pos <= query_pos) & (key_pos < kv_len))[None]
-            return n + 1, _online_softmax_step(state, logits, visible, values, "gxy,yd->gxd")
+            bias = jnp.where((key_pos <= query_pos) & (key_pos < kv_len), 0.0, NEG_INF)  # [C*S, span]
+            logits = ((q_item @ keys.T).reshape(group, c * s, span) + bias).reshape(group * c * s, span)
+            return n + 1, _biased_softmax_step(state, logits, values)
 
         steps = (last_pos + span - 1) // span
-        init = (jnp.full((group, c * s, 1), NEG_INF), jnp.zeros((group, c * s, 1)), jnp.zeros((group, c * s, d)))
+        rows_all = group * c * s
+        init = (jnp.full((rows_all, 1), NEG_INF), jnp.zeros((rows_all, 1)), jnp.zeros((rows_all, d)))
         _, (_, l_final, acc) = lax.while_loop(lambda carry: carry[0] < steps, step, (0, init))
         return _finish(l_final, acc)
 

@@ -140,21 +140,26 @@ def _xla_case(seed, t=96, h=6, kv=2, d=16):
     return q, k, v
 
 
-@pytest.mark.parametrize(("chunk", "step", "q_start", "tq", "kv_len"),
-                         [(2, 2, 0, 96, 96), (4, 3, 0, 96, 96), (1, 5, 32, 48, 75), (3, 1, 48, 48, 96)])
-def test_xla_sparse_path_equals_masked_reference(chunk, step, q_start, tq, kv_len):
+@pytest.mark.parametrize(("chunk", "step", "q_start", "tq", "kv_len", "shared"),
+                         [(2, 2, 0, 96, 96, False), (4, 3, 0, 96, 96, True), (1, 5, 32, 48, 75, False),
+                          (3, 1, 48, 48, 96, True)])
+def test_xla_sparse_path_equals_masked_reference(chunk, step, q_start, tq, kv_len, shared):
     from pallas_kernels.unisparse import block_sparse_attention_xla
 
     cfg = UniSparseConfig(block_size=8, c_q=4, c_k=4, tau=0.8)
     q, k, v = _xla_case(5)
     q_part = q[q_start:q_start + tq]
     mask, indices, counts = select_blocks(block_scores(q_part, k, cfg, q_start, kv_len), cfg, q_start)
-    got = np.asarray(block_sparse_attention_xla(q_part, k, v, indices, counts, block_size=8, q_start=q_start,
+    if shared:  # one list per KV head (3 query heads each): the union of its heads' lists
+        mask = np.asarray(mask).reshape(2, 3, *mask.shape[1:]).any(axis=1)
+    got = np.asarray(block_sparse_attention_xla(q_part, k, v, mask, block_size=8, q_start=q_start,
                                                 kv_len=kv_len, query_blocks_per_item=chunk, blocks_per_step=step))
     real = kv_len - q_start
-    want = numpy_attention(q_part, k, v, np.asarray(mask), 8, q_start)
+    per_head = np.repeat(np.asarray(mask), 3, axis=0) if shared else np.asarray(mask)
+    want = numpy_attention(q_part, k, v, per_head, 8, q_start)
     np.testing.assert_allclose(got[:real], want[:real], atol=1e-5)
-    assert np.asarray(mask).sum() < np.asarray(counts).size * (96 // 8)  # some blocks were skipped
+    causal = np.tril(np.ones((96 // 8, 96 // 8), bool))[q_start // 8:(q_start + tq) // 8]
+    assert per_head.sum() < causal.sum() * 6  # some causal blocks were skipped
 
 
 @pytest.mark.parametrize(("chunk", "step", "q_start", "tq", "kv_len"),
@@ -178,5 +183,5 @@ def test_xla_paths_reject_bad_shapes():
     q, k, v = qkv(t=64)
     with pytest.raises(ValueError, match="query_blocks_per_item"):
         dense_blocked_attention_xla(q, k, v, block_size=8, query_blocks_per_item=3)
-    with pytest.raises(ValueError, match="expected indices"):
-        block_sparse_attention_xla(q, k, v, np.zeros((4, 8, 7), np.int32), np.ones((4, 8), np.int32), block_size=8)
+    with pytest.raises(ValueError, match="expected a mask"):
+        block_sparse_attention_xla(q, k, v, np.ones((4, 8, 7), bool), block_size=8)

@@ -37,11 +37,13 @@ def _bucket(value: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
 
 
-def blocked_buckets(config: SchedulerConfig, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Chunk and KV buckets of blocked steps: the ordinary ones rounded up to whole blocks."""
-    def rounded(buckets):
-        return tuple(sorted({-(-b // block_size) * block_size for b in buckets}))
-    return rounded(config.prefill_buckets), rounded(config.kv_buckets)
+def blocked_buckets(config: SchedulerConfig, block_size: int) -> tuple[int, tuple[int, ...]]:
+    """Chunk length and KV buckets of blocked steps: every chunk is padded to the largest prompt
+    bucket (one compiled shape per KV bucket), all rounded up to whole blocks."""
+    def rounded(value):
+        return -(-value // block_size) * block_size
+    chunk = rounded(config.prefill_buckets[-1])
+    return chunk, tuple(sorted({rounded(b) for b in config.kv_buckets if rounded(b) >= chunk})) or (chunk,)
 
 
 def step_shape(out: SchedulerOutput, config: SchedulerConfig, block_size: int = 64) -> StepShape:
@@ -49,9 +51,8 @@ def step_shape(out: SchedulerOutput, config: SchedulerConfig, block_size: int = 
     bucket and its KV bound to a mixed KV bucket, so mixing adds few compiled variants."""
     if out.blocked:
         chunk = out.prefills[0]
-        q_buckets, kv_buckets = blocked_buckets(config, block_size)
-        kv = _bucket(chunk.start + chunk.num_tokens, kv_buckets)
-        return StepShape(0, 0, _bucket(chunk.num_tokens, q_buckets), kv, blocked=True)
+        tokens, kv_buckets = blocked_buckets(config, block_size)
+        return StepShape(0, 0, tokens, _bucket(chunk.start + chunk.num_tokens, kv_buckets), blocked=True)
     num_decode = decode_kv = prefill_tokens = prefill_kv = 0
     if out.decodes:
         num_decode = _bucket(len(out.decodes), config.decode_buckets)
@@ -72,8 +73,8 @@ def all_step_shapes(config: SchedulerConfig, sparse: SparsePrefillConfig | None 
     shapes += [StepShape(d, dkv, config.prefill_buckets[-1], pkv) for d in config.decode_buckets
                for dkv in config.kv_buckets for pkv in config.mixed_kv_buckets]
     if sparse is not None and sparse.enabled and config.max_model_len > sparse.min_len:
-        q_buckets, kv_buckets = blocked_buckets(config, sparse.unisparse.block_size)
-        shapes += [StepShape(0, 0, t, kv, blocked=True) for t in q_buckets for kv in kv_buckets if t <= kv]
+        tokens, kv_buckets = blocked_buckets(config, sparse.unisparse.block_size)
+        shapes += [StepShape(0, 0, tokens, kv, blocked=True) for kv in kv_buckets]
     return shapes
 
 

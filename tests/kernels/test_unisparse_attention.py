@@ -44,3 +44,16 @@ def test_unknown_impl_is_refused():
     q, k, v = _case(t=32)
     with pytest.raises(ValueError, match="unknown UniSparse impl"):
         sparse_attention(q, k, v, UniSparseConfig(block_size=16, c_q=4, c_k=4), impl="cuda")
+
+
+def test_chunked_scores_equal_the_whole_score_map():
+    from pallas_kernels.unisparse import block_scores
+    from pallas_kernels.unisparse.attention import _chunked_block_scores
+
+    rng = np.random.default_rng(9)
+    q = rng.normal(size=(256, 6, 16)).astype(np.float32)
+    k = rng.normal(size=(384, 2, 16)).astype(np.float32)
+    cfg = UniSparseConfig(block_size=16, c_q=2, c_k=4)
+    whole = np.asarray(block_scores(q, k, cfg, 128, 300))
+    chunked = np.asarray(_chunked_block_scores(q, k, cfg, 128, 300, max_logits=6 * 8 * 96 * 3))  # 3 blocks a chunk
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)

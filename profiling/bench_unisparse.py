@@ -77,7 +77,7 @@ def timed(function, *args, repeats: int) -> float:
 
 
 def bench_attention(args, loaded) -> list[dict]:
-    config = UniSparseConfig(block_size=args.block_size, c_q=args.c_q, c_k=args.c_k, tau=args.tau)
+    config = UniSparseConfig(block_size=args.block_size, c_q=args.c_q, c_k=args.c_k, c_h=args.c_h, tau=args.tau)
     lengths = [int(x) for x in args.lengths.split(",")]
     windows = -(-max(lengths) // WINDOW)
     ids = long_text_ids(loaded.tokenizer, windows * WINDOW)
@@ -112,7 +112,7 @@ def bench_prefill(args, loaded) -> list[dict]:
     from jaxinfer.sampling_params import SamplingParams
 
     ids = long_text_ids(loaded.tokenizer, args.length)
-    unisparse = UniSparseConfig(block_size=args.block_size, c_q=args.c_q, c_k=args.c_k, tau=args.tau)
+    unisparse = UniSparseConfig(block_size=args.block_size, c_q=args.c_q, c_k=args.c_k, c_h=args.c_h, tau=args.tau)
     rows = []
     for mode in args.modes.split(","):
         config = EngineConfig(
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=UniSparseConfig().block_size)
     parser.add_argument("--c-q", type=int, default=UniSparseConfig().c_q)
     parser.add_argument("--c-k", type=int, default=UniSparseConfig().c_k)
+    parser.add_argument("--c-h", type=int, default=UniSparseConfig().c_h)
     parser.add_argument("--tau", type=float, default=UniSparseConfig().tau)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the rows here")

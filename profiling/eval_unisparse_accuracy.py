@@ -413,6 +413,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=defaults.block_size)
     parser.add_argument("--c-q", type=int, default=defaults.c_q)
     parser.add_argument("--c-k", type=int, default=defaults.c_k)
+    parser.add_argument("--c-h", type=int, default=defaults.c_h)
     parser.add_argument("--tau", type=float, default=defaults.tau)
     parser.add_argument("--sink-blocks", type=int, default=defaults.sink_blocks)
     parser.add_argument("--local-blocks", type=int, default=defaults.local_blocks)
@@ -424,7 +425,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "profiling" / "results" / "unisparse_accuracy.json"))
     args = parser.parse_args()
 
-    cfg = UniSparseConfig(block_size=args.block_size, c_q=args.c_q, c_k=args.c_k, tau=args.tau,
+    cfg = UniSparseConfig(block_size=args.block_size, c_q=args.c_q, c_k=args.c_k, c_h=args.c_h, tau=args.tau,
                           sink_blocks=args.sink_blocks, local_blocks=args.local_blocks, max_blocks=args.max_blocks,
                           share_kv_heads=not args.no_share_kv_heads)
     lengths = [int(x) for x in args.lengths.split(",") if x]

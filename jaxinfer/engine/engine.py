@@ -68,6 +68,10 @@ class Engine:
                              f"max_model_len={max_len} tokens; add pages or lower max_model_len")
         self.block_manager = BlockManager(num_pages, page_size, config.cache.enable_prefix_caching)
         sparse = config.sparse_prefill
+        if sparse.enabled and self.scheduler_config.max_num_batched_tokens < sparse.unisparse.block_size:
+            logger.warning("sparse prefill is off: max_num_batched_tokens=%d is below its block size %d",
+                           self.scheduler_config.max_num_batched_tokens, sparse.unisparse.block_size)
+            sparse = dataclasses.replace(sparse, mode="off")
         if not sparse.enabled or max_len <= sparse.min_len:
             sparse = dataclasses.replace(sparse, mode="off")  # no prompt can be long enough
         self.sparse_prefill = sparse

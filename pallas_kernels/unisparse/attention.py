@@ -62,15 +62,22 @@ def select(q: jax.Array, k: jax.Array, config: UniSparseConfig, *, q_start: jax.
            kv_len: jax.Array | int | None = None, impl: str = "xla", interpret: bool | None = None) -> Selection:
     """Score block pairs on composite tokens and keep blocks up to the mass tau (sink and local always)."""
     _check_impl(impl)
+    h, kv_heads = q.shape[1], k.shape[1]
+    pooled_heads = config.c_h or h // kv_heads
+    if pooled_heads > 1:  # head-level compression: consecutive query heads of one KV group averaged
+        if (h // kv_heads) % pooled_heads:
+            raise ValueError(f"c_h={config.c_h} must divide the {h // kv_heads} query heads per KV head")
+        q = q.reshape(q.shape[0], h // pooled_heads, pooled_heads, q.shape[2]).mean(axis=2)
     if impl == "pallas":
         scores = block_scores_pallas(q, k, config, q_start, kv_len, interpret=interpret)
     elif impl == "xla":
         scores = _chunked_block_scores(q, k, config, q_start, kv_len)
     else:
         scores = block_scores(q, k, config, q_start, kv_len)
-    if config.share_kv_heads:  # head-level compression: one map per KV head from its query heads' mean
-        kv_heads = k.shape[1]
+    if config.share_kv_heads:  # one map per KV head: the mean of its (compressed) query heads' maps
         scores = scores.reshape(kv_heads, -1, *scores.shape[1:]).mean(axis=1)
+    elif pooled_heads > 1:  # one list per query head: each head takes its compressed group's map
+        scores = jnp.repeat(scores, pooled_heads, axis=0)
     return Selection(*select_blocks(scores, config, q_start))
 
 

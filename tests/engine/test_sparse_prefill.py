@@ -81,7 +81,7 @@ def test_opted_out_and_short_prompts_never_get_blocked_steps():
 
 
 def _engine(mode, **unisparse):
-    cfg = UniSparseConfig(**{**dict(block_size=BLOCK, c_q=4, c_k=4, tau=0.5), **unisparse})
+    cfg = UniSparseConfig(**{**dict(local_blocks=1, c_h=1, block_size=BLOCK, c_q=4, c_k=4, tau=0.5), **unisparse})
     return tiny_engine.engine(max_num_batched_tokens=16, prefill_buckets=(8, 16), kv_buckets=(16, 32, 64),
                               sparse_prefill=SparsePrefillConfig(mode=mode, min_len=20, unisparse=cfg))
 

@@ -39,7 +39,7 @@ def _qkv(num_q, num_k, num_kv_heads, group, *, head_dim=HEAD_DIM, dtype=jnp.floa
 
 def _case(name, *, dtype=jnp.float32, seed=0, tau=0.6):
     block_size, c_q, c_k, num_q, num_k, num_kv_heads, group, q_start, kv_len = CASES[name]
-    config = UniSparseConfig(block_size=block_size, c_q=c_q, c_k=c_k, tau=tau)
+    config = UniSparseConfig(local_blocks=1, c_h=1, block_size=block_size, c_q=c_q, c_k=c_k, tau=tau)
     q, k, v = _qkv(num_q, num_k, num_kv_heads, group, dtype=dtype, seed=seed)
     mask, indices, counts = select_blocks(block_scores(q, k, config, q_start, kv_len), config, q_start)
     return config, (q, k, v), (mask, indices, counts), q_start, kv_len
@@ -136,7 +136,7 @@ def test_dense_block_lists_match_dense_reference(q_start):
 @pytest.mark.parametrize("name", list(CASES))
 def test_block_scores_interpret_matches_reference(name):
     block_size, c_q, c_k, num_q, num_k, num_kv_heads, group, q_start, kv_len = CASES[name]
-    config = UniSparseConfig(block_size=block_size, c_q=c_q, c_k=c_k)
+    config = UniSparseConfig(local_blocks=1, c_h=1, block_size=block_size, c_q=c_q, c_k=c_k)
     q, k, _ = _qkv(num_q, num_k, num_kv_heads, group, seed=5)
     out = block_scores_pallas(q, k, config, q_start, kv_len, interpret=True)
     assert out.dtype == jnp.float32 and out.shape == (q.shape[1], num_q // block_size, num_k // block_size)
@@ -145,7 +145,7 @@ def test_block_scores_interpret_matches_reference(name):
 
 def test_block_scores_many_chunks_odd_blocks_bfloat16_and_traced_bounds():
     # Nk = 36 key blocks (3 chunks of 16), S / c_k = 3 composite keys per block (padded to 4), head_dim 8.
-    config = UniSparseConfig(block_size=12, c_q=4, c_k=4)
+    config = UniSparseConfig(local_blocks=1, c_h=1, block_size=12, c_q=4, c_k=4)
     q, k, _ = _qkv(24, 432, 1, 2, head_dim=8, dtype=jnp.bfloat16, seed=6)
     run = jax.jit(lambda q, k, q_start, kv_len: block_scores_pallas(q, k, config, q_start, kv_len, interpret=True))
     for q_start, kv_len in ((396, 432), (204, 215)):
@@ -157,7 +157,7 @@ def test_block_scores_many_chunks_odd_blocks_bfloat16_and_traced_bounds():
 
 def test_block_scores_mosaic_call_in_tpu_interpreter():
     block_size, c_q, c_k, num_q, num_k, num_kv_heads, group, q_start, kv_len = CASES["chunk_kv_len_s32"]
-    config = UniSparseConfig(block_size=block_size, c_q=c_q, c_k=c_k)
+    config = UniSparseConfig(local_blocks=1, c_h=1, block_size=block_size, c_q=c_q, c_k=c_k)
     q, k, _ = _qkv(num_q, num_k, num_kv_heads, group, seed=7)
     out = block_scores_pallas(q, k, config, q_start, kv_len, interpret=pltpu.InterpretParams())
     np.testing.assert_allclose(out, block_scores(q, k, config, q_start, kv_len), atol=1e-5, rtol=1e-5)
@@ -180,7 +180,7 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target, dtype):
     text = attention.trace(q, k, k, *lists, q_start=scalar, kv_len=scalar).lower(
         lowering_platforms=(platform,)).as_text()
     assert target in text and "block_sparse_attention_s64" in text
-    config = UniSparseConfig(block_size=64, c_q=8, c_k=8)
+    config = UniSparseConfig(local_blocks=1, c_h=1, block_size=64, c_q=8, c_k=8)
     scores = jax.jit(functools.partial(block_scores_pallas, config=config, interpret=False))
     text = scores.trace(q, k, q_start=scalar, kv_len=scalar).lower(lowering_platforms=(platform,)).as_text()
     assert target in text and "block_scores_s64_cq8_ck8" in text
@@ -217,4 +217,5 @@ def test_compiled_kernels_reject_tiles_triton_cannot_dot():
         block_sparse_attention(**args, block_size=8, interpret=False)
     q, k, _ = _qkv(32, 64, 2, 2)
     with pytest.raises(ValueError, match="multiples of block_size"):
-        block_scores_pallas(q[:24], k, UniSparseConfig(block_size=16, c_q=4, c_k=4), interpret=True)
+        block_scores_pallas(q[:24], k, UniSparseConfig(local_blocks=1, c_h=1, block_size=16, c_q=4, c_k=4),
+                            interpret=True)

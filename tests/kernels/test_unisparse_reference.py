@@ -68,7 +68,7 @@ def numpy_attention(q, k, v, mask, s, q_start=0):
 
 @pytest.mark.parametrize(("cq", "ck"), [(4, 4), (8, 2), (2, 8)])
 def test_block_scores_match_numpy(cq, ck):
-    cfg = UniSparseConfig(block_size=16, c_q=cq, c_k=ck)
+    cfg = UniSparseConfig(local_blocks=1, c_h=1, block_size=16, c_q=cq, c_k=ck)
     q, k, _ = qkv()
     got = np.asarray(block_scores(q, k, cfg))
     want = numpy_scores(q, k, cfg)
@@ -77,13 +77,13 @@ def test_block_scores_match_numpy(cq, ck):
     assert np.all(np.triu(got, 1) == 0)  # no mass on future blocks
 
 
-@pytest.mark.parametrize("cfg", [UniSparseConfig(block_size=8, tau=0.6), UniSparseConfig(block_size=8, tau=0.9,
-                                                                                        sink_blocks=0),
+@pytest.mark.parametrize("cfg", [UniSparseConfig(local_blocks=1, block_size=8, tau=0.6),
+                                 UniSparseConfig(local_blocks=1, block_size=8, tau=0.9, sink_blocks=0),
                                  UniSparseConfig(block_size=8, tau=0.99, max_blocks=3, local_blocks=2)])
 def test_selection_matches_numpy_and_keeps_forced_blocks(cfg):
     q, k, _ = qkv(t=128, seed=1)
     q[:, :, 0] *= 6  # sharper attention: selection has something to choose
-    scores = block_scores(q, k, UniSparseConfig(block_size=8, c_q=4, c_k=4))
+    scores = block_scores(q, k, UniSparseConfig(local_blocks=1, c_h=1, block_size=8, c_q=4, c_k=4))
     mask, indices, counts = (np.asarray(x) for x in select_blocks(scores, cfg))
     want = numpy_select(np.asarray(scores, np.float64), cfg)
     np.testing.assert_array_equal(mask, want)
@@ -102,7 +102,7 @@ def test_selection_matches_numpy_and_keeps_forced_blocks(cfg):
 
 
 def test_sparse_attention_reference_matches_numpy_and_dense():
-    cfg = UniSparseConfig(block_size=8, c_q=4, c_k=4, tau=0.7)
+    cfg = UniSparseConfig(local_blocks=1, c_h=1, block_size=8, c_q=4, c_k=4, tau=0.7)
     q, k, v = qkv(t=48, seed=2)
     mask, _, _ = select_blocks(block_scores(q, k, cfg), cfg)
     got = np.asarray(block_sparse_attention_reference(q, k, v, mask, 8))
@@ -117,12 +117,12 @@ def test_config_is_validated():
         with pytest.raises(ValueError):
             UniSparseConfig(**bad)
     with pytest.raises(ValueError, match="multiples of block_size"):
-        block_scores(*qkv(t=60)[:2], UniSparseConfig(block_size=16, c_q=4, c_k=4))
+        block_scores(*qkv(t=60)[:2], UniSparseConfig(local_blocks=1, c_h=1, block_size=16, c_q=4, c_k=4))
 
 
 def test_chunk_of_a_longer_sequence_matches_numpy():
     """Queries are the last blocks of the sequence (chunked prefill) and the keys have bucket padding."""
-    cfg = UniSparseConfig(block_size=8, c_q=4, c_k=2, tau=0.8)
+    cfg = UniSparseConfig(local_blocks=1, c_h=1, block_size=8, c_q=4, c_k=2, tau=0.8)
     q, k, v = qkv(t=80, seed=4)
     q[:, :, 0] *= 5
     q_part, q_start, kv_len = q[40:64], 40, 61  # rows past kv_len are bucket padding
@@ -146,7 +146,7 @@ def _xla_case(seed, t=96, h=6, kv=2, d=16):
 def test_xla_sparse_path_equals_masked_reference(chunk, step, q_start, tq, kv_len, shared):
     from pallas_kernels.unisparse import block_sparse_attention_xla
 
-    cfg = UniSparseConfig(block_size=8, c_q=4, c_k=4, tau=0.8)
+    cfg = UniSparseConfig(local_blocks=1, c_h=1, block_size=8, c_q=4, c_k=4, tau=0.8)
     q, k, v = _xla_case(5)
     q_part = q[q_start:q_start + tq]
     mask, indices, counts = select_blocks(block_scores(q_part, k, cfg, q_start, kv_len), cfg, q_start)

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import resolve_interpret
+from pallas_kernels._backend import online_softmax_step, resolve_interpret, run_kernel
 
 MASK_VALUE = -1e30
 
@@ -110,21 +110,12 @@ def _ragged_paged_attention_kernel(
     slot_in_block = lax.broadcasted_iota(jnp.int32, (rows, kv_block), 1)  # [R, L']
 
     def body(step, carry):
-        m_prev, l_prev, acc_prev = carry  # [R, 1], [R, 1], [R, D] f32
         keys, values = load_kv(step)  # [L', D] each, L' = pages_per_block * L
         scores = lax.dot_general(q, keys.astype(q.dtype), (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32) * sm_scale  # [R, L']
         slot = step * kv_block + slot_in_block
         visible = (slot <= q_pos) & (slot < num_kv)
-        scores = jnp.where(visible, scores, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-        # Zeroing masked probabilities keeps rows that see nothing yet (m still MASK_VALUE) at zero.
-        probs = jnp.where(visible, jnp.exp(scores - m_next), 0.0)
-        alpha = jnp.exp(m_prev - m_next)
-        l_next = alpha * l_prev + jnp.sum(probs, axis=1, keepdims=True)
-        acc_next = alpha * acc_prev + jnp.dot(probs.astype(values.dtype), values,
-                                              preferred_element_type=jnp.float32)
-        return m_next, l_next, acc_next
+        return online_softmax_step(carry, scores, visible, values, MASK_VALUE)
 
     init = (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, head_dim), jnp.float32))
@@ -248,12 +239,7 @@ def _ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_len
             compiler_params=None if interpret_flag else pltriton.CompilerParams(num_warps=4, num_stages=2),
         )(*scalars, q_blocks, k_pages, v_pages)
 
-    if isinstance(interpret, pltpu.InterpretParams):
-        out_blocks = mosaic_call(interpret)
-    elif interpret:
-        out_blocks = triton_call(True)
-    else:
-        out_blocks = lax.platform_dependent(tpu=lambda: mosaic_call(False), default=lambda: triton_call(False))
+    out_blocks = run_kernel(mosaic_call, triton_call, interpret)
 
     # Back to token order: token t of sequence b (offset o) is row o % block_q of block cu_blocks[b] + o // block_q.
     out_blocks = out_blocks[:, :, :group * block_q].reshape(num_blocks, num_kv_heads, group, block_q, head_dim)

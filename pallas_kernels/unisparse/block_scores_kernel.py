@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import resolve_interpret
+from pallas_kernels._backend import resolve_interpret, run_kernel
 from pallas_kernels.unisparse.reference import UniSparseConfig, check_blocking
 
 CHUNK_BLOCKS = 16  # key blocks per step of the kernel's loops (the N of Triton's membership dot)
@@ -180,12 +180,7 @@ def _block_scores(q, k, q_start, kv_len, *, config, interpret):
             compiler_params=None if interpret_flag else pltriton.CompilerParams(num_warps=4, num_stages=1),
         )(bounds, qc, kc, key_start, member)
 
-    if isinstance(interpret, pltpu.InterpretParams):
-        out = mosaic_call(interpret)
-    elif interpret:
-        out = triton_call(True)
-    else:
-        out = lax.platform_dependent(tpu=lambda: mosaic_call(False), default=lambda: triton_call(False))
+    out = run_kernel(mosaic_call, triton_call, interpret)
     return out.reshape(num_heads, num_q_blocks, num_chunks * CHUNK_BLOCKS)[:, :, :num_k_blocks]
 
 

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import resolve_interpret
+from pallas_kernels._backend import online_softmax_step, resolve_interpret, run_kernel
 
 MASK_VALUE = -1e30
 
@@ -85,21 +85,12 @@ def _block_sparse_attention_kernel(
     key_in_block = lax.broadcasted_iota(jnp.int32, (block_size, block_size), 1)  # [S, S]
 
     def body(step, carry):
-        m_prev, l_prev, acc_prev = carry  # [S, 1], [S, 1], [S, D] f32
         keys, values = load_kv(step)  # [S, D] each
         scores = lax.dot_general(q, keys.astype(q.dtype), (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32) * sm_scale  # [S, S]
         key_pos = indices_ref[first + step] * block_size + key_in_block
         visible = (key_pos <= q_pos) & (key_pos < kv_len)
-        scores = jnp.where(visible, scores, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-        # Zeroing masked probabilities keeps rows that see nothing yet (m still MASK_VALUE) at zero.
-        probs = jnp.where(visible, jnp.exp(scores - m_next), 0.0)
-        alpha = jnp.exp(m_prev - m_next)
-        l_next = alpha * l_prev + jnp.sum(probs, axis=1, keepdims=True)
-        acc_next = alpha * acc_prev + jnp.dot(probs.astype(values.dtype), values,
-                                              preferred_element_type=jnp.float32)
-        return m_next, l_next, acc_next
+        return online_softmax_step(carry, scores, visible, values, MASK_VALUE)
 
     init = (jnp.full((block_size, 1), MASK_VALUE, jnp.float32), jnp.zeros((block_size, 1), jnp.float32),
             jnp.zeros((block_size, head_dim), jnp.float32))
@@ -199,12 +190,7 @@ def _block_sparse_attention(q, k, v, indices, counts, q_start, kv_len, *, block_
             compiler_params=None if interpret_flag else pltriton.CompilerParams(num_warps=4, num_stages=2),
         )(*scalars, q_heads, k_heads, v_heads)
 
-    if isinstance(interpret, pltpu.InterpretParams):
-        out = mosaic_call(interpret)
-    elif interpret:
-        out = triton_call(True)
-    else:
-        out = lax.platform_dependent(tpu=lambda: mosaic_call(False), default=lambda: triton_call(False))
+    out = run_kernel(mosaic_call, triton_call, interpret)
     return out.transpose(1, 0, 2)
 
 

@@ -294,6 +294,72 @@ class SparsePrefillConfig:
         return self.mode != "off"
 
 
+SPEC_METHODS = ("off", "ngram", "eagle", "heterospec")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (HeteroSpec, arXiv 2505.13254, on EAGLE-2 dynamic trees).
+
+    A drafter proposes a tree of continuations per decoding request; one target step verifies every
+    node (tree attention) and keeps the longest path the target agrees with, so the output is the
+    target's own (greedy: token for token; sampling: the same distribution). Methods: 'ngram'
+    (prompt lookup, no training), 'eagle' (the EAGLE-3-style draft head, fixed depth and budget),
+    'heterospec' (the draft head with the entropy-binned depth and budget per round).
+    """
+
+    method: str = dataclasses.field(default="off", metadata={"help": "off, ngram, eagle or heterospec"})
+    draft: str = dataclasses.field(default="", metadata={"help": "draft head directory ('' = shipped head)"})
+    top_k: int = dataclasses.field(default=4, metadata={"help": "tree branching: children per expanded node"})
+    depth: int = dataclasses.field(default=4, metadata={"help": "base draft depth d (drafted tree levels)"})
+    num_nodes: int = dataclasses.field(default=16, metadata={"help": "verified nodes per round incl. the root"})
+    alpha: int = dataclasses.field(default=0, metadata={"help": "HeteroSpec extra depth (0 = ceil(depth/2))"})
+    gamma: tuple[float, ...] = (0.3, 0.6, 1.0)
+    thresholds: tuple[float, ...] = ()  # entropy bin edges s0 < s1 < s2; () = the draft head's calibration
+    max_batch: int = dataclasses.field(default=4, metadata={"help": "speculate only with this many decodes or fewer"})
+    ngram_max: int = dataclasses.field(default=4, metadata={"help": "longest suffix the n-gram drafter matches"})
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"unknown speculative method {self.method!r} (choose {', '.join(SPEC_METHODS)})")
+        for name in ("top_k", "depth", "num_nodes", "max_batch", "ngram_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative {name} must be an integer >= 1, got {value!r}")
+        if self.num_nodes < 2:
+            raise ValueError(f"speculative num_nodes must be >= 2 (the root and one draft), got {self.num_nodes}")
+        if not isinstance(self.alpha, int) or self.alpha < 0:
+            raise ValueError(f"speculative alpha must be an integer >= 0, got {self.alpha!r}")
+        if len(self.gamma) != 3 or not all(0 < g <= 4 for g in self.gamma):
+            raise ValueError(f"speculative gamma must be 3 factors in (0, 4], got {self.gamma!r}")
+        if self.thresholds and (len(self.thresholds) != 3 or list(self.thresholds) != sorted(self.thresholds)):
+            raise ValueError(f"speculative thresholds must be 3 increasing bin edges, got {self.thresholds!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off"
+
+    @property
+    def uses_draft_head(self) -> bool:
+        return self.method in ("eagle", "heterospec")
+
+    @property
+    def extra_depth(self) -> int:
+        """alpha: the deepest extension (bin 0 drafts alpha more levels)."""
+        return self.alpha or -(-self.depth // 2)
+
+    def variants(self) -> tuple[tuple[int, int], ...]:
+        """(draft depth, verified nodes) of every round configuration: the default, then HeteroSpec's
+        three low-entropy bins i = 0, 1, 2 with depth d + (alpha - i) and budget round(gamma_i N) + (alpha - i)."""
+        default = (self.depth, self.num_nodes)
+        if self.method != "heterospec":
+            return (default,)
+        alpha = self.extra_depth
+        bins = tuple((self.depth + alpha - i, max(2, round(g * self.num_nodes) + alpha - i))
+                     for i, g in enumerate(self.gamma))
+        return (default, *bins)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Composes the per-concern configs of one engine (one replica)."""
@@ -303,6 +369,7 @@ class EngineConfig:
     attention_impl: str = "auto"
     max_logprobs: int = 20
     sparse_prefill: SparsePrefillConfig = SparsePrefillConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
 
     def __post_init__(self) -> None:
         if self.attention_impl not in ("auto", "pallas", "reference"):

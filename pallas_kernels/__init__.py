@@ -10,6 +10,7 @@ from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
+from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
 
 __all__ = ["BlockSizes", "ragged_paged_attention", "ragged_paged_attention_reference", "resolve_impl",
-           "resolve_interpret"]
+           "resolve_interpret", "tree_attention", "tree_attention_reference"]

@@ -182,7 +182,7 @@ class BatchBuilder:
             blocked_mode=self.sparse.mode if shape.blocked and self.sparse is not None else "",
             unisparse=self.sparse.unisparse if shape.blocked and self.sparse is not None else None)
         want_logprobs = np.array(any(s is not None and s.params.logprobs is not None for s in rows))
-        sample = SampleInput(sampling=_sampling_arrays(rows), row_slots=row_slots, emit=emit,
+        sample = SampleInput(sampling=sampling_arrays(rows), row_slots=row_slots, emit=emit,
                              want_logprobs=want_logprobs)
         step = StepInput(tokens=tokens, positions=positions, meta=meta, logits_indices=logits_indices,
                          reset_slots=reset_slots, token_slots=token_slots, token_is_output=token_is_output,
@@ -190,7 +190,9 @@ class BatchBuilder:
         return jax.device_put(step)
 
 
-def _sampling_arrays(rows: list) -> SamplingArrays:
+def sampling_arrays(rows: list) -> SamplingArrays:
+    """Per-row sampling parameters of the sequences in rows (None: a padding row); index = the
+    output position of the token the row samples."""
     n = len(rows)
     temperature, top_p, min_p = np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.float32)
     top_k, index = np.zeros(n, np.int32), np.zeros(n, np.int32)

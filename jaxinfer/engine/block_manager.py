@@ -92,6 +92,15 @@ class BlockManager:
             self._take(page)
             seq.pages.append(page)
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the pages past seq's computed tokens (allocated for a speculative round's tree)."""
+        keep = max(self.pages_needed(seq.num_computed), 1)
+        for page in reversed(seq.pages[keep:]):
+            self.ref_counts[page] -= 1
+            if self.ref_counts[page] == 0:
+                self._free[page] = None
+        del seq.pages[keep:]
+
     def commit(self, seq: Sequence) -> None:
         """Register seq's newly completed full pages in the prefix cache (after their KV is written)."""
         if not self.enable_prefix_caching:

@@ -25,6 +25,7 @@ from jaxinfer.engine.request_output import RequestOutput, TextStream, TokenLogpr
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.engine.sequence import FinishReason, Sequence, SequenceStatus
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.spec.decoder import SpeculativeDecoder
 from jaxinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class Engine:
         self.runner = ModelRunner(model, self.model_config, self.scheduler_config, num_pages, page_size,
                                   attention_impl=config.attention_impl, max_logprobs=config.max_logprobs,
                                   sparse_prefill=sparse)
+        self.spec = None
+        if config.speculative.enabled:
+            self.spec = SpeculativeDecoder(config.speculative, self.scheduler_config, self.runner, self.block_manager)
         self._streams: dict[str, TextStream] = {}
         self._ids = itertools.count()
         self._eos_ids = frozenset(tokenizer.eos_ids)
@@ -93,6 +97,12 @@ class Engine:
 
     def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
         self.runner.warm_up(progress)
+        if self.spec is not None:
+            shapes = self.spec.shapes()
+            for done, shape in enumerate(shapes, 1):
+                self.runner.verify_executable(shape)
+                if progress is not None:
+                    progress(done, len(shapes))
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -163,10 +173,13 @@ class Engine:
             out = self.scheduler.schedule()
         if out.empty:
             return []
-        shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
-        result = self.runner.execute(out, shape)
-        with jax.profiler.TraceAnnotation("detokenize"):
-            outputs = self._postprocess(out, result, shape.num_decode)
+        if self.spec is not None and self.spec.eligible(out.decodes, bool(out.prefills)):
+            outputs = self._speculate(out.decodes)
+        else:
+            shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
+            result = self.runner.execute(out, shape)
+            with jax.profiler.TraceAnnotation("detokenize"):
+                outputs = self._postprocess(out, result, shape.num_decode)
         self.num_steps += 1
         self.last_step_seconds = time.perf_counter() - start
         self.last_step_tokens = out.num_tokens
@@ -188,34 +201,52 @@ class Engine:
             self.block_manager.commit(seq)
         outputs = []
         for row, seq in emitted:
-            token = int(result.tokens[row])
-            seq.output_ids.append(token)
-            self.generated_tokens_total += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
+            logprob = None
             if seq.params.logprobs is not None and result.token_logprobs is not None:
                 count = seq.params.logprobs
                 ids, values = result.top_ids[row, :count].tolist(), result.top_logprobs[row, :count].tolist()
-                top = dict(zip(ids, values, strict=True))
-                seq.logprobs.append((float(result.token_logprobs[row]), top))
-            outputs.append(self._advance(seq, token))
+                logprob = (float(result.token_logprobs[row]), dict(zip(ids, values, strict=True)))
+            outputs.append(self._advance(seq, [int(result.tokens[row])], [logprob], now))
         return outputs
 
-    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
-        """Detokenize the new token and decide whether seq is finished."""
+    def _speculate(self, decodes: list[Sequence]) -> list[RequestOutput]:
+        """One speculative round for the decoding requests: each gains one or more tokens."""
+        emitted = self.spec.step(decodes)
+        now = time.perf_counter()
+        outputs = []
+        with jax.profiler.TraceAnnotation("detokenize"):
+            for seq, (tokens, logprobs) in zip(decodes, emitted, strict=True):
+                outputs.append(self._advance(seq, tokens, logprobs or [None] * len(tokens), now))
+                if not seq.finished:
+                    self.spec.release(seq)
+        return outputs
+
+    def _advance(self, seq: Sequence, tokens: list[int], logprobs: list, now: float) -> RequestOutput:
+        """Append new tokens one by one, detokenize them and stop at the first that finishes seq
+        (the rest are dropped)."""
         params, stream = seq.params, self._streams[seq.request_id]
-        is_stop_token = (token in self._eos_ids and not params.ignore_eos) or token in params.stop_token_ids
-        delta = stream.push(None if is_stop_token else token)
-        reason = None
-        if is_stop_token or stream.stopped:
-            reason = FinishReason.STOP
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.scheduler_config.max_model_len:
-            reason = FinishReason.LENGTH
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        delta, reason, new = "", None, []
+        for token, logprob in zip(tokens, logprobs, strict=True):
+            seq.output_ids.append(token)
+            new.append(token)
+            self.generated_tokens_total += 1
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            is_stop_token = (token in self._eos_ids and not params.ignore_eos) or token in params.stop_token_ids
+            delta += stream.push(None if is_stop_token else token)
+            if is_stop_token or stream.stopped:
+                reason = FinishReason.STOP
+            elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.scheduler_config.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                break
         if reason is not None:
             self.scheduler.finish(seq, reason)
             delta += stream.finish()
             del self._streams[seq.request_id]
-        return self._output(seq, [token], delta, stream.text[:stream.emitted])
+        return self._output(seq, new, delta, stream.text[:stream.emitted])
 
     def _output(self, seq: Sequence, new_ids: list[int], delta: str, text: str) -> RequestOutput:
         logprobs = None

@@ -23,6 +23,9 @@ from jaxinfer.engine.batch import BatchBuilder, SampleInput, StepInput, StepShap
 from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.sampler import apply_penalties, logprobs, sample
+from jaxinfer.spec.batch import TreeInput, TreeShape, build_tree_input
+from jaxinfer.spec.tree import pack
+from jaxinfer.spec.verify import VerifyResult, verify_step
 from pallas_kernels import resolve_impl, resolve_interpret
 
 logger = logging.getLogger(__name__)
@@ -107,7 +110,8 @@ class ModelRunner:
         self.builder = BatchBuilder(scheduler_config, page_size, num_pages, sparse_prefill)
         self._forward = jax.jit(functools.partial(_forward_step, self.graphdef), donate_argnums=(1, 2))
         self._sample = jax.jit(functools.partial(_sample_step, max_logprobs), donate_argnums=(1,))
-        self._executables: dict[StepShape | int, Callable] = {}
+        self._executables: dict[StepShape | TreeShape | int, Callable] = {}
+        self.feature_layers: tuple[int, ...] = ()  # target features a verify step returns (draft head)
         self.num_compiles = 0
         self.compile_seconds = 0.0
         self.last_shape: StepShape | None = None
@@ -140,6 +144,28 @@ class ModelRunner:
         self.compile_seconds += time.perf_counter() - start
         logger.debug("compiled %s in %.2f s", key, time.perf_counter() - start)
         return executable
+
+    def verify_executable(self, shape: TreeShape) -> Callable:
+        """The compiled verification step of this shape (compiled on first use; warm-up compiles all)."""
+        executable = self._executables.get(shape)
+        if executable is None:
+            function = jax.jit(functools.partial(verify_step, self.graphdef, self.max_logprobs, shape.path_len,
+                                                 self.feature_layers), donate_argnums=(1,))
+            example = build_tree_input([], pack([], shape.num_rows, shape.num_nodes), shape, self.kv.page_size,
+                                       self.builder.max_pages_per_seq, impl=self.impl, interpret=self.interpret)
+            executable = self._compile(shape, function, self.state, self.kv, example)
+        return executable
+
+    def verify(self, batch: TreeInput, shape: TreeShape) -> VerifyResult:
+        """Run one verification step; the KV of each accepted path is committed on device. Returns the
+        result with its host arrays (features, if any, stay on device)."""
+        executable = self.verify_executable(shape)
+        self.last_shape = shape
+        with jax.profiler.TraceAnnotation("verify", rows=shape.num_rows, nodes=shape.num_nodes):
+            result, self.kv = executable(self.state, self.kv, batch)
+        features = result.features
+        host = jax.device_get(dataclasses.replace(result, features=None))
+        return dataclasses.replace(host, features=features)
 
     def execute(self, out: SchedulerOutput, shape: StepShape) -> StepResult:
         """Run one scheduled step; returns the sampled tokens (host arrays, one readback)."""

@@ -8,6 +8,9 @@ ragged paged-attention op: its Pallas kernel on GPU/TPU, its pure-jnp reference 
 Blocked steps (one long prompt's chunk, no decodes) gather the request's KV from its pages and run
 the blocked prefill backend instead: UniSparse block-sparse attention or the dense attention with
 the same blocking (Pallas kernels on GPU/TPU, the XLA paths on CPU).
+
+Tree steps (speculative verification) hold B requests x N draft-tree nodes: each node attends to its
+request's committed KV and to its own ancestors in the tree (tree attention).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
 from pallas_kernels.unisparse import UniSparseConfig, dense_attention, sparse_attention
 
 
@@ -33,6 +37,9 @@ class AttentionMeta:
     Static: the attention impl ('pallas' or 'reference'), interpret mode, prefill_kv_tokens, a
     bound on the prompt requests' summed KV lengths (sizes the reference's gather), and for blocked
     steps the backend ('sparse' or 'dense_blocked') with its UniSparse parameters.
+    Tree steps: tree_mask [B, N, N] (ancestor-or-self of each request's nodes); the decode fields
+    describe the B requests (kv_lens = committed length, the tree excluded) and prefill_kv_tokens
+    bounds the KV slots one request reads (committed + tree).
     """
 
     slot_mapping: jax.Array
@@ -48,6 +55,7 @@ class AttentionMeta:
     interpret: bool = dataclasses.field(default=False, metadata=dict(static=True))
     blocked_mode: str = dataclasses.field(default="", metadata=dict(static=True))
     unisparse: UniSparseConfig | None = dataclasses.field(default=None, metadata=dict(static=True))
+    tree_mask: jax.Array | None = None
 
     @property
     def num_decode(self) -> int:
@@ -73,6 +81,15 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
     """
     if meta.blocked_mode:
         return blocked_prefill_attention(q, k_pages, v_pages, meta, page_offset)
+    if meta.tree_mask is not None:
+        num_rows, num_nodes = meta.tree_mask.shape[:2]
+        args = (q.reshape(num_rows, num_nodes, *q.shape[1:]), k_pages, v_pages, meta.decode_kv_lens,
+                meta.decode_page_indices + page_offset, meta.tree_mask)
+        if meta.impl == "pallas":
+            out = tree_attention(*args, interpret=meta.interpret)
+        else:
+            out = tree_attention_reference(*args, max_kv_tokens=meta.prefill_kv_tokens or None)
+        return out.reshape(q.shape)
     num_decode = meta.num_decode
     parts = []
     if num_decode:

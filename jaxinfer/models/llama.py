@@ -101,17 +101,26 @@ class LlamaForCausalLM(nnx.Module):
                         else Linear(config.hidden_size, config.vocab_size, dtype=dtype))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVPages, meta: AttentionMeta,
-                 logits_indices: jax.Array) -> tuple[jax.Array, KVPages]:
+                 logits_indices: jax.Array, feature_layers: tuple[int, ...] = (),
+                 feature_indices: jax.Array | None = None):
         """tokens, positions: [T] int32; kv: the KV pages; meta: the step's attention metadata.
 
         logits_indices [N] int32 picks the rows that reach the LM head (one per request that
         samples). Returns float32 logits [N, V] and the updated pages.
+
+        With feature_layers (static) the residual stream entering each of those layers, at rows
+        feature_indices [F] (default logits_indices), is returned as well: features [F, len * E]
+        float32, the input of an EAGLE-3 draft head.
         """
         config = self.config
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         x = self.embed_tokens[...][tokens].astype(jnp.float32)  # [T, E]
         k_all, v_all = kv.k, kv.v
+        rows = logits_indices if feature_indices is None else feature_indices
+        captured = {}
         for index, layer in enumerate(self.layers):
+            if index in feature_layers:
+                captured[index] = x[rows]
             x, k_all, v_all = layer(x, positions, k_all, v_all, inv_freq, meta, index * kv.num_pages)
         x = self.norm(x[logits_indices])  # [N, E]
         with jax.named_scope("lm_head"):
@@ -120,7 +129,11 @@ class LlamaForCausalLM(nnx.Module):
                 logits = jnp.einsum("ne,ve->nv", x.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
             else:
                 logits = self.lm_head(x).astype(jnp.float32)
-        return logits, KVPages(k=k_all, v=v_all, num_pages=kv.num_pages)
+        kv = KVPages(k=k_all, v=v_all, num_pages=kv.num_pages)
+        if feature_layers:
+            features = jnp.concatenate([captured[index] for index in feature_layers], axis=-1)
+            return logits, kv, features
+        return logits, kv
 
 
 def param_path(hf_name: str) -> tuple[tuple[str | int, ...], bool, int | None]:

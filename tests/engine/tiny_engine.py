@@ -2,7 +2,7 @@
 
 import functools
 
-from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SparsePrefillConfig
+from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SparsePrefillConfig, SpeculativeConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.models import init_random
 from tests.conftest import tiny_config
@@ -29,14 +29,15 @@ def model():
 
 
 def engine(num_pages=64, page_size=4, enable_prefix_caching=True, attention_impl="auto",
-           sparse_prefill=None, **scheduler):
+           sparse_prefill=None, speculative=None, **scheduler):
     sched = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, max_prefill_seqs=2,
                  decode_buckets=(4,), prefill_buckets=(16,), kv_buckets=(64,))
     sched.update(scheduler)
     config = EngineConfig(cache=CacheConfig(page_size=page_size, num_pages=num_pages,
                                             enable_prefix_caching=enable_prefix_caching),
                           scheduler=SchedulerConfig(**sched), max_logprobs=5, attention_impl=attention_impl,
-                          sparse_prefill=sparse_prefill or SparsePrefillConfig(mode="off"))
+                          sparse_prefill=sparse_prefill or SparsePrefillConfig(mode="off"),
+                          speculative=speculative or SpeculativeConfig())
     return Engine(model(), CharTokenizer(), config)
 
 

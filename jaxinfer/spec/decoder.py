@@ -1,0 +1,127 @@
+"""One speculative round for the decoding requests of a step: draft, verify, commit (host side).
+
+The engine hands over a step that only decodes (no prompt chunks) for at most ``max_batch``
+requests that can speculate (no repetition/presence/frequency penalties, whose token history
+would differ along tree paths). Other steps, and larger batches, where verifying trees costs more
+than it saves, decode plainly: the automatic fallback.
+
+Each request's tree needs KV slots committed .. committed + nodes - 1 for the round; when the pool
+cannot give them, its tree shrinks to the root (a plain decode inside the round). After
+verification the request keeps the pages its committed tokens need; the rest go back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from jaxinfer.config import SchedulerConfig, SpeculativeConfig
+from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.sequence import Sequence
+from jaxinfer.spec.batch import TreeShape, build_tree_input
+from jaxinfer.spec.ngram import NgramDrafter
+from jaxinfer.spec.tree import DraftTree, pack
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SpecStats:
+    rounds: int = 0  # verification steps (target calls)
+    requests: int = 0  # request-rounds (a round verifies up to max_batch requests)
+    verified_tokens: int = 0  # tree nodes run through the target, roots included
+    accepted_tokens: int = 0  # draft tokens accepted
+    emitted_tokens: int = 0  # accepted + one bonus token per request-round
+    fallback_steps: int = 0  # decode-only steps that could not speculate (batch too large, penalties)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per request-round (accepted drafts + the bonus token)."""
+        return self.emitted_tokens / self.requests if self.requests else 0.0
+
+
+def _powers_of_two(limit: int) -> tuple[int, ...]:
+    values, value = [], 1
+    while value < limit:
+        values.append(value)
+        value *= 2
+    return (*values, limit)
+
+
+class SpeculativeDecoder:
+    def __init__(self, config: SpeculativeConfig, scheduler_config: SchedulerConfig, runner,
+                 block_manager: BlockManager, drafter=None):
+        self.config = config
+        self.max_model_len = scheduler_config.max_model_len
+        self.runner = runner
+        self.block_manager = block_manager
+        self.row_buckets = _powers_of_two(config.max_batch)
+        self.kv_buckets = scheduler_config.kv_buckets
+        self.budgets = tuple(sorted({nodes for _, nodes in config.variants()}))
+        self.path_len = max(depth for depth, _ in config.variants()) + 1
+        self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
+        self.stats = SpecStats()
+
+    def shapes(self) -> list[TreeShape]:
+        """Every verification shape a round can take: what warm-up compiles."""
+        return [TreeShape(rows, nodes, self.path_len, kv) for rows in self.row_buckets for nodes in self.budgets
+                for kv in self.kv_buckets if kv > nodes]
+
+    def eligible(self, decodes: list[Sequence], has_prefills: bool) -> bool:
+        ok = (not has_prefills and 0 < len(decodes) <= self.config.max_batch
+              and not any(seq.params.uses_penalties for seq in decodes))
+        if decodes and not has_prefills and not ok:
+            self.stats.fallback_steps += 1
+        return ok
+
+    def _fit(self, seq: Sequence, tree: DraftTree) -> DraftTree:
+        """Cut the tree to what the context limit and the free pages allow (at worst the root alone)."""
+        limit = min(tree.num_nodes, self.max_model_len - seq.num_computed)
+        while limit > 1 and not self.block_manager.can_append(seq, limit):
+            limit = 1 if limit <= 2 else limit // 2
+        if limit < tree.num_nodes:
+            tree = DraftTree(tree.tokens[:limit], tree.parents[:limit])  # topological order: a subtree
+        self.block_manager.append(seq, tree.num_nodes)
+        return tree
+
+    def step(self, seqs: list[Sequence]) -> list[tuple[list[int], list | None]]:
+        """Verify one drafted tree per request. Returns per request the emitted tokens (accepted drafts
+        and the bonus token) and, if it asked for them, their logprobs as (logprob, {id: logprob}).
+        Each request's num_computed already counts the committed path; the caller appends the tokens
+        to the outputs, then calls ``release``."""
+        budget = self.budgets[-1]
+        trees = [self._fit(seq, tree) for seq, tree in zip(seqs, self.drafter.propose(seqs, budget), strict=True)]
+        num_nodes = next(b for b in self.budgets if b >= max(tree.num_nodes for tree in trees))
+        rows = next(r for r in self.row_buckets if r >= len(seqs))
+        kv_tokens = next(kv for kv in self.kv_buckets if kv >= max(s.num_computed for s in seqs) + num_nodes)
+        shape = TreeShape(rows, num_nodes, self.path_len, kv_tokens)
+        runner = self.runner
+        batch = build_tree_input(seqs, pack(trees, rows, num_nodes), shape, self.block_manager.page_size,
+                                 runner.builder.max_pages_per_seq, impl=runner.impl, interpret=runner.interpret)
+        result = runner.verify(batch, shape)
+        self.drafter.observe(seqs, result)
+        emitted = []
+        for row, (seq, tree) in enumerate(zip(seqs, trees, strict=True)):
+            accepted = int(result.num_accepted[row])
+            tokens = result.tokens[row, :accepted + 1].tolist()
+            seq.num_computed += accepted + 1
+            logprobs = None
+            if seq.params.logprobs is not None and result.token_logprobs is not None:
+                count = seq.params.logprobs
+                logprobs = [(float(result.token_logprobs[row, j]),
+                             dict(zip(result.top_ids[row, j, :count].tolist(),
+                                      result.top_logprobs[row, j, :count].tolist(), strict=True)))
+                            for j in range(accepted + 1)]
+            emitted.append((tokens, logprobs))
+            self.stats.verified_tokens += tree.num_nodes
+            self.stats.accepted_tokens += accepted
+            self.stats.emitted_tokens += accepted + 1
+        self.stats.rounds += 1
+        self.stats.requests += len(seqs)
+        return emitted
+
+    def release(self, seq: Sequence) -> None:
+        """After the round's tokens are appended: return the pages past the committed tokens and
+        register the completed ones in the prefix cache."""
+        self.block_manager.trim(seq)
+        self.block_manager.commit(seq)

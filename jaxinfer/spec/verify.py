@@ -1,0 +1,116 @@
+"""Tree verification on device: acceptance and the KV commit of the accepted path (pure jax).
+
+Acceptance, for greedy and sampled rows alike: every node u draws y_u from the target's (processed)
+distribution at u, exactly as plain decoding would draw the token after u's path (the same key:
+the request's seed with the output index of that token folded in). A draft node is accepted when
+its token equals its parent's draw and its parent is accepted. The deepest accepted node ends the
+path; the tokens emitted are the draws along the path: the accepted drafts, then the draw at the
+last node (the bonus token). Since each emitted token is the target's own draw given the exact
+preceding tokens, the output has the target's distribution, and with a fixed seed it is the very
+token sequence plain decoding produces. (A deterministic draft makes this equal to the
+accept-with-probability-p(x) rule of EAGLE; SpecInfer's residual rule is the same algorithm.)
+
+Axis letters: B requests, N tree nodes, D1 = deepest path + 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.layers.sampler import logprobs, sample
+
+
+def accept(node_tokens: jax.Array, parents: jax.Array, depths: jax.Array, mask: jax.Array, samples: jax.Array,
+           path_len: int) -> tuple[jax.Array, jax.Array]:
+    """node_tokens, parents, depths, samples [B, N]; mask [B, N, N] ancestor-or-self.
+
+    Returns path [B, D1] (node index at each depth of the accepted path, entries past it 0) and
+    num_accepted [B] (accepted draft tokens; the round emits num_accepted + 1).
+    """
+    parent_draw = jnp.take_along_axis(samples, jnp.maximum(parents, 0), axis=1)
+    matches = (node_tokens == parent_draw) & (parents >= 0)
+    matches = matches.at[:, 0].set(True)
+    accepted = jnp.all(jnp.where(mask, matches[:, None, :], True), axis=-1)  # every ancestor matches
+    accepted &= jnp.diagonal(mask, axis1=1, axis2=2)  # padding nodes are in no tree
+    best = jnp.argmax(jnp.where(accepted, depths, -1), axis=1)  # [B] deepest accepted node
+    num_accepted = jnp.take_along_axis(depths, best[:, None], axis=1)[:, 0]
+    on_path = jnp.take_along_axis(mask, best[:, None, None], axis=1)[:, 0]  # [B, N]
+    levels = jnp.arange(path_len)
+    at_level = on_path[:, None, :] & (depths[:, None, :] == levels[None, :, None])  # [B, D1, N]
+    path = jnp.argmax(at_level, axis=-1).astype(jnp.int32)
+    return jnp.where(levels[None] <= num_accepted[:, None], path, 0), num_accepted
+
+
+def commit_path(kv: KVPages, page_indices: jax.Array, kv_lens: jax.Array, path: jax.Array,
+                num_accepted: jax.Array) -> KVPages:
+    """Move the accepted path's K/V (node path[b, j], slot kv_lens[b] + path[b, j]) to slot
+    kv_lens[b] + j in every layer, so the committed context is contiguous again. Slots past the
+    path keep rejected nodes' K/V, beyond the committed length: never read."""
+    page_size, num_pages = kv.page_size, kv.num_pages
+    num_layers = kv.k.shape[1] // num_pages
+    levels = jnp.arange(path.shape[1])
+    src = kv_lens[:, None] + path
+    dst = kv_lens[:, None] + levels[None]
+    keep = (levels[None] <= num_accepted[:, None]) & (path != levels[None])
+
+    def physical(slots):
+        return jnp.take_along_axis(page_indices, slots // page_size, axis=1), slots % page_size
+
+    src_page, src_offset = physical(src)
+    dst_page, dst_offset = physical(dst)
+    layer = (jnp.arange(num_layers) * num_pages)[:, None, None]
+    src_page, dst_page = src_page[None] + layer, dst_page[None] + layer  # [layers, B, D1]
+    dst_page = jnp.where(keep[None], dst_page, kv.k.shape[1])  # out of range: dropped
+    src_offset, dst_offset = jnp.broadcast_to(src_offset, src_page.shape), jnp.broadcast_to(dst_offset, src_page.shape)
+
+    def move(pages):
+        return pages.at[:, dst_page, dst_offset].set(pages[:, src_page, src_offset], mode="drop")
+
+    return KVPages(k=move(kv.k), v=move(kv.v), num_pages=num_pages)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    tokens: jax.Array  # [B, D1] emitted tokens: the draws along the accepted path (valid up to num_accepted)
+    num_accepted: jax.Array  # [B] int32
+    token_logprobs: jax.Array | None = None  # [B, D1] float32
+    top_ids: jax.Array | None = None  # [B, D1, num_top] int32
+    top_logprobs: jax.Array | None = None  # [B, D1, num_top] float32
+    features: jax.Array | None = None  # [B, D1, F] target features of the path nodes (draft-head input)
+
+
+def verify_step(graphdef, num_top: int, path_len: int, feature_layers: tuple[int, ...], state, kv: KVPages,
+                batch):
+    """The target over every tree node, the draws, acceptance and the KV commit: one jitted step.
+
+    batch: a ``TreeInput``. Returns (VerifyResult, kv)."""
+    model = nnx.merge(graphdef, state)
+    num_rows, num_nodes = batch.node_tokens.shape
+    rows = jnp.arange(num_rows * num_nodes, dtype=jnp.int32)
+    out = model(batch.tokens, batch.positions, kv, batch.meta, rows, feature_layers)
+    logits, kv = out[0], out[1]
+    with jax.named_scope("accept"):
+        draws = sample(logits, batch.sampling).reshape(num_rows, num_nodes)
+        path, num_accepted = accept(batch.node_tokens, batch.parents, batch.depths, batch.meta.tree_mask, draws,
+                                    path_len)
+        flat = (jnp.arange(num_rows)[:, None] * num_nodes + path).reshape(-1)  # [B * D1] rows of the path
+        tokens = draws.reshape(-1)[flat]
+    with jax.named_scope("commit_kv"):
+        kv = commit_path(kv, batch.meta.decode_page_indices, batch.meta.decode_kv_lens, path, num_accepted)
+    result = VerifyResult(tokens.reshape(num_rows, path_len), num_accepted)
+    if num_top:
+        empty = (jnp.zeros(flat.shape, jnp.float32), jnp.zeros((*flat.shape, num_top), jnp.int32),
+                 jnp.zeros((*flat.shape, num_top), jnp.float32))
+        lp = jax.lax.cond(batch.want_logprobs, lambda x: logprobs(x[flat], tokens, num_top), lambda x: empty, logits)
+        lp = tuple(a.reshape(num_rows, path_len, *a.shape[1:]) for a in lp)
+        result = dataclasses.replace(result, token_logprobs=lp[0], top_ids=lp[1], top_logprobs=lp[2])
+    if feature_layers:
+        features = out[2][flat].reshape(num_rows, path_len, -1)
+        result = dataclasses.replace(result, features=features)
+    return result, kv

@@ -16,6 +16,7 @@ from jaxinfer.config import SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.attention import AttentionMeta
 from jaxinfer.layers.sampler import SamplingArrays, key_data_from_seed
+from jaxinfer.spec.eagle import CatchUp
 
 # KV slot of padding tokens: past the pool for every layer's offset, so their writes are dropped.
 PAD_SLOT = 2**30
@@ -100,14 +101,16 @@ class StepInput:
     token_slots: jax.Array  # [Tp] int32 slot of each prompt-part token (padding: out of range)
     token_is_output: jax.Array  # [Tp] bool: a recomputed generated token (counts for penalties)
     sample: SampleInput
+    catch_up: CatchUp | None = None  # with a draft head: the shifted draft pairs of the step's tokens
 
 
 class BatchBuilder:
     """Turns SchedulerOutputs into StepInputs for one cache geometry."""
 
     def __init__(self, config: SchedulerConfig, page_size: int, num_pages: int,
-                 sparse: SparsePrefillConfig | None = None):
+                 sparse: SparsePrefillConfig | None = None, catch_up: bool = False):
         self.config = config
+        self.catch_up = catch_up
         self.page_size = page_size
         self.num_pages = num_pages
         self.sparse = sparse if sparse is not None and sparse.enabled else None
@@ -181,13 +184,43 @@ class BatchBuilder:
             impl=impl, interpret=interpret,
             blocked_mode=self.sparse.mode if shape.blocked and self.sparse is not None else "",
             unisparse=self.sparse.unisparse if shape.blocked and self.sparse is not None else None)
+        pairs = self._catch_up(out, num_decode, num_tokens, positions) if self.catch_up else None
         want_logprobs = np.array(any(s is not None and s.params.logprobs is not None for s in rows))
         sample = SampleInput(sampling=sampling_arrays(rows), row_slots=row_slots, emit=emit,
                              want_logprobs=want_logprobs)
         step = StepInput(tokens=tokens, positions=positions, meta=meta, logits_indices=logits_indices,
                          reset_slots=reset_slots, token_slots=token_slots, token_is_output=token_is_output,
-                         sample=sample)
+                         sample=sample, catch_up=pairs)
         return jax.device_put(step)
+
+    def _catch_up(self, out: SchedulerOutput, num_decode: int, num_tokens: int, positions: np.ndarray) -> CatchUp:
+        """Token i at position p pairs with the feature of p-1: the previous token of its chunk, or for
+        a request's first token in the step the slot's pending feature. A chunk right after admission
+        (start == resumed_at, e.g. after a prefix-cache hit) has no pending feature: no pair."""
+        page_size, pad_state = self.page_size, self.config.max_num_seqs
+        from_pending = np.zeros(num_tokens, bool)
+        slots = np.full(num_tokens, pad_state, np.int32)
+        slot_mapping = np.full(num_tokens, PAD_SLOT, np.int32)
+        is_last = np.zeros(num_tokens, bool)
+        offset = num_decode
+        spans = [(row, 1, seq, seq.num_computed) for row, seq in enumerate(out.decodes)]
+        for chunk in out.prefills:
+            spans.append((offset, chunk.num_tokens, chunk.seq, chunk.start))
+            offset += chunk.num_tokens
+        for first, count, seq, start in spans:
+            span = slice(first, first + count)
+            previous = positions[span] - 1
+            pages = np.asarray(seq.pages, np.int32)
+            valid = previous >= 0
+            if start == seq.resumed_at:
+                valid[0] = False
+            slot_mapping[span] = np.where(valid, pages[np.maximum(previous, 0) // page_size] * page_size
+                                          + np.maximum(previous, 0) % page_size, PAD_SLOT)
+            from_pending[first] = True
+            slots[span] = seq.slot
+            is_last[first + count - 1] = True
+        return CatchUp(from_pending=from_pending, slots=slots, positions=np.maximum(positions - 1, 0),
+                       slot_mapping=slot_mapping, is_last=is_last)
 
 
 def sampling_arrays(rows: list) -> SamplingArrays:

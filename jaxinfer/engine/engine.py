@@ -26,6 +26,7 @@ from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.engine.sequence import FinishReason, Sequence, SequenceStatus
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.spec.decoder import SpeculativeDecoder
+from jaxinfer.spec.drafter import EagleDrafter
 from jaxinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -53,15 +54,23 @@ class EngineMetrics:
 
 
 class Engine:
-    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, config: EngineConfig | None = None):
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 draft_head: nnx.Module | None = None):
+        """draft_head: the EAGLE draft head speculative methods 'eagle' and 'heterospec' need."""
         config = config or EngineConfig()
+        spec = config.speculative
+        if spec.uses_draft_head and draft_head is None:
+            raise ValueError(f"speculative method {spec.method!r} needs a draft head (train one with "
+                             "launch/train_draft.py), or use method 'ngram'")
+        draft_head = draft_head if spec.uses_draft_head else None
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.config = config
         self.scheduler_config = config.scheduler.resolve(self.model_config.max_position)
         page_size = config.cache.page_size
         dtype = model.embed_tokens[...].dtype
-        self.bytes_per_page = KVPages.bytes_per_page(self.model_config, page_size, dtype)
+        self.bytes_per_page = KVPages.bytes_per_page(self.model_config, page_size, dtype,
+                                                     extra_layers=int(draft_head is not None))
         num_pages = config.cache.resolve_num_pages(self.bytes_per_page)
         max_len = self.scheduler_config.max_model_len
         if num_pages * page_size < max_len:
@@ -81,10 +90,12 @@ class Engine:
                                    block_size=sparse.unisparse.block_size)
         self.runner = ModelRunner(model, self.model_config, self.scheduler_config, num_pages, page_size,
                                   attention_impl=config.attention_impl, max_logprobs=config.max_logprobs,
-                                  sparse_prefill=sparse)
+                                  sparse_prefill=sparse, draft_head=draft_head)
         self.spec = None
-        if config.speculative.enabled:
-            self.spec = SpeculativeDecoder(config.speculative, self.scheduler_config, self.runner, self.block_manager)
+        if spec.enabled:
+            self.spec = SpeculativeDecoder(spec, self.scheduler_config, self.runner, self.block_manager)
+            if spec.uses_draft_head:
+                self.spec.drafter = EagleDrafter(spec, self.scheduler_config, self.runner, self.spec.row_buckets)
         self._streams: dict[str, TextStream] = {}
         self._ids = itertools.count()
         self._eos_ids = frozenset(tokenizer.eos_ids)
@@ -100,7 +111,9 @@ class Engine:
         if self.spec is not None:
             shapes = self.spec.shapes()
             for done, shape in enumerate(shapes, 1):
-                self.runner.verify_executable(shape)
+                compile_shape = self.runner.verify_executable if hasattr(shape, "num_nodes") else \
+                    self.runner.draft_executable
+                compile_shape(shape)
                 if progress is not None:
                     progress(done, len(shapes))
 

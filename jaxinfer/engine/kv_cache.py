@@ -30,15 +30,18 @@ class KVPages:
         return self.k.shape[2]
 
     @staticmethod
-    def shape(config: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
-        return (config.num_kv_heads, config.num_layers * num_pages, page_size, config.head_dim)
+    def shape(config: ModelConfig, num_pages: int, page_size: int, extra_layers: int = 0) -> tuple[int, int, int, int]:
+        return (config.num_kv_heads, (config.num_layers + extra_layers) * num_pages, page_size, config.head_dim)
 
     @staticmethod
-    def bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
+    def bytes_per_page(config: ModelConfig, page_size: int, dtype, extra_layers: int = 0) -> int:
         """Bytes one page takes over all layers, keys and values."""
-        return 2 * config.num_layers * config.num_kv_heads * page_size * config.head_dim * np.dtype(dtype).itemsize
+        layers = config.num_layers + extra_layers
+        return 2 * layers * config.num_kv_heads * page_size * config.head_dim * np.dtype(dtype).itemsize
 
     @classmethod
-    def init(cls, config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVPages:
-        shape = cls.shape(config, num_pages, page_size)
+    def init(cls, config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32,
+             extra_layers: int = 0) -> KVPages:
+        """extra_layers: layers past the model's (a draft head's), at page offsets num_layers * P, ..."""
+        shape = cls.shape(config, num_pages, page_size, extra_layers)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), num_pages=num_pages)

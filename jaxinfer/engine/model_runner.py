@@ -23,7 +23,8 @@ from jaxinfer.engine.batch import BatchBuilder, SampleInput, StepInput, StepShap
 from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.sampler import apply_penalties, logprobs, sample
-from jaxinfer.spec.batch import TreeInput, TreeShape, build_tree_input
+from jaxinfer.spec.batch import DraftShape, TreeInput, TreeShape, build_draft_input, build_tree_input
+from jaxinfer.spec.eagle import DraftInput, catch_up, draft_step
 from jaxinfer.spec.tree import pack
 from jaxinfer.spec.verify import VerifyResult, verify_step
 from pallas_kernels import resolve_impl, resolve_interpret
@@ -38,10 +39,12 @@ class SamplerState:
 
     output_counts: jax.Array  # [S, V] int32 occurrences of each token in the output
     prompt_mask: jax.Array  # [S, V] bool token occurs in the prompt
+    pending: jax.Array | None = None  # [S, F] draft head: target features of each slot's last computed token
 
     @classmethod
-    def init(cls, num_slots: int, vocab_size: int) -> SamplerState:
-        return cls(jnp.zeros((num_slots, vocab_size), jnp.int32), jnp.zeros((num_slots, vocab_size), bool))
+    def init(cls, num_slots: int, vocab_size: int, feature_size: int = 0) -> SamplerState:
+        pending = jnp.zeros((num_slots, feature_size), jnp.float32) if feature_size else None
+        return cls(jnp.zeros((num_slots, vocab_size), jnp.int32), jnp.zeros((num_slots, vocab_size), bool), pending)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +55,23 @@ class StepResult:
     top_logprobs: np.ndarray | None  # [N, max_logprobs] float32
 
 
-def _forward_step(graphdef, state, kv: KVPages, sampler: SamplerState, batch: StepInput):
-    """The model over the step's tokens -> logits [N, V]; records prompt tokens for penalties."""
-    model = nnx.merge(graphdef, state)
-    logits, kv = model(batch.tokens, batch.positions, kv, batch.meta, batch.logits_indices)
+def _forward_step(graphdef, head_graphdef, state, kv: KVPages, sampler: SamplerState, batch: StepInput):
+    """The model over the step's tokens -> logits [N, V]; records prompt tokens for penalties; with a
+    draft head, also writes the draft layer's KV of the step's tokens (eagle.catch_up).
+
+    state = (model state, draft head state or None)."""
+    model = nnx.merge(graphdef, state[0])
+    pending = sampler.pending
+    if head_graphdef is None:
+        logits, kv = model(batch.tokens, batch.positions, kv, batch.meta, batch.logits_indices)
+    else:
+        head = nnx.merge(head_graphdef, state[1])
+        rows = jnp.arange(batch.tokens.shape[0], dtype=jnp.int32)
+        logits, kv, features = model(batch.tokens, batch.positions, kv, batch.meta, batch.logits_indices,
+                                     head.config.feature_layers, rows)
+        with jax.named_scope("draft_kv"):
+            kv, pending = catch_up(head, model.embed_tokens[...], kv, pending, features, batch.tokens,
+                                   batch.catch_up, model.config.num_layers)
     with jax.named_scope("penalty_state"):
         counts, seen = sampler.output_counts, sampler.prompt_mask
         outside = counts.shape[0]
@@ -66,7 +82,7 @@ def _forward_step(graphdef, state, kv: KVPages, sampler: SamplerState, batch: St
             True, mode="drop")
         counts = counts.at[jnp.where(batch.token_is_output, batch.token_slots, outside), prompt_part].add(
             1, mode="drop")
-    return logits, kv, SamplerState(counts, seen)
+    return logits, kv, SamplerState(counts, seen, pending)
 
 
 def _sample_step(num_top: int, logits: jax.Array, sampler: SamplerState, batch: SampleInput):
@@ -90,28 +106,35 @@ def _sample_step(num_top: int, logits: jax.Array, sampler: SamplerState, batch: 
             empty = (jnp.zeros(rows, jnp.float32), jnp.zeros((rows, num_top), jnp.int32),
                      jnp.zeros((rows, num_top), jnp.float32))
             extra = jax.lax.cond(batch.want_logprobs, lambda x: logprobs(x, tokens, num_top), lambda x: empty, logits)
-    return (tokens, *extra), SamplerState(counts, seen)
+    return (tokens, *extra), SamplerState(counts, seen, sampler.pending)
 
 
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, scheduler_config: SchedulerConfig,
                  num_pages: int, page_size: int, *, attention_impl: str = "auto", max_logprobs: int = 20,
-                 sparse_prefill: SparsePrefillConfig | None = None):
+                 sparse_prefill: SparsePrefillConfig | None = None, draft_head: nnx.Module | None = None):
+        """draft_head: an EAGLE draft head; its KV becomes one more layer of the pool and every step
+        keeps it in step with the target (see jaxinfer.spec.eagle)."""
         self.model_config = model_config
         self.scheduler_config = scheduler_config
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, model_state = nnx.split(model)
+        self.head_graphdef, head_state = nnx.split(draft_head) if draft_head is not None else (None, None)
+        self.state = (model_state, head_state)
+        self.draft_config = draft_head.config if draft_head is not None else None
         dtype = model.embed_tokens[...].dtype
-        self.kv = KVPages.init(model_config, num_pages, page_size, dtype)
-        self.sampler = SamplerState.init(scheduler_config.max_num_seqs, model_config.vocab_size)
+        self.kv = KVPages.init(model_config, num_pages, page_size, dtype, extra_layers=int(draft_head is not None))
+        features = 3 * model_config.hidden_size if draft_head is not None else 0
+        self.sampler = SamplerState.init(scheduler_config.max_num_seqs, model_config.vocab_size, features)
         self.impl = resolve_impl(attention_impl)
         self.interpret = resolve_interpret() if self.impl == "pallas" else False
         self.max_logprobs = max_logprobs
         self.sparse_prefill = sparse_prefill
-        self.builder = BatchBuilder(scheduler_config, page_size, num_pages, sparse_prefill)
-        self._forward = jax.jit(functools.partial(_forward_step, self.graphdef), donate_argnums=(1, 2))
+        self.builder = BatchBuilder(scheduler_config, page_size, num_pages, sparse_prefill,
+                                    catch_up=draft_head is not None)
+        self._forward = jax.jit(functools.partial(_forward_step, self.graphdef, self.head_graphdef),
+                                donate_argnums=(1, 2))
         self._sample = jax.jit(functools.partial(_sample_step, max_logprobs), donate_argnums=(1,))
-        self._executables: dict[StepShape | TreeShape | int, Callable] = {}
-        self.feature_layers: tuple[int, ...] = ()  # target features a verify step returns (draft head)
+        self._executables: dict[StepShape | TreeShape | DraftShape | int, Callable] = {}
         self.num_compiles = 0
         self.compile_seconds = 0.0
         self.last_shape: StepShape | None = None
@@ -149,23 +172,37 @@ class ModelRunner:
         """The compiled verification step of this shape (compiled on first use; warm-up compiles all)."""
         executable = self._executables.get(shape)
         if executable is None:
-            function = jax.jit(functools.partial(verify_step, self.graphdef, self.max_logprobs, shape.path_len,
-                                                 self.feature_layers), donate_argnums=(1,))
+            function = jax.jit(functools.partial(verify_step, self.graphdef, self.head_graphdef, self.max_logprobs,
+                                                 shape.path_len), donate_argnums=(1, 2))
             example = build_tree_input([], pack([], shape.num_rows, shape.num_nodes), shape, self.kv.page_size,
-                                       self.builder.max_pages_per_seq, impl=self.impl, interpret=self.interpret)
-            executable = self._compile(shape, function, self.state, self.kv, example)
+                                       self.builder.max_pages_per_seq, self.scheduler_config.max_num_seqs,
+                                       impl=self.impl, interpret=self.interpret)
+            executable = self._compile(shape, function, self.state, self.kv, self.sampler, example)
         return executable
 
+    def draft_executable(self, shape: DraftShape) -> Callable:
+        executable = self._executables.get(shape)
+        if executable is None:
+            function = jax.jit(functools.partial(draft_step, self.head_graphdef, self.graphdef, shape.top_k,
+                                                 shape.depth, shape.base_depth, shape.kv_tokens))
+            example = build_draft_input([], shape.num_rows, self.builder.max_pages_per_seq)
+            executable = self._compile(shape, function, self.state, self.kv, self.sampler.pending, example)
+        return executable
+
+    def draft(self, batch: DraftInput, shape: DraftShape) -> dict[str, np.ndarray]:
+        """Run the draft head's tree expansion (reads the KV and pending features; writes nothing)."""
+        executable = self.draft_executable(shape)
+        with jax.profiler.TraceAnnotation("draft", rows=shape.num_rows, depth=shape.depth):
+            return jax.device_get(executable(self.state, self.kv, self.sampler.pending, batch))
+
     def verify(self, batch: TreeInput, shape: TreeShape) -> VerifyResult:
-        """Run one verification step; the KV of each accepted path is committed on device. Returns the
-        result with its host arrays (features, if any, stay on device)."""
+        """Run one verification step: the accepted paths' KV (and draft KV) is committed on device;
+        returns the result as host arrays."""
         executable = self.verify_executable(shape)
         self.last_shape = shape
         with jax.profiler.TraceAnnotation("verify", rows=shape.num_rows, nodes=shape.num_nodes):
-            result, self.kv = executable(self.state, self.kv, batch)
-        features = result.features
-        host = jax.device_get(dataclasses.replace(result, features=None))
-        return dataclasses.replace(host, features=features)
+            result, self.kv, self.sampler = executable(self.state, self.kv, self.sampler, batch)
+        return jax.device_get(result)
 
     def execute(self, out: SchedulerOutput, shape: StepShape) -> StepResult:
         """Run one scheduled step; returns the sampled tokens (host arrays, one readback)."""

@@ -168,6 +168,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, hits) -> None:
         self.block_manager.admit(seq, hits)
+        seq.resumed_at = seq.num_computed
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.perf_counter()
             seq.num_cached = seq.num_computed

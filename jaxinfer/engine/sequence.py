@@ -30,7 +30,7 @@ class Sequence:
 
     __slots__ = ("request_id", "prompt_ids", "output_ids", "params", "status", "finish_reason", "pages",
                  "num_computed", "num_cached", "slot", "page_hashes", "arrival_time", "first_scheduled_time",
-                 "first_token_time", "finish_time", "num_preemptions", "logprobs", "cache_salt")
+                 "first_token_time", "finish_time", "num_preemptions", "logprobs", "cache_salt", "resumed_at")
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                  arrival_time: float | None = None):
@@ -53,6 +53,7 @@ class Sequence:
         self.logprobs: list[tuple[float, list[int], list[float]]] = []
         # starts the prefix-cache hash chain: KV computed another way (sparse prefill) is never shared
         self.cache_salt: bytes | None = None
+        self.resumed_at = 0  # num_computed at the last admission (the draft head has no feature before it)
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, prompt={len(self.prompt_ids)}, out={len(self.output_ids)}, "

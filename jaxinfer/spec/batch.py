@@ -16,6 +16,7 @@ from jaxinfer.engine.batch import PAD_SLOT, sampling_arrays
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.layers.attention import AttentionMeta
 from jaxinfer.layers.sampler import SamplingArrays
+from jaxinfer.spec.eagle import DraftInput
 from jaxinfer.spec.tree import PackedTrees
 
 
@@ -25,6 +26,26 @@ class TreeShape:
     num_nodes: int  # N nodes per request (a verify budget)
     path_len: int  # D1: the deepest path any variant drafts, plus the root
     kv_tokens: int  # KV slots a request reads: committed + N, bucketed
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class DraftShape:
+    num_rows: int  # B requests (a bucket)
+    kv_tokens: int  # committed draft KV slots read, bucketed
+    top_k: int
+    depth: int  # levels drafted
+    base_depth: int  # the level whose best path gives the HeteroSpec entropy
+
+
+def build_draft_input(seqs: list[Sequence], num_rows: int, max_pages_per_seq: int) -> DraftInput:
+    roots = np.zeros(num_rows, np.int32)
+    lengths = np.ones(num_rows, np.int32)
+    slots = np.zeros(num_rows, np.int32)
+    page_indices = np.zeros((num_rows, max_pages_per_seq), np.int32)
+    for row, seq in enumerate(seqs):
+        roots[row], lengths[row], slots[row] = seq.token(seq.num_computed), seq.num_computed, seq.slot
+        page_indices[row, :len(seq.pages)] = seq.pages
+    return jax.device_put(DraftInput(roots=roots, lengths=lengths, slots=slots, page_indices=page_indices))
 
 
 @jax.tree_util.register_dataclass
@@ -38,11 +59,14 @@ class TreeInput:
     depths: jax.Array  # [B, N] int32
     sampling: SamplingArrays  # [B * N] rows: the request's parameters, index = output position
     want_logprobs: jax.Array  # [] bool
+    slots: jax.Array  # [B] int32 request slot (padding: out of range)
 
 
 def build_tree_input(seqs: list[Sequence], trees: PackedTrees, shape: TreeShape, page_size: int,
-                     max_pages_per_seq: int, *, impl: str, interpret: bool) -> TreeInput:
+                     max_pages_per_seq: int, num_slots: int, *, impl: str, interpret: bool) -> TreeInput:
     num_rows, num_nodes = shape.num_rows, shape.num_nodes
+    request_slots = np.full(num_rows, num_slots, np.int32)
+    request_slots[:len(seqs)] = [seq.slot for seq in seqs]
     committed = np.zeros(num_rows, np.int32)
     page_indices = np.zeros((num_rows, max_pages_per_seq), np.int32)
     slot_mapping = np.full((num_rows, num_nodes), PAD_SLOT, np.int32)
@@ -52,8 +76,8 @@ def build_tree_input(seqs: list[Sequence], trees: PackedTrees, shape: TreeShape,
         committed[row] = length
         pages = np.asarray(seq.pages, np.int32)
         page_indices[row, :len(pages)] = pages
-        slots = length + np.arange(size)
-        slot_mapping[row, :size] = pages[slots // page_size] * page_size + slots % page_size
+        kv_slots = length + np.arange(size)
+        slot_mapping[row, :size] = pages[kv_slots // page_size] * page_size + kv_slots % page_size
         positions[row, :size] = length + trees.depths[row, :size]
     rows = [seq for seq in seqs for _ in range(num_nodes)] + [None] * ((num_rows - len(seqs)) * num_nodes)
     sampling = sampling_arrays(rows)
@@ -68,4 +92,4 @@ def build_tree_input(seqs: list[Sequence], trees: PackedTrees, shape: TreeShape,
     return jax.device_put(TreeInput(
         tokens=np.maximum(trees.tokens, 0).reshape(-1), positions=positions.reshape(-1), meta=meta,
         node_tokens=trees.tokens, parents=trees.parents, depths=trees.depths, sampling=sampling,
-        want_logprobs=want_logprobs))
+        want_logprobs=want_logprobs, slots=request_slots))

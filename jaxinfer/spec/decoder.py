@@ -62,10 +62,11 @@ class SpeculativeDecoder:
         self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
         self.stats = SpecStats()
 
-    def shapes(self) -> list[TreeShape]:
-        """Every verification shape a round can take: what warm-up compiles."""
-        return [TreeShape(rows, nodes, self.path_len, kv) for rows in self.row_buckets for nodes in self.budgets
-                for kv in self.kv_buckets if kv > nodes]
+    def shapes(self) -> list:
+        """Every verification (and drafting) shape a round can take: what warm-up compiles."""
+        shapes = [TreeShape(rows, nodes, self.path_len, kv) for rows in self.row_buckets for nodes in self.budgets
+                  for kv in self.kv_buckets if kv > nodes]
+        return shapes + (self.drafter.shapes() if hasattr(self.drafter, "shapes") else [])
 
     def eligible(self, decodes: list[Sequence], has_prefills: bool) -> bool:
         ok = (not has_prefills and 0 < len(decodes) <= self.config.max_batch
@@ -75,12 +76,12 @@ class SpeculativeDecoder:
         return ok
 
     def _fit(self, seq: Sequence, tree: DraftTree) -> DraftTree:
-        """Cut the tree to what the context limit and the free pages allow (at worst the root alone)."""
+        """Cut the tree to what the context limit and the free pages allow (at worst the root alone)
+        and to the deepest path a verify step commits."""
         limit = min(tree.num_nodes, self.max_model_len - seq.num_computed)
         while limit > 1 and not self.block_manager.can_append(seq, limit):
             limit = 1 if limit <= 2 else limit // 2
-        if limit < tree.num_nodes:
-            tree = DraftTree(tree.tokens[:limit], tree.parents[:limit])  # topological order: a subtree
+        tree = tree.prune(self.path_len - 1, limit)
         self.block_manager.append(seq, tree.num_nodes)
         return tree
 
@@ -97,7 +98,8 @@ class SpeculativeDecoder:
         shape = TreeShape(rows, num_nodes, self.path_len, kv_tokens)
         runner = self.runner
         batch = build_tree_input(seqs, pack(trees, rows, num_nodes), shape, self.block_manager.page_size,
-                                 runner.builder.max_pages_per_seq, impl=runner.impl, interpret=runner.interpret)
+                                 runner.builder.max_pages_per_seq, runner.scheduler_config.max_num_seqs,
+                                 impl=runner.impl, interpret=runner.interpret)
         result = runner.verify(batch, shape)
         self.drafter.observe(seqs, result)
         emitted = []

@@ -45,6 +45,17 @@ class DraftTree:
             depth[i] = depth[self.parents[i]] + 1
         return depth
 
+    def prune(self, max_depth: int, max_nodes: int) -> DraftTree:
+        """The first max_nodes nodes of depth <= max_depth (still a tree: parents come first and are
+        never deeper than their children)."""
+        keep = np.flatnonzero(self.depths() <= max_depth)[:max_nodes]
+        if len(keep) == self.num_nodes:
+            return self
+        index = np.full(self.num_nodes, -1, np.int32)
+        index[keep] = np.arange(len(keep), dtype=np.int32)
+        parents = np.where(self.parents[keep] >= 0, index[np.maximum(self.parents[keep], 0)], -1)
+        return DraftTree(self.tokens[keep], parents.astype(np.int32), self.entropy)
+
     def ancestors(self) -> np.ndarray:
         """[n, n] bool: [i, j] iff node j is node i or one of its ancestors."""
         mask = np.eye(self.num_nodes, dtype=bool)

@@ -21,8 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxinfer.engine.batch import PAD_SLOT
 from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.layers.attention import write_kv
 from jaxinfer.layers.sampler import logprobs, sample
+from jaxinfer.spec.eagle import project_kv
 
 
 def accept(node_tokens: jax.Array, parents: jax.Array, depths: jax.Array, mask: jax.Array, samples: jax.Array,
@@ -47,12 +50,11 @@ def accept(node_tokens: jax.Array, parents: jax.Array, depths: jax.Array, mask: 
 
 
 def commit_path(kv: KVPages, page_indices: jax.Array, kv_lens: jax.Array, path: jax.Array,
-                num_accepted: jax.Array) -> KVPages:
+                num_accepted: jax.Array, num_layers: int) -> KVPages:
     """Move the accepted path's K/V (node path[b, j], slot kv_lens[b] + path[b, j]) to slot
-    kv_lens[b] + j in every layer, so the committed context is contiguous again. Slots past the
-    path keep rejected nodes' K/V, beyond the committed length: never read."""
+    kv_lens[b] + j in the first num_layers layers, so the committed context is contiguous again.
+    Slots past the path keep rejected nodes' K/V, beyond the committed length: never read."""
     page_size, num_pages = kv.page_size, kv.num_pages
-    num_layers = kv.k.shape[1] // num_pages
     levels = jnp.arange(path.shape[1])
     src = kv_lens[:, None] + path
     dst = kv_lens[:, None] + levels[None]
@@ -82,17 +84,20 @@ class VerifyResult:
     token_logprobs: jax.Array | None = None  # [B, D1] float32
     top_ids: jax.Array | None = None  # [B, D1, num_top] int32
     top_logprobs: jax.Array | None = None  # [B, D1, num_top] float32
-    features: jax.Array | None = None  # [B, D1, F] target features of the path nodes (draft-head input)
 
 
-def verify_step(graphdef, num_top: int, path_len: int, feature_layers: tuple[int, ...], state, kv: KVPages,
-                batch):
+def verify_step(graphdef, head_graphdef, num_top: int, path_len: int, state, kv: KVPages, sampler, batch):
     """The target over every tree node, the draws, acceptance and the KV commit: one jitted step.
+    With a draft head (head_graphdef), also the draft KV of the accepted path and the slots' new
+    pending features (see jaxinfer.spec.eagle).
 
-    batch: a ``TreeInput``. Returns (VerifyResult, kv)."""
-    model = nnx.merge(graphdef, state)
+    state = (model state, head state or None); sampler: the runner's SamplerState; batch: a
+    ``TreeInput``. Returns (VerifyResult, kv, sampler)."""
+    model = nnx.merge(graphdef, state[0])
     num_rows, num_nodes = batch.node_tokens.shape
     rows = jnp.arange(num_rows * num_nodes, dtype=jnp.int32)
+    head = nnx.merge(head_graphdef, state[1]) if head_graphdef is not None else None
+    feature_layers = head.config.feature_layers if head is not None else ()
     out = model(batch.tokens, batch.positions, kv, batch.meta, rows, feature_layers)
     logits, kv = out[0], out[1]
     with jax.named_scope("accept"):
@@ -102,15 +107,45 @@ def verify_step(graphdef, num_top: int, path_len: int, feature_layers: tuple[int
         flat = (jnp.arange(num_rows)[:, None] * num_nodes + path).reshape(-1)  # [B * D1] rows of the path
         tokens = draws.reshape(-1)[flat]
     with jax.named_scope("commit_kv"):
-        kv = commit_path(kv, batch.meta.decode_page_indices, batch.meta.decode_kv_lens, path, num_accepted)
-    result = VerifyResult(tokens.reshape(num_rows, path_len), num_accepted)
+        kv = commit_path(kv, batch.meta.decode_page_indices, batch.meta.decode_kv_lens, path, num_accepted,
+                         model.config.num_layers)
+    tokens = tokens.reshape(num_rows, path_len)
+    result = VerifyResult(tokens, num_accepted)
     if num_top:
         empty = (jnp.zeros(flat.shape, jnp.float32), jnp.zeros((*flat.shape, num_top), jnp.int32),
                  jnp.zeros((*flat.shape, num_top), jnp.float32))
-        lp = jax.lax.cond(batch.want_logprobs, lambda x: logprobs(x[flat], tokens, num_top), lambda x: empty, logits)
+        lp = jax.lax.cond(batch.want_logprobs, lambda x: logprobs(x[flat], tokens.reshape(-1), num_top),
+                          lambda x: empty, logits)
         lp = tuple(a.reshape(num_rows, path_len, *a.shape[1:]) for a in lp)
         result = dataclasses.replace(result, token_logprobs=lp[0], top_ids=lp[1], top_logprobs=lp[2])
-    if feature_layers:
-        features = out[2][flat].reshape(num_rows, path_len, -1)
-        result = dataclasses.replace(result, features=features)
-    return result, kv
+    if head is not None:
+        with jax.named_scope("draft_kv"):
+            features = out[2][flat].reshape(num_rows, path_len, -1)
+            kv, sampler = _commit_draft(head, model.embed_tokens[...], kv, sampler, batch, features, tokens,
+                                        num_accepted, model.config.num_layers)
+    return result, kv, sampler
+
+
+def _commit_draft(head, embed, kv: KVPages, sampler, batch, features, tokens, num_accepted, num_layers: int):
+    """Draft K/V of the accepted path's pairs: position L-1+j holds (feature of position L-1+j, token
+    L+j) for j = 0..accepted, with the slot's pending feature at j = 0; the feature of the last
+    accepted node (position L+accepted) becomes pending (its token, the bonus, is not yet known)."""
+    num_rows, path_len = tokens.shape
+    pending = sampler.pending
+    slots = jnp.minimum(batch.slots, pending.shape[0] - 1)
+    pairs_features = jnp.concatenate([pending[slots][:, None], features[:, :-1]], axis=1)  # [B, D1, F]
+    pairs_tokens = jnp.concatenate([batch.node_tokens[:, :1], tokens[:, :-1]], axis=1)
+    levels = jnp.arange(path_len)
+    positions = batch.meta.decode_kv_lens[:, None] - 1 + levels[None]
+    page_size = kv.page_size
+    pages = jnp.take_along_axis(batch.meta.decode_page_indices, jnp.maximum(positions, 0) // page_size, axis=1)
+    slot_mapping = pages * page_size + jnp.maximum(positions, 0) % page_size + num_layers * kv.num_pages * page_size
+    valid = (levels[None] <= num_accepted[:, None]) & (positions >= 0) & (batch.slots[:, None] < pending.shape[0])
+    slot_mapping = jnp.where(valid, slot_mapping, PAD_SLOT)
+    k, v = project_kv(head, pairs_features.reshape(num_rows * path_len, -1), jnp.maximum(pairs_tokens, 0).reshape(-1),
+                      jnp.maximum(positions, 0).reshape(-1), embed)
+    kv = KVPages(k=write_kv(kv.k, k, slot_mapping.reshape(-1)), v=write_kv(kv.v, v, slot_mapping.reshape(-1)),
+                 num_pages=kv.num_pages)
+    last = jnp.take_along_axis(features, num_accepted[:, None, None], axis=1)[:, 0]
+    pending = pending.at[batch.slots].set(last, mode="drop")
+    return kv, dataclasses.replace(sampler, pending=pending)

@@ -9,6 +9,7 @@ from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, Speculat
 from jaxinfer.engine.engine import Engine
 from jaxinfer.models import model_from_tensors
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.spec.decoder import SpeculativeDecoder
 from jaxinfer.spec.tree import trie
 from tests.conftest import tiny_config
 from tests.engine import tiny_engine
@@ -52,11 +53,18 @@ def plain():
     return tiny_engine.engine()
 
 
+def _oracle_engine(**scheduler):
+    """Rounds with the budgets of HeteroSpec's variants (6, 8 and 12 nodes, paths up to 5 deep) and
+    trees from a test drafter (set per test), no draft head."""
+    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram"), **scheduler)
+    config = SpeculativeConfig(method="heterospec", depth=3, num_nodes=12, max_batch=4)
+    eng.spec = SpeculativeDecoder(config, eng.scheduler_config, eng.runner, eng.block_manager)
+    return eng
+
+
 @pytest.fixture(scope="module")
 def spec_engine():
-    # heterospec variants give three verify budgets (6, 8 and 12 nodes): the oracle's random sizes use all
-    config = SpeculativeConfig(method="heterospec", depth=3, num_nodes=12, max_batch=4)
-    return tiny_engine.engine(speculative=config)
+    return _oracle_engine()
 
 
 def test_variants_and_budgets():
@@ -134,7 +142,7 @@ def test_trees_shrink_under_page_pressure_without_leaks(plain):
     small = dict(num_pages=24, max_model_len=40, kv_buckets=(40,))
     params = SamplingParams(max_tokens=28, ignore_eos=True)
     expected = _outputs(tiny_engine.engine(**small), params)
-    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="heterospec", depth=3, num_nodes=12), **small)
+    eng = _oracle_engine(**small)
     truth = {tuple(p): out for p, out in zip(PROMPTS, expected, strict=True)}
     eng.spec.drafter = OracleDrafter(truth, tiny_engine.VOCAB, seed=4)
     assert _outputs(eng, params) == expected

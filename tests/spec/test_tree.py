@@ -53,3 +53,11 @@ def test_ngram_drafter_continues_the_most_recent_longest_match():
     assert paths == {(7, 8, 2), (4, 9, 1)}
     assert tree.tokens[1] == 7  # the most recent continuation first
     assert drafter.propose_one(np.asarray([5, 6, 7], np.int32), 16).num_nodes == 1  # nothing repeats: root only
+
+
+def test_prune_keeps_a_tree_within_depth_and_size():
+    tree = trie(1, [[2, 3, 4], [2, 5], [6, 7]], max_nodes=10)  # nodes 1 2 3 4 | 5 | 6 7
+    cut = tree.prune(max_depth=2, max_nodes=10)
+    assert cut.tokens.tolist() == [1, 2, 3, 5, 6, 7] and cut.parents.tolist() == [-1, 0, 1, 1, 0, 4]
+    assert tree.prune(max_depth=1, max_nodes=2).tokens.tolist() == [1, 2]
+    assert tree.prune(5, 10) is tree

@@ -54,7 +54,7 @@ def test_commit_path_moves_the_accepted_nodes_kv_in_every_layer():
     path = np.asarray([[0, 2, 5, 0], [0, 1, 0, 0]], np.int32)
     num_accepted = np.asarray([2, 0], np.int32)
     out = commit_path(KVPages(jnp.asarray(k), jnp.asarray(v), num_pages), jnp.asarray(pages), jnp.asarray(kv_lens),
-                      jnp.asarray(path), jnp.asarray(num_accepted))
+                      jnp.asarray(path), jnp.asarray(num_accepted), num_layers=layers)
     expected_k, expected_v = k.copy(), v.copy()
 
     def loc(row, slot, layer):

@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_dataclass_arguments(parser, SamplingParams)
+    from jaxinfer.serve.config import add_speculative_arguments
+    add_speculative_arguments(parser.add_argument_group("speculative decoding"))
     return parser
 
 
@@ -44,7 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxinfer.compile_cache import enable_compilation_cache
     from jaxinfer.config import EngineConfig, SchedulerConfig
     from jaxinfer.engine.engine import Engine
+    from jaxinfer.serve.config import speculative_from_args
+    from jaxinfer.spec.draft_head import prepare_speculative
 
+    speculative, draft_head = prepare_speculative(speculative_from_args(args), args.model)
     enable_compilation_cache()
     loaded = load_model(args.model, args.dtype)
     tokenizer = loaded.tokenizer
@@ -53,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     # One request: a one-row decode bucket; steps compile on first use and compile time is
     # reported apart from the speeds.
-    engine = Engine(loaded.model, tokenizer, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=1)))
+    engine = Engine(loaded.model, tokenizer, EngineConfig(scheduler=SchedulerConfig(max_num_seqs=1),
+                                                          speculative=speculative), draft_head=draft_head)
     runner = engine.runner
     compile_at_first_token: list[float] = []
 
@@ -80,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({decoded / max(decode_seconds, 1e-9):.1f} tok/s) | "
           f"load {loaded.load_seconds:.2f} s, compile {runner.compile_seconds:.2f} s, "
           f"finish: {result.finish_reason}", file=sys.stderr)
+    if engine.spec is not None:
+        stats = engine.spec.stats
+        print(f"speculative ({speculative.method}): {stats.rounds} rounds, mean accepted length "
+              f"{stats.mean_accepted_length:.2f}, {stats.verified_tokens} tokens verified", file=sys.stderr)
     return 0
 
 

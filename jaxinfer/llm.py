@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -15,6 +16,7 @@ from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.request_output import RequestOutput
 from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.spec.draft_head import prepare_speculative
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,10 @@ class LLM:
         enable_compilation_cache()
         self.loaded = load_model(model, dtype)
         self.tokenizer = self.loaded.tokenizer
-        self.engine = Engine(self.loaded.model, self.tokenizer, config or EngineConfig())
+        config = config or EngineConfig()
+        speculative, draft_head = prepare_speculative(config.speculative, model)
+        self.engine = Engine(self.loaded.model, self.tokenizer, dataclasses.replace(config, speculative=speculative),
+                             draft_head=draft_head)
         self.warm_up_seconds = 0.0
         if warm_up:
             start = time.perf_counter()

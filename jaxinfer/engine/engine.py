@@ -51,6 +51,10 @@ class EngineMetrics:
     prefix_cache_hit_rate: float  # share of admitted prompt tokens served from the prefix cache
     generated_tokens_total: int
     prompt_tokens_total: int
+    spec_rounds: int = 0  # speculative verification steps
+    spec_verified_tokens: int = 0  # tree nodes the target verified
+    spec_accepted_tokens: int = 0  # draft tokens accepted
+    spec_fallback_steps: int = 0  # decode steps that could not speculate
 
 
 class Engine:
@@ -286,7 +290,14 @@ class Engine:
             last_step_decode_tokens=self.last_step_decode_tokens,
             num_steps=self.num_steps, num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_rate=hit_rate, generated_tokens_total=self.generated_tokens_total,
-            prompt_tokens_total=self.prompt_tokens_total)
+            prompt_tokens_total=self.prompt_tokens_total, **self._spec_metrics())
+
+    def _spec_metrics(self) -> dict[str, int]:
+        if self.spec is None:
+            return {}
+        s = self.spec.stats
+        return dict(spec_rounds=s.rounds, spec_verified_tokens=s.verified_tokens,
+                    spec_accepted_tokens=s.accepted_tokens, spec_fallback_steps=s.fallback_steps)
 
     # -- offline --------------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ A config file has one table per concern; every key is optional::
     [scheduler]                     # SchedulerConfig, bucket tuples included
     max_num_seqs = 16
     decode_buckets = [1, 8, 16]
-    [engine]                        # attention_impl, max_logprobs, sparse_prefill, sparse_min_len, sparse_tau
+    [engine]                        # attention_impl, max_logprobs, sparse_prefill, sparse_min_len, sparse_tau,
+                                    # speculative, draft, spec_depth, spec_nodes, spec_top_k, spec_max_batch
     max_logprobs = 5
 """
 
@@ -25,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from jaxinfer.cli import add_dataclass_arguments, dataclass_from_args
-from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SparsePrefillConfig
+from jaxinfer.config import (
+    SPEC_METHODS,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+    SparsePrefillConfig,
+    SpeculativeConfig,
+)
 from jaxinfer.loader import DEFAULT_MODEL, DTYPES
 from pallas_kernels.unisparse.config import UniSparseConfig
 
@@ -72,7 +80,8 @@ class ServeConfig:
         return self.served_model_name or self.model
 
 
-ENGINE_KEYS = ("attention_impl", "max_logprobs", "sparse_prefill", "sparse_min_len", "sparse_tau")
+ENGINE_KEYS = ("attention_impl", "max_logprobs", "sparse_prefill", "sparse_min_len", "sparse_tau", "speculative",
+               "draft", "spec_depth", "spec_nodes", "spec_top_k", "spec_max_batch")
 SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig}
 
 
@@ -94,7 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompts longer than this many tokens use the sparse prefill backend")
     engine.add_argument("--sparse-tau", type=float, default=sparse.unisparse.tau,
                         help="UniSparse: estimated attention mass each query block keeps")
+    add_speculative_arguments(engine)
     return parser
+
+
+def add_speculative_arguments(group) -> None:
+    spec = SpeculativeConfig()
+    group.add_argument("--speculative", default=spec.method, choices=list(SPEC_METHODS),
+                       help="speculative decoding: ngram (prompt lookup), eagle (draft head, fixed tree), heterospec "
+                            "(draft head, entropy-adaptive tree) or off")
+    group.add_argument("--draft", default=spec.draft,
+                       help="draft head directory for eagle/heterospec (default: the head shipped for the model)")
+    group.add_argument("--spec-depth", type=int, default=spec.depth, help="base draft depth (tree levels)")
+    group.add_argument("--spec-nodes", type=int, default=spec.num_nodes, help="tree nodes verified per round")
+    group.add_argument("--spec-top-k", type=int, default=spec.top_k, help="children per expanded tree node")
+    group.add_argument("--spec-max-batch", type=int, default=spec.max_batch,
+                       help="speculate only while at most this many requests decode (plain decoding above)")
+
+
+def speculative_from_args(args) -> SpeculativeConfig:
+    return SpeculativeConfig(method=args.speculative, draft=args.draft, depth=args.spec_depth,
+                             num_nodes=args.spec_nodes, top_k=args.spec_top_k, max_batch=args.spec_max_batch)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeConfig, EngineConfig]:
@@ -108,7 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeConfig, EngineCo
                           attention_impl=args.attention_impl, max_logprobs=args.max_logprobs,
                           sparse_prefill=SparsePrefillConfig(
                               mode=args.sparse_prefill, min_len=args.sparse_min_len,
-                              unisparse=dataclasses.replace(UniSparseConfig(), tau=args.sparse_tau)))
+                              unisparse=dataclasses.replace(UniSparseConfig(), tau=args.sparse_tau)),
+                          speculative=speculative_from_args(args))
     return dataclass_from_args(ServeConfig, args), engine
 
 

@@ -73,6 +73,11 @@ class _EngineCollector(Collector):
             "jaxinfer_generation_tokens": ("Tokens generated", m.generated_tokens_total),
             "jaxinfer_engine_steps": ("Engine steps run", m.num_steps),
             "jaxinfer_preemptions": ("Requests preempted for KV space", m.num_preemptions),
+            "jaxinfer_spec_rounds": ("Speculative verification steps", m.spec_rounds),
+            "jaxinfer_spec_verified_tokens": ("Draft-tree nodes verified by the target", m.spec_verified_tokens),
+            "jaxinfer_spec_accepted_tokens": ("Draft tokens accepted", m.spec_accepted_tokens),
+            "jaxinfer_spec_fallback_steps": ("Decode steps that did not speculate (batch too large, penalties)",
+                                             m.spec_fallback_steps),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import sys
@@ -25,6 +26,7 @@ from jaxinfer.serve.frontend import Frontend
 from jaxinfer.serve.grpc_api import GrpcServer
 from jaxinfer.serve.http_api import HttpApi
 from jaxinfer.serve.profiler import TraceCapture
+from jaxinfer.spec.draft_head import prepare_speculative
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +122,9 @@ class Server:
             start = time.perf_counter()
             loaded = load_model(config.model, config.dtype)
             say(f"loaded weights in {time.perf_counter() - start:.1f} s")
-        engine = Engine(loaded.model, loaded.tokenizer, self.engine_config)
+        speculative, draft_head = prepare_speculative(self.engine_config.speculative, config.model)
+        engine = Engine(loaded.model, loaded.tokenizer,
+                        dataclasses.replace(self.engine_config, speculative=speculative), draft_head=draft_head)
         if config.warm_up:
             start = time.perf_counter()
             last = [0.0]

@@ -57,7 +57,11 @@ class SpeculativeDecoder:
         self.block_manager = block_manager
         self.row_buckets = _powers_of_two(config.max_batch)
         self.kv_buckets = scheduler_config.kv_buckets
-        self.budgets = tuple(sorted({nodes for _, nodes in config.variants()}))
+        # verify shapes: every variant's budget, and smaller ones for small trees (a round whose trees
+        # are all just roots costs a plain decode step)
+        largest = max(nodes for _, nodes in config.variants())
+        smaller = {1, largest // 2, largest // 4} - {0}
+        self.budgets = tuple(sorted({nodes for _, nodes in config.variants()} | smaller))
         self.path_len = max(depth for depth, _ in config.variants()) + 1
         self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
         self.stats = SpecStats()

@@ -250,3 +250,32 @@ def default_draft_head_path(model_name: str) -> Path | None:
     """The head shipped in the package for an embedded model name, or None."""
     path = HEADS_DIR / model_name
     return path if (path / MARKER).is_file() else None
+
+
+CALIBRATION = "calibration.json"
+
+
+def prepare_speculative(config, model_name: str):
+    """(config, draft head or None) for an engine: loads the draft head the method needs (``config.draft``,
+    else the head shipped for ``model_name``) and, for heterospec without explicit thresholds, the
+    bin edges ``launch/calibrate_spec.py`` stored next to it. Raises ValueError naming what is missing."""
+    if not config.uses_draft_head:
+        return config, None
+    path = Path(config.draft) if config.draft else default_draft_head_path(model_name)
+    if path is None:
+        raise ValueError(f"no draft head is shipped for model {model_name!r}: train one with launch/train_draft.py "
+                         "and pass its directory as the draft (--draft), or use --speculative ngram")
+    head = load_draft_head(path)
+    if config.method == "heterospec" and not config.thresholds:
+        calibration = Path(path) / CALIBRATION
+        if not calibration.is_file():
+            raise ValueError(f"draft head {path} has no {CALIBRATION}: run launch/calibrate_spec.py --draft {path}, "
+                             "or set the thresholds")
+        info = json.loads(calibration.read_text())
+        policy = info.get("policy", {})
+        if (policy.get("depth"), policy.get("top_k")) != (config.depth, config.top_k):
+            raise ValueError(f"{calibration} was fitted for depth {policy.get('depth')} and top-k "
+                             f"{policy.get('top_k')}, not {config.depth} and {config.top_k}: the path entropy "
+                             "scale differs; recalibrate (launch/calibrate_spec.py) or set the thresholds")
+        config = dataclasses.replace(config, thresholds=tuple(float(t) for t in info["thresholds"]))
+    return config, head

@@ -1,0 +1,158 @@
+"""Speculative decoding benchmark: plain decoding vs n-gram, EAGLE (fixed tree) and HeteroSpec on the
+held-out prompt sets (MT-Bench first turns, GSM8K test lines [660, 1319)), at batch 1 and 4,
+temperature 0 and 1; and the speed-up as a function of the verify budget.
+
+    JAXINFER_CACHE=/tmp/jicache PYTHONPATH=. python profiling/bench_spec.py --json profiling/results/spec.json
+
+Per configuration: output tokens/s end to end (compile time excluded), the speed-up over plain
+decoding of the same prompts, tau (tokens emitted per request-round: accepted drafts + 1), target
+calls (engine steps) and verified tokens (tree nodes through the target, roots included; plain: one
+per decoded token). The outputs are checked against plain decoding: equal token for token, at
+temperature 1 too (every request has a seed, and a round draws each emitted token with the key
+plain decoding would use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from jaxinfer.compile_cache import enable_compilation_cache
+from jaxinfer.config import EngineConfig, SchedulerConfig, SpeculativeConfig
+from jaxinfer.engine.engine import Engine
+from jaxinfer.loader import DEFAULT_MODEL, load_model
+from jaxinfer.sampling_params import SamplingParams
+from jaxinfer.spec.draft_head import prepare_speculative
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data" / "prompts"
+
+
+def held_out_prompts(dataset: str, count: int) -> list[str]:
+    if dataset == "mt_bench":
+        return [json.loads(line)["turns"][0] for line in open(DATA / "mt_bench_question.jsonl")][:count]
+    if dataset == "gsm8k":
+        return [json.loads(line)["question"] for line in open(DATA / "gsm8k_test.jsonl")][660:660 + count]
+    raise ValueError(f"unknown dataset {dataset!r} (mt_bench or gsm8k)")
+
+
+def run(engine: Engine, prompts: list[list[int]], batch: int, temperature: float, max_tokens: int) -> dict:
+    runner, spec = engine.runner, engine.spec
+    compile_before, steps_before = runner.compile_seconds, engine.num_steps
+    stats_before = dataclasses.replace(spec.stats) if spec is not None else None
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=i) for i in range(len(prompts))]
+    start = time.perf_counter()
+    outputs = []
+    for first in range(0, len(prompts), batch):
+        outputs += engine.generate(prompts[first:first + batch], params[first:first + batch])
+    seconds = time.perf_counter() - start - (runner.compile_seconds - compile_before)
+    generated = sum(len(o.output_ids) for o in outputs)
+    result = dict(seconds=seconds, generated_tokens=generated, tokens_per_second=generated / seconds,
+                  target_calls=engine.num_steps - steps_before, outputs=[o.output_ids for o in outputs])
+    if spec is not None:
+        s = spec.stats
+        rounds, requests = s.rounds - stats_before.rounds, s.requests - stats_before.requests
+        emitted = s.emitted_tokens - stats_before.emitted_tokens
+        plain_decodes = generated - len(prompts) - emitted  # tokens decoded outside rounds (fallback steps)
+        result.update(rounds=rounds, tau=emitted / requests if requests else 0.0,
+                      verified_tokens=s.verified_tokens - stats_before.verified_tokens + max(plain_decodes, 0),
+                      accepted_tokens=s.accepted_tokens - stats_before.accepted_tokens)
+        if hasattr(spec.drafter, "bin_counts"):
+            result["bin_counts"] = list(spec.drafter.bin_counts)
+    else:
+        result.update(rounds=0, tau=1.0, verified_tokens=generated - len(prompts), accepted_tokens=0)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--methods", default="plain,ngram,eagle,heterospec")
+    parser.add_argument("--datasets", default="mt_bench,gsm8k")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--temperatures", default="0,1")
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=SpeculativeConfig().depth)
+    parser.add_argument("--top-k", type=int, default=SpeculativeConfig().top_k)
+    parser.add_argument("--nodes", type=int, default=SpeculativeConfig().num_nodes)
+    parser.add_argument("--budgets", default="", help="also sweep the verify budget (nodes) at batch 1, T=0, "
+                                                      "e.g. 4,8,16,32 (first dataset)")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    enable_compilation_cache()
+    loaded = load_model(args.model, "float32")
+    tokenizer = loaded.tokenizer
+    scheduler = SchedulerConfig(max_num_seqs=4, max_model_len=2048, decode_buckets=(1, 2, 4),
+                                prefill_buckets=(64, 128, 256), kv_buckets=(512, 2048))
+    engines: dict[tuple[str, int], Engine] = {}
+
+    def engine_for(method: str, nodes: int) -> Engine:
+        if (method, nodes) not in engines:
+            spec = SpeculativeConfig(method="off" if method == "plain" else method, depth=args.depth,
+                                     top_k=args.top_k, num_nodes=nodes)
+            spec, head = prepare_speculative(spec, args.model)
+            engines[(method, nodes)] = Engine(loaded.model, tokenizer, EngineConfig(scheduler=scheduler,
+                                                                                    speculative=spec), head)
+        return engines[(method, nodes)]
+
+    methods = args.methods.split(",")
+    rows = []
+    header = (f"{'dataset':<9} {'B':>2} {'T':>3} {'method':<11} {'nodes':>5} {'tok/s':>7} {'speedup':>8} {'tau':>5} "
+              f"{'calls':>6} {'verified':>9} {'equal':>6}")
+    print(header)
+
+    def report(row):
+        rows.append(row)
+        print(f"{row['dataset']:<9} {row['batch']:>2} {row['temperature']:>3g} {row['method']:<11} {row['nodes']:>5} "
+              f"{row['tokens_per_second']:>7.1f} {row['speedup']:>7.2f}x {row['tau']:>5.2f} {row['target_calls']:>6} "
+              f"{row['verified_tokens']:>9} {str(row.get('equal_to_plain', '')):>6}", flush=True)
+
+    for dataset in args.datasets.split(","):
+        texts = held_out_prompts(dataset, args.num_prompts)
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        for batch in (int(b) for b in args.batches.split(",")):
+            for temperature in (float(t) for t in args.temperatures.split(",")):
+                engine_for("plain", args.nodes).generate(prompts[:1], SamplingParams(max_tokens=8))  # compile
+                plain = run(engine_for("plain", args.nodes), prompts, batch, temperature, args.max_tokens)
+                base = dict(dataset=dataset, batch=batch, temperature=temperature)
+                report({**base, "method": "plain", "nodes": 1, **plain, "speedup": 1.0})
+                for method in (m for m in methods if m != "plain"):
+                    engine = engine_for(method, args.nodes)
+                    engine.generate(prompts[:batch], SamplingParams(max_tokens=16))  # compile outside the timing
+                    out = run(engine, prompts, batch, temperature, args.max_tokens)
+                    row = {**base, "method": method, "nodes": args.nodes, **out,
+                           "speedup": out["tokens_per_second"] / plain["tokens_per_second"]}
+                    row["equal_to_plain"] = out["outputs"] == plain["outputs"]  # same seeds: same tokens
+                    report(row)
+    if args.budgets:
+        dataset = args.datasets.split(",")[0]
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": t}])
+                   for t in held_out_prompts(dataset, args.num_prompts)]
+        plain = run(engine_for("plain", args.nodes), prompts, 1, 0.0, args.max_tokens)
+        for nodes in (int(n) for n in args.budgets.split(",")):
+            for method in (m for m in methods if m != "plain"):
+                engine = engine_for(method, nodes)
+                engine.generate(prompts[:1], SamplingParams(max_tokens=16))
+                out = run(engine, prompts, 1, 0.0, args.max_tokens)
+                report({"dataset": dataset, "batch": 1, "temperature": 0.0, "method": method, "nodes": nodes,
+                        "sweep": True, **out, "speedup": out["tokens_per_second"] / plain["tokens_per_second"],
+                        "equal_to_plain": out["outputs"] == plain["outputs"]})
+    if args.json:
+        meta = dict(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()} {platform.processor()} "
+                    f"{__import__('os').cpu_count()} cores", model=args.model, num_prompts=args.num_prompts,
+                    max_tokens=args.max_tokens, depth=args.depth, top_k=args.top_k, nodes=args.nodes,
+                    python=sys.version.split()[0])
+        for row in rows:
+            row.pop("outputs", None)
+        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -318,6 +318,8 @@ class SpeculativeConfig:
     thresholds: tuple[float, ...] = ()  # entropy bin edges s0 < s1 < s2; () = the draft head's calibration
     max_batch: int = dataclasses.field(default=4, metadata={"help": "speculate only with this many decodes or fewer"})
     ngram_max: int = dataclasses.field(default=4, metadata={"help": "longest suffix the n-gram drafter matches"})
+    adaptive: bool = dataclasses.field(default=True, metadata={
+        "help": "decode plainly at batch sizes where rounds measure slower than plain steps"})
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:

@@ -190,13 +190,19 @@ class Engine:
             out = self.scheduler.schedule()
         if out.empty:
             return []
-        if self.spec is not None and self.spec.eligible(out.decodes, bool(out.prefills)):
+        speculate = self.spec is not None and self.spec.eligible(out.decodes, bool(out.prefills))
+        generated = self.generated_tokens_total
+        compile_seconds = self.runner.compile_seconds
+        if speculate:
             outputs = self._speculate(out.decodes)
         else:
             shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
             result = self.runner.execute(out, shape)
             with jax.profiler.TraceAnnotation("detokenize"):
                 outputs = self._postprocess(out, result, shape.num_decode)
+        if self.spec is not None and not out.prefills and self.runner.compile_seconds == compile_seconds:
+            self.spec.observe_step("spec" if speculate else "plain", len(out.decodes),
+                                   self.generated_tokens_total - generated, time.perf_counter() - start)
         self.num_steps += 1
         self.last_step_seconds = time.perf_counter() - start
         self.last_step_tokens = out.num_tokens

@@ -3,7 +3,9 @@
 The engine hands over a step that only decodes (no prompt chunks) for at most ``max_batch``
 requests that can speculate (no repetition/presence/frequency penalties, whose token history
 would differ along tree paths). Other steps, and larger batches, where verifying trees costs more
-than it saves, decode plainly: the automatic fallback.
+than it saves, decode plainly: the automatic fallback. Within max_batch the decoder also compares
+the measured tokens/s of rounds and of plain decode steps per batch size and decodes plainly where
+rounds do not pay.
 
 Each request's tree needs KV slots committed .. committed + nodes - 1 for the round; when the pool
 cannot give them, its tree shrinks to the root (a plain decode inside the round). After
@@ -23,6 +25,7 @@ from jaxinfer.spec.ngram import NgramDrafter
 from jaxinfer.spec.tree import DraftTree, pack
 
 logger = logging.getLogger(__name__)
+PROBE_EVERY = 64  # decisions between re-measurements of the side not chosen
 
 
 @dataclasses.dataclass
@@ -65,6 +68,8 @@ class SpeculativeDecoder:
         self.path_len = max(depth for depth, _ in config.variants()) + 1
         self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
         self.stats = SpecStats()
+        self.rates: dict[tuple[str, int], float] = {}  # (spec|plain, rows bucket) -> tokens/s, moving average
+        self._decisions = 0
 
     def shapes(self) -> list:
         """Every verification (and drafting) shape a round can take: what warm-up compiles."""
@@ -73,11 +78,32 @@ class SpeculativeDecoder:
         return shapes + (self.drafter.shapes() if hasattr(self.drafter, "shapes") else [])
 
     def eligible(self, decodes: list[Sequence], has_prefills: bool) -> bool:
-        ok = (not has_prefills and 0 < len(decodes) <= self.config.max_batch
-              and not any(seq.params.uses_penalties for seq in decodes))
-        if decodes and not has_prefills and not ok:
+        """Whether this step should be a round: it only decodes, few enough requests without
+        penalties, and rounds have measured at least as fast as plain steps at this batch size (each
+        side is re-measured every PROBE_EVERY decisions, so a change in the workload is noticed)."""
+        if has_prefills or not decodes:
+            return False
+        ok = len(decodes) <= self.config.max_batch and not any(seq.params.uses_penalties for seq in decodes)
+        if ok and self.config.adaptive:
+            rows = next(r for r in self.row_buckets if r >= len(decodes))
+            self._decisions += 1
+            spec_rate, plain_rate = self.rates.get(("spec", rows)), self.rates.get(("plain", rows))
+            probe = self._decisions % PROBE_EVERY
+            if plain_rate is None or probe == 0:
+                ok = spec_rate is not None and probe != 0  # measure plain once, and again every PROBE_EVERY
+            elif spec_rate is not None and probe != 1:
+                ok = spec_rate >= plain_rate
+        if not ok:
             self.stats.fallback_steps += 1
         return ok
+
+    def observe_step(self, kind: str, num_decodes: int, tokens: int, seconds: float) -> None:
+        """A decode-only step's speed (kind 'spec' or 'plain'): moving averages per batch bucket."""
+        if not 0 < num_decodes <= self.config.max_batch or seconds <= 0:
+            return
+        key = (kind, next(r for r in self.row_buckets if r >= num_decodes))
+        rate = tokens / seconds
+        self.rates[key] = rate if key not in self.rates else 0.8 * self.rates[key] + 0.2 * rate
 
     def _fit(self, seq: Sequence, tree: DraftTree) -> DraftTree:
         """Cut the tree to what the context limit and the free pages allow (at worst the root alone)

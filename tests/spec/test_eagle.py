@@ -44,7 +44,8 @@ def _engine(method="eagle", **spec):
         cache=CacheConfig(page_size=4, num_pages=96),
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, max_prefill_seqs=2,
                                   decode_buckets=(4,), prefill_buckets=(16,), kv_buckets=(64,)),
-        max_logprobs=5, speculative=SpeculativeConfig(method=method, depth=3, num_nodes=8, top_k=3, **spec))
+        max_logprobs=5, speculative=SpeculativeConfig(method=method, depth=3, num_nodes=8, top_k=3, adaptive=False,
+                                                                **spec))
     return Engine(_target(), tiny_engine.CharTokenizer(), config, draft_head=_head() if method != "off" else None)
 
 

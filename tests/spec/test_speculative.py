@@ -56,8 +56,8 @@ def plain():
 def _oracle_engine(**scheduler):
     """Rounds with the budgets of HeteroSpec's variants (6, 8 and 12 nodes, paths up to 5 deep) and
     trees from a test drafter (set per test), no draft head."""
-    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram"), **scheduler)
-    config = SpeculativeConfig(method="heterospec", depth=3, num_nodes=12, max_batch=4)
+    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", adaptive=False), **scheduler)
+    config = SpeculativeConfig(method="heterospec", depth=3, num_nodes=12, max_batch=4, adaptive=False)
     eng.spec = SpeculativeDecoder(config, eng.scheduler_config, eng.runner, eng.block_manager)
     return eng
 
@@ -77,7 +77,7 @@ def test_variants_and_budgets():
 
 
 def test_ngram_greedy_equals_plain_greedy(plain):
-    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", depth=4, num_nodes=8))
+    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", depth=4, num_nodes=8, adaptive=False))
     assert _outputs(eng, GREEDY) == _outputs(plain, GREEDY)
     assert eng.spec.stats.rounds > 0 and eng.spec.stats.accepted_tokens > 0
     tiny_engine.assert_no_leaks(eng)
@@ -128,7 +128,7 @@ def test_logprobs_and_stops_inside_a_round_match_plain(plain, spec_engine):
 
 
 def test_large_batches_and_penalties_fall_back_to_plain_decoding(plain):
-    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", num_nodes=8, max_batch=2))
+    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", num_nodes=8, max_batch=2, adaptive=False))
     assert _outputs(eng, GREEDY) == _outputs(plain, GREEDY)  # 4 decodes > max_batch 2 for a while
     assert eng.spec.stats.fallback_steps > 0
     penalized = SamplingParams(max_tokens=12, repetition_penalty=1.3, ignore_eos=True)
@@ -174,7 +174,8 @@ def test_emitted_tokens_follow_the_target_distribution():
     config = EngineConfig(cache=CacheConfig(page_size=4, num_pages=96),
                           scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=16,
                                                     decode_buckets=(4,), prefill_buckets=(16,), kv_buckets=(16,)),
-                          max_logprobs=5, speculative=SpeculativeConfig(method="ngram", num_nodes=10, max_batch=4))
+                          max_logprobs=5, speculative=SpeculativeConfig(method="ngram", num_nodes=10, max_batch=4,
+                                                                                   adaptive=False))
     eng = Engine(model_from_tensors(cfg, tensors.items()), tiny_engine.CharTokenizer(), config)
     rng = np.random.default_rng(8)
 
@@ -211,3 +212,23 @@ def test_emitted_tokens_follow_the_target_distribution():
             observed, wanted = observed[:-1], wanted[:-1]
         assert stats.chisquare(observed, wanted).pvalue > 1e-3, (position, observed, wanted.round(1))
     tiny_engine.assert_no_leaks(eng)
+
+
+def test_adaptive_fallback_follows_the_measured_speeds():
+    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", max_batch=4))
+    spec = eng.spec
+
+    class Seq:
+        params = SamplingParams()
+
+    seqs = [Seq()]
+    assert not spec.eligible(seqs, False)  # plain first: its speed is measured
+    spec.observe_step("plain", 1, 1, 0.010)  # 100 tokens/s
+    assert spec.eligible(seqs, False)  # then a round
+    spec.observe_step("spec", 1, 2, 0.040)  # 50 tokens/s: rounds do not pay
+    decisions = [spec.eligible(seqs, False) for _ in range(200)]
+    assert sum(decisions) <= 200 // 64 + 1  # only the periodic re-measurements speculate
+    for _ in range(20):
+        spec.observe_step("spec", 1, 6, 0.040)  # 150 tokens/s now
+    assert sum(spec.eligible(seqs, False) for _ in range(100)) >= 97
+    assert not spec.eligible(seqs, True)  # steps with prompt chunks never speculate

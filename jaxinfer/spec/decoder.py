@@ -59,11 +59,11 @@ class SpeculativeDecoder:
         self.runner = runner
         self.block_manager = block_manager
         self.row_buckets = _powers_of_two(config.max_batch)
-        self.kv_buckets = scheduler_config.kv_buckets
+        self.kv_buckets = scheduler_config.decode_kv_buckets  # like decode steps: attention over padded slots costs
         # verify shapes: every variant's budget, and smaller ones for small trees (a round whose trees
         # are all just roots costs a plain decode step)
         largest = max(nodes for _, nodes in config.variants())
-        smaller = {1, largest // 2, largest // 4} - {0}
+        smaller = {1} if config.uses_draft_head else {1, largest // 2, largest // 4} - {0}  # draft-head trees are full
         self.budgets = tuple(sorted({nodes for _, nodes in config.variants()} | smaller))
         self.path_len = max(depth for depth, _ in config.variants()) + 1
         self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
@@ -74,7 +74,7 @@ class SpeculativeDecoder:
     def shapes(self) -> list:
         """Every verification (and drafting) shape a round can take: what warm-up compiles."""
         shapes = [TreeShape(rows, nodes, self.path_len, kv) for rows in self.row_buckets for nodes in self.budgets
-                  for kv in self.kv_buckets if kv > nodes]
+                  for kv in self.kv_buckets]
         return shapes + (self.drafter.shapes() if hasattr(self.drafter, "shapes") else [])
 
     def eligible(self, decodes: list[Sequence], has_prefills: bool) -> bool:
@@ -105,10 +105,10 @@ class SpeculativeDecoder:
         rate = tokens / seconds
         self.rates[key] = rate if key not in self.rates else 0.8 * self.rates[key] + 0.2 * rate
 
-    def _fit(self, seq: Sequence, tree: DraftTree) -> DraftTree:
-        """Cut the tree to what the context limit and the free pages allow (at worst the root alone)
-        and to the deepest path a verify step commits."""
-        limit = min(tree.num_nodes, self.max_model_len - seq.num_computed)
+    def _fit(self, seq: Sequence, tree: DraftTree, cap: int) -> DraftTree:
+        """Cut the tree to cap nodes, to what the free pages allow (at worst the root alone) and to
+        the deepest path a verify step commits."""
+        limit = min(tree.num_nodes, cap, self.max_model_len - seq.num_computed)
         while limit > 1 and not self.block_manager.can_append(seq, limit):
             limit = 1 if limit <= 2 else limit // 2
         tree = tree.prune(self.path_len - 1, limit)
@@ -120,11 +120,14 @@ class SpeculativeDecoder:
         and the bonus token) and, if it asked for them, their logprobs as (logprob, {id: logprob}).
         Each request's num_computed already counts the committed path; the caller appends the tokens
         to the outputs, then calls ``release``."""
-        budget = self.budgets[-1]
-        trees = [self._fit(seq, tree) for seq, tree in zip(seqs, self.drafter.propose(seqs, budget), strict=True)]
+        # near the context limit the batch takes a smaller budget: committed + nodes must fit a KV bucket
+        longest = max(s.num_computed for s in seqs)
+        cap = max(b for b in self.budgets if b == 1 or longest + b <= self.kv_buckets[-1])
+        proposed = self.drafter.propose(seqs, cap)
+        trees = [self._fit(seq, tree, cap) for seq, tree in zip(seqs, proposed, strict=True)]
         num_nodes = next(b for b in self.budgets if b >= max(tree.num_nodes for tree in trees))
         rows = next(r for r in self.row_buckets if r >= len(seqs))
-        kv_tokens = next(kv for kv in self.kv_buckets if kv >= max(s.num_computed for s in seqs) + num_nodes)
+        kv_tokens = next(kv for kv in self.kv_buckets if kv >= longest + num_nodes)
         shape = TreeShape(rows, num_nodes, self.path_len, kv_tokens)
         runner = self.runner
         batch = build_tree_input(seqs, pack(trees, rows, num_nodes), shape, self.block_manager.page_size,

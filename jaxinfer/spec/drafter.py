@@ -25,7 +25,7 @@ class EagleDrafter:
         self.policy = RoundPolicy.from_config(config)
         self.depth = max(depth for depth, _ in self.policy.variants)
         self.row_buckets = row_buckets
-        self.kv_buckets = scheduler_config.kv_buckets
+        self.kv_buckets = scheduler_config.decode_kv_buckets
         self.record = record
         self.records: list[tuple[float, int, int]] = []  # (H*, terminal rank, accepted)
         self.bin_counts = [0, 0, 0, 0]

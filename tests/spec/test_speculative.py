@@ -23,8 +23,8 @@ class OracleDrafter:
     """Trees around the known continuation (from a plain run): a true prefix of random length, often
     one wrong guess after it, and random side branches; random sizes up to the budget."""
 
-    def __init__(self, truth: dict[tuple, list[int]], vocab: int, depth: int = 5, seed: int = 0):
-        self.truth, self.vocab, self.depth = truth, vocab, depth
+    def __init__(self, truth: dict[tuple, list[int]], vocab: int, depth: int = 5, seed: int = 0, full: bool = False):
+        self.truth, self.vocab, self.depth, self.full = truth, vocab, depth, full
         self.rng = np.random.default_rng(seed)
 
     def propose(self, seqs, num_nodes):
@@ -37,7 +37,10 @@ class OracleDrafter:
                 main.append(int(rng.integers(3, self.vocab)))
             paths = [main] + [list(rng.integers(3, self.vocab, rng.integers(1, 4))) for _ in range(rng.integers(0, 3))]
             rng.shuffle(paths)
-            trees.append(trie(seq.output_ids[-1], paths, int(rng.integers(1, num_nodes + 1))))
+            size = num_nodes if self.full else int(rng.integers(1, num_nodes + 1))
+            if self.full:
+                paths.append(list(rng.integers(3, self.vocab, num_nodes)))  # fills the budget
+            trees.append(trie(seq.output_ids[-1], paths, size))
         return trees
 
     def observe(self, seqs, result):
@@ -138,14 +141,15 @@ def test_large_batches_and_penalties_fall_back_to_plain_decoding(plain):
     tiny_engine.assert_no_leaks(eng)
 
 
-def test_trees_shrink_under_page_pressure_without_leaks(plain):
+def test_trees_shrink_under_page_pressure_and_at_the_context_limit_without_leaks(plain):
     small = dict(num_pages=24, max_model_len=40, kv_buckets=(40,))
-    params = SamplingParams(max_tokens=28, ignore_eos=True)
-    expected = _outputs(tiny_engine.engine(**small), params)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)  # runs into the context limit
+    expected = tiny_engine.engine(**small).generate(PROMPTS, params)
+    assert all(o.finish_reason == "length" for o in expected)
     eng = _oracle_engine(**small)
-    truth = {tuple(p): out for p, out in zip(PROMPTS, expected, strict=True)}
-    eng.spec.drafter = OracleDrafter(truth, tiny_engine.VOCAB, seed=4)
-    assert _outputs(eng, params) == expected
+    truth = {tuple(p): o.output_ids for p, o in zip(PROMPTS, expected, strict=True)}
+    eng.spec.drafter = OracleDrafter(truth, tiny_engine.VOCAB, seed=4, full=True)
+    assert [o.output_ids for o in eng.generate(PROMPTS, params)] == [o.output_ids for o in expected]
     tiny_engine.assert_no_leaks(eng)
 
 

@@ -352,7 +352,7 @@ def main() -> None:
     parser.add_argument("--decay", type=float, default=0.8, help="loss weight of TTT step j is decay**j")
     parser.add_argument("--window", type=int, default=256, help="tokens per training window")
     parser.add_argument("--batch", type=int, default=4, help="windows per optimizer step")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--weight-decay", type=float, default=0.01)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 from jaxinfer.compile_cache import enable_compilation_cache
-from jaxinfer.config import EngineConfig, SchedulerConfig, SpeculativeConfig
+from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.loader import DEFAULT_MODEL, load_model
 from jaxinfer.sampling_params import SamplingParams
@@ -83,37 +84,49 @@ def main(argv=None) -> int:
     parser.add_argument("--nodes", type=int, default=SpeculativeConfig().num_nodes)
     parser.add_argument("--budgets", default="", help="also sweep the verify budget (nodes) at batch 1, T=0, "
                                                       "e.g. 4,8,16,32 (first dataset)")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="let the engine fall back to plain steps where rounds measure slower (default: off, "
+                             "every eligible step is a round, which measures the method itself)")
+    parser.add_argument("--no-grid", action="store_true", help="only the verify-budget sweep")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     enable_compilation_cache()
     loaded = load_model(args.model, "float32")
     tokenizer = loaded.tokenizer
-    scheduler = SchedulerConfig(max_num_seqs=4, max_model_len=2048, decode_buckets=(1, 2, 4),
-                                prefill_buckets=(64, 128, 256), kv_buckets=(512, 2048))
+    # one KV bucket: prompts (< 400 tokens) plus outputs fit, and every method compiles few shapes
+    scheduler = SchedulerConfig(max_num_seqs=4, max_model_len=1024, decode_buckets=(1, 2, 4),
+                                prefill_buckets=(64, 128, 256), kv_buckets=(1024,))
+    cache = CacheConfig(kv_memory_gib=0.25)  # many engines live at once: a small pool each
     engines: dict[tuple[str, int], Engine] = {}
 
     def engine_for(method: str, nodes: int) -> Engine:
         if (method, nodes) not in engines:
             spec = SpeculativeConfig(method="off" if method == "plain" else method, depth=args.depth,
-                                     top_k=args.top_k, num_nodes=nodes)
+                                     top_k=args.top_k, num_nodes=nodes, adaptive=args.adaptive)
             spec, head = prepare_speculative(spec, args.model)
-            engines[(method, nodes)] = Engine(loaded.model, tokenizer, EngineConfig(scheduler=scheduler,
+            engines[(method, nodes)] = Engine(loaded.model, tokenizer, EngineConfig(cache=cache, scheduler=scheduler,
                                                                                     speculative=spec), head)
         return engines[(method, nodes)]
 
     methods = args.methods.split(",")
     rows = []
+    meta = dict(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()} {os.cpu_count()} cores",
+                model=args.model, num_prompts=args.num_prompts, max_tokens=args.max_tokens, depth=args.depth,
+                top_k=args.top_k, nodes=args.nodes, adaptive=args.adaptive, python=sys.version.split()[0])
     header = (f"{'dataset':<9} {'B':>2} {'T':>3} {'method':<11} {'nodes':>5} {'tok/s':>7} {'speedup':>8} {'tau':>5} "
               f"{'calls':>6} {'verified':>9} {'equal':>6}")
     print(header)
 
     def report(row):
         rows.append(row)
+        if args.json:  # written as it goes: a crash keeps what was measured
+            Path(args.json).write_text(json.dumps(dict(meta=meta, rows=[
+                {k: v for k, v in r.items() if k != "outputs"} for r in rows]), indent=1))
         print(f"{row['dataset']:<9} {row['batch']:>2} {row['temperature']:>3g} {row['method']:<11} {row['nodes']:>5} "
               f"{row['tokens_per_second']:>7.1f} {row['speedup']:>7.2f}x {row['tau']:>5.2f} {row['target_calls']:>6} "
               f"{row['verified_tokens']:>9} {str(row.get('equal_to_plain', '')):>6}", flush=True)
 
-    for dataset in args.datasets.split(","):
+    for dataset in ([] if args.no_grid else args.datasets.split(",")):
         texts = held_out_prompts(dataset, args.num_prompts)
         prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
         for batch in (int(b) for b in args.batches.split(",")):
@@ -143,14 +156,6 @@ def main(argv=None) -> int:
                 report({"dataset": dataset, "batch": 1, "temperature": 0.0, "method": method, "nodes": nodes,
                         "sweep": True, **out, "speedup": out["tokens_per_second"] / plain["tokens_per_second"],
                         "equal_to_plain": out["outputs"] == plain["outputs"]})
-    if args.json:
-        meta = dict(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()} {platform.processor()} "
-                    f"{__import__('os').cpu_count()} cores", model=args.model, num_prompts=args.num_prompts,
-                    max_tokens=args.max_tokens, depth=args.depth, top_k=args.top_k, nodes=args.nodes,
-                    python=sys.version.split()[0])
-        for row in rows:
-            row.pop("outputs", None)
-        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return 0
 
 

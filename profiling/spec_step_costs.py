@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--batches", default="1,4")
-    parser.add_argument("--nodes", default="1,2,4,8,16,32")
+    parser.add_argument("--nodes", default="2,4,8,16,32")
     parser.add_argument("--context", type=int, default=256, help="committed tokens per request")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default="")
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
             result = runner.execute(out, shape)
             engine._postprocess(out, result, shape.num_decode)
         seqs = list(engine.scheduler.running)
+        for seq in seqs:  # pages for the decode token and the largest tree
+            blocks.append(seq, max(nodes_list) + 1)
 
         def timed(run) -> float:
             run()  # compile / warm
@@ -75,8 +77,6 @@ def main(argv=None) -> int:
         for nodes in nodes_list:
             trees = [DraftTree(np.asarray([s.token(s.num_computed)] + [5] * (nodes - 1), np.int32),
                                np.asarray([-1] + [0] * (nodes - 1), np.int32)) for s in seqs]
-            for seq in seqs:
-                blocks.append(seq, nodes)
             tree_shape = TreeShape(next(r for r in engine.spec.row_buckets if r >= batch), nodes,
                                    engine.spec.path_len, 512)
             tree_batch = build_tree_input(seqs, pack(trees, tree_shape.num_rows, nodes), tree_shape,

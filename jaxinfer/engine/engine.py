@@ -193,9 +193,9 @@ class Engine:
         speculate = self.spec is not None and self.spec.eligible(out.decodes, bool(out.prefills))
         generated = self.generated_tokens_total
         compile_seconds = self.runner.compile_seconds
-        if speculate:
-            outputs = self._speculate(out.decodes)
-        else:
+        outputs = self._speculate(out.decodes) if speculate else None
+        if outputs is None:
+            speculate = False
             shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
             result = self.runner.execute(out, shape)
             with jax.profiler.TraceAnnotation("detokenize"):
@@ -232,9 +232,12 @@ class Engine:
             outputs.append(self._advance(seq, [int(result.tokens[row])], [logprob], now))
         return outputs
 
-    def _speculate(self, decodes: list[Sequence]) -> list[RequestOutput]:
-        """One speculative round for the decoding requests: each gains one or more tokens."""
+    def _speculate(self, decodes: list[Sequence]) -> list[RequestOutput] | None:
+        """One speculative round for the decoding requests: each gains one or more tokens (None: no
+        round, nothing was drafted)."""
         emitted = self.spec.step(decodes)
+        if emitted is None:
+            return None
         now = time.perf_counter()
         outputs = []
         with jax.profiler.TraceAnnotation("detokenize"):

@@ -60,10 +60,10 @@ class SpeculativeDecoder:
         self.block_manager = block_manager
         self.row_buckets = _powers_of_two(config.max_batch)
         self.kv_buckets = scheduler_config.decode_kv_buckets  # like decode steps: attention over padded slots costs
-        # verify shapes: every variant's budget, and smaller ones for small trees (a round whose trees
-        # are all just roots costs a plain decode step)
+        # verify shapes: every variant's budget, and for n-gram trees smaller ones
+        # (rounds whose trees are all bare roots run as plain decode steps instead; draft-head trees are full)
         largest = max(nodes for _, nodes in config.variants())
-        smaller = {1} if config.uses_draft_head else {1, largest // 2, largest // 4} - {0}  # draft-head trees are full
+        smaller = set() if config.uses_draft_head else {largest // 2, largest // 4} - {0, 1}
         self.budgets = tuple(sorted({nodes for _, nodes in config.variants()} | smaller))
         self.path_len = max(depth for depth, _ in config.variants()) + 1
         self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
@@ -90,7 +90,7 @@ class SpeculativeDecoder:
             spec_rate, plain_rate = self.rates.get(("spec", rows)), self.rates.get(("plain", rows))
             probe = self._decisions % PROBE_EVERY
             if plain_rate is None or probe == 0:
-                ok = spec_rate is not None and probe != 0  # measure plain once, and again every PROBE_EVERY
+                ok = False  # measure plain steps first, and again every PROBE_EVERY decisions
             elif spec_rate is not None and probe != 1:
                 ok = spec_rate >= plain_rate
         if not ok:
@@ -115,16 +115,22 @@ class SpeculativeDecoder:
         self.block_manager.append(seq, tree.num_nodes)
         return tree
 
-    def step(self, seqs: list[Sequence]) -> list[tuple[list[int], list | None]]:
+    def step(self, seqs: list[Sequence]) -> list[tuple[list[int], list | None]] | None:
         """Verify one drafted tree per request. Returns per request the emitted tokens (accepted drafts
-        and the bonus token) and, if it asked for them, their logprobs as (logprob, {id: logprob}).
+        and the bonus token) and, if it asked for them, their logprobs as (logprob, {id: logprob});
+        None when nothing was drafted (or no budget fits the context): the caller decodes plainly.
         Each request's num_computed already counts the committed path; the caller appends the tokens
         to the outputs, then calls ``release``."""
         # near the context limit the batch takes a smaller budget: committed + nodes must fit a KV bucket
         longest = max(s.num_computed for s in seqs)
-        cap = max(b for b in self.budgets if b == 1 or longest + b <= self.kv_buckets[-1])
+        fitting = [b for b in self.budgets if longest + b <= self.kv_buckets[-1]]
+        if not fitting:
+            return None
+        cap = max(fitting)
         proposed = self.drafter.propose(seqs, cap)
         trees = [self._fit(seq, tree, cap) for seq, tree in zip(seqs, proposed, strict=True)]
+        if max(tree.num_nodes for tree in trees) == 1:
+            return None  # nothing drafted: a plain decode step does the same for less
         num_nodes = next(b for b in self.budgets if b >= max(tree.num_nodes for tree in trees))
         rows = next(r for r in self.row_buckets if r >= len(seqs))
         kv_tokens = next(kv for kv in self.kv_buckets if kv >= longest + num_nodes)

@@ -49,6 +49,11 @@ def _engine(method="eagle", **spec):
     return Engine(_target(), tiny_engine.CharTokenizer(), config, draft_head=_head() if method != "off" else None)
 
 
+@functools.cache
+def _plain_outputs():
+    return [o.output_ids for o in _engine("off").generate(PROMPTS, GREEDY)]
+
+
 def _features(tokens):
     """Target features of every token by a direct prefill (no engine)."""
     model = _target()
@@ -98,7 +103,7 @@ def test_draft_kv_matches_a_direct_computation(oracle):
     """Chunked prefill (21 tokens in chunks of 16: the pair across the chunk boundary comes from the
     pending feature), decodes and mixed steps, then speculative rounds (with the oracle drafter:
     long accepted paths, whose draft KV the verify step writes)."""
-    plain = [o.output_ids for o in _engine("off").generate(PROMPTS, GREEDY)]
+    plain = _plain_outputs()
     eng = _engine()
     if oracle:
         eng.spec.drafter = OracleDrafter({tuple(p): o for p, o in zip(PROMPTS, plain, strict=True)}, VOCAB, seed=9)
@@ -175,7 +180,7 @@ def jax_log_softmax(x):
 
 
 def test_eagle_and_heterospec_greedy_equal_plain():
-    plain = [o.output_ids for o in _engine("off").generate(PROMPTS, GREEDY)]
+    plain = _plain_outputs()
     eng = _engine("eagle")
     eng.spec.drafter.record = True
     assert [o.output_ids for o in eng.generate(PROMPTS, GREEDY)] == plain

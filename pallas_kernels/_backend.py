@@ -7,11 +7,13 @@ never inspects devices itself.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 IMPLS = ("auto", "pallas", "reference")
@@ -60,3 +62,43 @@ def online_softmax_step(carry, scores, visible, values, mask_value: float):
     l_next = alpha * l_prev + jnp.sum(probs, axis=1, keepdims=True)
     acc_next = alpha * acc_prev + jnp.dot(probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
     return m_next, l_next, acc_next
+
+
+def paged_kv_loader(scratch, k_pages_ref, v_pages_ref, page_indices_ref, kv_head, first_page, pages_per_block: int,
+                    num_steps):
+    """load_kv(step) -> (k, v) [pages_per_block * L, D]: the pages page_indices_ref[first_page(step) + i].
+
+    Mosaic (scratch = k_buf, v_buf, sems): the pools stay in HBM; step s's pages are DMA'd into
+    buffer slot s % 2 while step s - 1 computes on the other slot (the first fetch starts here).
+    Triton and the generic interpreter (no scratch): the step's pages are gathered from the pool."""
+    page_size, head_dim = v_pages_ref.shape[-2], v_pages_ref.shape[-1]
+    kv_block = pages_per_block * page_size
+    if not scratch:
+        def gather(step):
+            pages = page_indices_ref[pl.ds(first_page(step), pages_per_block)]
+            return k_pages_ref[pages].reshape(kv_block, head_dim), v_pages_ref[pages].reshape(kv_block, head_dim)
+        return gather
+    k_buf, v_buf, sems = scratch
+
+    def copies(step):
+        slot = lax.rem(step, 2)
+        for i in range(pages_per_block):
+            page = page_indices_ref[first_page(step) + i]
+            for which, (pool, buf) in enumerate(((k_pages_ref, k_buf), (v_pages_ref, v_buf))):
+                yield pltpu.make_async_copy(pool.at[kv_head, page], buf.at[slot, pl.ds(i * page_size, page_size)],
+                                            sems.at[which, slot])
+
+    def start_fetch(step):
+        for copy in copies(step):
+            copy.start()
+
+    pl.when(num_steps > 0)(functools.partial(start_fetch, 0))
+
+    def load(step):
+        for copy in copies(step):
+            copy.wait()
+        pl.when(step + 1 < num_steps)(functools.partial(start_fetch, step + 1))
+        slot = lax.rem(step, 2)
+        return k_buf[slot], v_buf[slot]
+
+    return load

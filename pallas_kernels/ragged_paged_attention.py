@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import online_softmax_step, resolve_interpret, run_kernel
+from pallas_kernels._backend import online_softmax_step, paged_kv_loader, resolve_interpret, run_kernel
 
 MASK_VALUE = -1e30
 
@@ -72,36 +72,8 @@ def _ragged_paged_attention_kernel(
     def first_page(step):
         return seq * pages_per_seq + step * pages_per_block
 
-    if scratch:
-        # Mosaic: the pools stay in HBM; step s's pages are DMA'd into buffer slot s % 2 while
-        # step s - 1 computes on the other slot.
-        k_buf, v_buf, sems = scratch
-
-        def copies(step):
-            slot = lax.rem(step, 2)
-            for i in range(pages_per_block):
-                page = page_indices_ref[first_page(step) + i]
-                for which, (pool, buf) in enumerate(((k_pages_ref, k_buf), (v_pages_ref, v_buf))):
-                    yield pltpu.make_async_copy(pool.at[kv_head, page],
-                                                buf.at[slot, pl.ds(i * page_size, page_size)], sems.at[which, slot])
-
-        def start_fetch(step):
-            for copy in copies(step):
-                copy.start()
-
-        pl.when(num_steps > 0)(functools.partial(start_fetch, 0))
-
-        def load_kv(step):
-            for copy in copies(step):
-                copy.wait()
-            pl.when(step + 1 < num_steps)(functools.partial(start_fetch, step + 1))
-            slot = lax.rem(step, 2)
-            return k_buf[slot], v_buf[slot]
-    else:
-        # Triton and the generic interpreter: gather the step's pages straight from the pool.
-        def load_kv(step):
-            pages = page_indices_ref[pl.ds(first_page(step), pages_per_block)]
-            return (k_pages_ref[pages].reshape(kv_block, head_dim), v_pages_ref[pages].reshape(kv_block, head_dim))
+    load_kv = paged_kv_loader(scratch, k_pages_ref, v_pages_ref, page_indices_ref, kv_head, first_page,
+                              pages_per_block, num_steps)
 
     q = q_ref[...]
     # Row g * block_q + i holds query i of the block, at position pos0 + i (rows past G * block_q

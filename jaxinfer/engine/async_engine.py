@@ -16,7 +16,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 
 from jaxinfer.engine.engine import Engine, EngineMetrics
@@ -33,7 +33,9 @@ class EngineDeadError(RuntimeError):
 class RequestStream:
     """The outputs of one request, in order; the last one has ``finished`` set."""
 
-    def __init__(self, request_id: str, owner: AsyncEngine):
+    def __init__(self, request_id: str, owner):
+        """owner: what ``abort(request_id)`` goes to when the consumer leaves early (the engine, or
+        the cluster of replicas the request may move between)."""
         self.request_id = request_id
         self._owner = owner
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -66,8 +68,11 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, *, idle_wait_seconds: float = 0.05):
+    def __init__(self, engine: Engine, *, idle_wait_seconds: float = 0.05,
+                 on_finish: Callable[[RequestOutput], None] | None = None):
+        """on_finish: called on the loop thread with the last output of every request."""
         self.engine = engine
+        self._on_finish = on_finish
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._idle_wait = idle_wait_seconds
@@ -87,11 +92,11 @@ class AsyncEngine:
         return self._error is None and self._thread.is_alive()
 
     async def add_request(self, prompt: str | Seq[int], params: SamplingParams,
-                          request_id: str | None = None) -> RequestStream:
+                          request_id: str | None = None, owner=None) -> RequestStream:
         if not self.alive:
             raise EngineDeadError(f"engine is not running ({self._error or 'stopped'})")
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        stream = RequestStream("", self)
+        stream = RequestStream("", owner or self)
         self._commands.put(("add", (prompt, params, request_id, stream), accepted))
         stream.request_id = await asyncio.wrap_future(accepted)
         return stream
@@ -104,6 +109,37 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
+
+    async def call(self, function: Callable[[AsyncEngine], object]):
+        """Run ``function(self)`` on the loop thread between two steps; returns its result."""
+        if not self.alive:
+            raise EngineDeadError(f"engine is not running ({self._error or 'stopped'})")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", function, done))
+        return await asyncio.wrap_future(done)
+
+    # -- migration (loop thread, through call) -----------------------------------------------------
+
+    def detach(self, request_id: str, first_page: int, destination):
+        """Stop a request for a migration; returns (its MovingRequest, its stream) or None."""
+        moving = self.engine.migration.detach(request_id, first_page, destination)
+        if moving is None:
+            return None
+        self._metrics = self.engine.metrics()
+        return moving, self._streams.pop(request_id, None)
+
+    def reattach(self, request_id: str, stream: RequestStream | None) -> None:
+        self.engine.migration.reattach(request_id)
+        if stream is not None:
+            self._streams[request_id] = stream
+        self._metrics = self.engine.metrics()
+
+    def commit(self, moving, stream: RequestStream | None) -> None:
+        """Install an arriving request; its outputs from now on go to ``stream``."""
+        self.engine.migration.commit(moving)
+        if stream is not None:
+            self._streams[moving.seq.request_id] = stream
+        self._metrics = self.engine.metrics()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort everything in flight and stop the loop thread."""
@@ -153,6 +189,11 @@ class AsyncEngine:
             self._streams[request_id] = stream
             self._metrics = self.engine.metrics()
             accepted.set_result(request_id)
+        elif kind == "call":
+            try:
+                accepted.set_result(payload(self))
+            except Exception as exc:  # noqa: BLE001 - the caller gets the error; the engine carries on
+                accepted.set_exception(exc)
         elif kind == "abort":
             final = self.engine.abort(payload)
             if final is not None:
@@ -163,9 +204,13 @@ class AsyncEngine:
         stream = self._streams.get(output.request_id)
         if output.finished:
             self._streams.pop(output.request_id, None)
+            if self._on_finish is not None:
+                self._on_finish(output)
         if stream is not None and not stream._put(output) and not output.finished:
             self._streams.pop(output.request_id, None)
-            self.engine.abort(output.request_id)
+            final = self.engine.abort(output.request_id)
+            if final is not None and self._on_finish is not None:
+                self._on_finish(final)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
@@ -179,5 +224,5 @@ class AsyncEngine:
                 kind, _payload, accepted = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
+            if kind in ("add", "call"):
                 accepted.set_exception(EngineDeadError("engine is not running"))

@@ -94,7 +94,10 @@ class BlockManager:
 
     def trim(self, seq: Sequence) -> None:
         """Release the pages past seq's computed tokens (allocated for a speculative round's tree)."""
-        keep = max(self.pages_needed(seq.num_computed), 1)
+        self.free_tail(seq, max(self.pages_needed(seq.num_computed), 1))
+
+    def free_tail(self, seq: Sequence, keep: int) -> None:
+        """Release seq's pages past its first ``keep``."""
         for page in reversed(seq.pages[keep:]):
             self.ref_counts[page] -= 1
             if self.ref_counts[page] == 0:

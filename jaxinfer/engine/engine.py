@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from typing import NamedTuple
 
 import jax
 from flax import nnx
@@ -20,6 +21,7 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.batch import step_shape
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.engine.migration import MigrationPort
 from jaxinfer.engine.model_runner import ModelRunner, StepResult
 from jaxinfer.engine.request_output import RequestOutput, TextStream, TokenLogprob, metrics_of
 from jaxinfer.engine.scheduler import Scheduler
@@ -30,6 +32,16 @@ from jaxinfer.spec.drafter import EagleDrafter
 from jaxinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+class RequestState(NamedTuple):
+    """One request in a metrics snapshot (what a router needs to place and move it)."""
+
+    request_id: str
+    prompt_len: int
+    context_len: int  # prompt + generated
+    max_tokens: int
+    running: bool  # has KV pages (False: waiting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +67,15 @@ class EngineMetrics:
     spec_verified_tokens: int = 0  # tree nodes the target verified
     spec_accepted_tokens: int = 0  # draft tokens accepted
     spec_fallback_steps: int = 0  # decode steps that could not speculate
+    requests: tuple[RequestState, ...] = ()
+    waiting_pages: int = 0  # pages the waiting requests need to be admitted
 
 
 class Engine:
     def __init__(self, model: nnx.Module, tokenizer: Tokenizer, config: EngineConfig | None = None,
-                 draft_head: nnx.Module | None = None):
-        """draft_head: the EAGLE draft head speculative methods 'eagle' and 'heterospec' need."""
+                 draft_head: nnx.Module | None = None, mesh: jax.sharding.Mesh | None = None):
+        """draft_head: the EAGLE draft head speculative methods 'eagle' and 'heterospec' need; mesh: the
+        devices of this replica group (jaxinfer.engine.placement), None for the default device."""
         config = config or EngineConfig()
         spec = config.speculative
         if spec.uses_draft_head and draft_head is None:
@@ -94,13 +109,14 @@ class Engine:
                                    block_size=sparse.unisparse.block_size)
         self.runner = ModelRunner(model, self.model_config, self.scheduler_config, num_pages, page_size,
                                   attention_impl=config.attention_impl, max_logprobs=config.max_logprobs,
-                                  sparse_prefill=sparse, draft_head=draft_head)
+                                  sparse_prefill=sparse, draft_head=draft_head, mesh=mesh)
         self.spec = None
         if spec.enabled:
             self.spec = SpeculativeDecoder(spec, self.scheduler_config, self.runner, self.block_manager)
             if spec.uses_draft_head:
                 self.spec.drafter = EagleDrafter(spec, self.scheduler_config, self.runner, self.spec.row_buckets)
         self._streams: dict[str, TextStream] = {}
+        self.migration = MigrationPort(self)
         self._ids = itertools.count()
         self._eos_ids = frozenset(tokenizer.eos_ids)
         self.num_steps = 0
@@ -290,6 +306,9 @@ class Engine:
     def metrics(self) -> EngineMetrics:
         blocks = self.block_manager
         hit_rate = blocks.prefix_hit_tokens / blocks.prefix_query_tokens if blocks.prefix_query_tokens else 0.0
+        requests = tuple(RequestState(s.request_id, len(s.prompt_ids), s.num_tokens, s.params.max_tokens,
+                                      s.status is SequenceStatus.RUNNING)
+                         for s in (*self.scheduler.running, *self.scheduler.waiting))
         return EngineMetrics(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_pages_used=blocks.num_used, kv_pages_free=blocks.num_free, kv_pages_total=blocks.num_pages,
@@ -299,7 +318,9 @@ class Engine:
             last_step_decode_tokens=self.last_step_decode_tokens,
             num_steps=self.num_steps, num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_hit_rate=hit_rate, generated_tokens_total=self.generated_tokens_total,
-            prompt_tokens_total=self.prompt_tokens_total, **self._spec_metrics())
+            prompt_tokens_total=self.prompt_tokens_total, requests=requests,
+            waiting_pages=sum(blocks.pages_needed(s.num_tokens) for s in self.scheduler.waiting),
+            **self._spec_metrics())
 
     def _spec_metrics(self) -> dict[str, int]:
         if self.spec is None:

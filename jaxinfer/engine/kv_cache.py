@@ -45,3 +45,22 @@ class KVPages:
         """extra_layers: layers past the model's (a draft head's), at page offsets num_layers * P, ..."""
         shape = cls.shape(config, num_pages, page_size, extra_layers)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), num_pages=num_pages)
+
+
+def _layer_index(kv: KVPages, pages: jax.Array) -> jax.Array:
+    """[layers, n] pool entries of the given pages in every layer (padding pages map past the pool)."""
+    layers = kv.k.shape[1] // kv.num_pages
+    return jnp.arange(layers, dtype=jnp.int32)[:, None] * kv.num_pages + pages[None, :]
+
+
+def gather_pages(kv: KVPages, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values of ``pages`` in every layer, [K, layers, n, L, D] each (for a migration)."""
+    index = _layer_index(kv, pages)
+    return kv.k.at[:, index].get(mode="clip"), kv.v.at[:, index].get(mode="clip")
+
+
+def scatter_pages(kv: KVPages, pages: jax.Array, k: jax.Array, v: jax.Array) -> KVPages:
+    """Write gathered pages into ``pages`` (entries >= num_pages are padding and dropped)."""
+    index = jnp.where(pages[None, :] < kv.num_pages, _layer_index(kv, pages), kv.k.shape[1])
+    return KVPages(kv.k.at[:, index].set(k.astype(kv.k.dtype), mode="drop"),
+                   kv.v.at[:, index].set(v.astype(kv.v.dtype), mode="drop"), kv.num_pages)

@@ -20,7 +20,8 @@ from flax import nnx
 
 from jaxinfer.config import ModelConfig, SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.batch import BatchBuilder, SampleInput, StepInput, StepShape, all_step_shapes
-from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.engine.kv_cache import KVPages, gather_pages, scatter_pages
+from jaxinfer.engine.placement import place_state, replicate
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.sampler import apply_penalties, logprobs, sample
 from jaxinfer.spec.batch import DraftShape, TreeInput, TreeShape, build_draft_input, build_tree_input
@@ -112,20 +113,29 @@ def _sample_step(num_top: int, logits: jax.Array, sampler: SamplerState, batch: 
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, scheduler_config: SchedulerConfig,
                  num_pages: int, page_size: int, *, attention_impl: str = "auto", max_logprobs: int = 20,
-                 sparse_prefill: SparsePrefillConfig | None = None, draft_head: nnx.Module | None = None):
+                 sparse_prefill: SparsePrefillConfig | None = None, draft_head: nnx.Module | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
         """draft_head: an EAGLE draft head; its KV becomes one more layer of the pool and every step
-        keeps it in step with the target (see jaxinfer.spec.eagle)."""
+        keeps it in step with the target (see jaxinfer.spec.eagle). mesh: the replica group's devices
+        (see jaxinfer.engine.placement); None: the default device."""
         self.model_config = model_config
         self.scheduler_config = scheduler_config
         self.graphdef, model_state = nnx.split(model)
         self.head_graphdef, head_state = nnx.split(draft_head) if draft_head is not None else (None, None)
         self.state = (model_state, head_state)
+        self.mesh = mesh
         self.draft_config = draft_head.config if draft_head is not None else None
         dtype = model.embed_tokens[...].dtype
         self.kv = KVPages.init(model_config, num_pages, page_size, dtype, extra_layers=int(draft_head is not None))
         features = 3 * model_config.hidden_size if draft_head is not None else 0
         self.sampler = SamplerState.init(scheduler_config.max_num_seqs, model_config.vocab_size, features)
         self.impl = resolve_impl(attention_impl)
+        if mesh is not None:
+            if mesh.devices.size > 1 and self.impl == "pallas":
+                raise ValueError("replica groups of several devices need attention_impl='reference' (the Pallas "
+                                 "kernels are not wrapped in shard_map yet); use one device per replica")
+            self.state = place_state(self.state, mesh)
+            self.kv, self.sampler = replicate((self.kv, self.sampler), mesh)
         self.interpret = resolve_interpret() if self.impl == "pallas" else False
         self.max_logprobs = max_logprobs
         self.sparse_prefill = sparse_prefill
@@ -134,7 +144,7 @@ class ModelRunner:
         self._forward = jax.jit(functools.partial(_forward_step, self.graphdef, self.head_graphdef),
                                 donate_argnums=(1, 2))
         self._sample = jax.jit(functools.partial(_sample_step, max_logprobs), donate_argnums=(1,))
-        self._executables: dict[StepShape | TreeShape | DraftShape | int, Callable] = {}
+        self._executables: dict[StepShape | TreeShape | DraftShape | int | tuple | str, Callable] = {}
         self.num_compiles = 0
         self.compile_seconds = 0.0
         self.last_shape: StepShape | None = None
@@ -220,3 +230,90 @@ class ModelRunner:
         if len(results) == 1:
             return StepResult(results[0], None, None, None)
         return StepResult(*results)
+
+    # -- migration between replicas ---------------------------------------------------------------
+
+    def page_buckets(self) -> tuple[int, ...]:
+        """Page counts a migration transfer pads to (powers of two up to one request's pages)."""
+        buckets, size = [], 1
+        while size < self.builder.max_pages_per_seq:
+            buckets.append(size)
+            size *= 2
+        return (*buckets, self.builder.max_pages_per_seq)
+
+    def warm_up_migration(self) -> None:
+        """Compile the page export/import functions of every page bucket and the slot import."""
+        for bucket in self.page_buckets():
+            self._page_function("export", bucket)
+            self._page_function("import", bucket)
+        self._slot_import()
+
+    def _page_function(self, kind: str, bucket: int) -> Callable:
+        key = (kind, bucket)
+        executable = self._executables.get(key)
+        if executable is None:
+            pages = jax.ShapeDtypeStruct((bucket,), jnp.int32)
+            if kind == "export":
+                executable = self._compile(key, jax.jit(gather_pages), self.kv, pages)
+            else:
+                k, v = jax.eval_shape(gather_pages, self.kv, pages)
+                executable = self._compile(key, jax.jit(scatter_pages, donate_argnums=(0,)), self.kv, pages, k, v)
+        return executable
+
+    def _padded(self, pages: list[int], fill: int) -> tuple[np.ndarray, int]:
+        bucket = next(b for b in self.page_buckets() if b >= len(pages))
+        padded = np.full(bucket, fill, np.int32)
+        padded[:len(pages)] = pages
+        return padded, bucket
+
+    def export_pages(self, pages: list[int], destination: jax.sharding.Sharding | None = None):
+        """The KV of ``pages`` (all layers), padded to a page bucket and copied to ``destination``
+        (another replica's devices) if given: an opaque payload for ``import_pages``."""
+        if not pages:
+            return None
+        padded, bucket = self._padded(pages, 0)
+        with jax.profiler.TraceAnnotation("migration_export", pages=len(pages)):
+            k, v = self._page_function("export", bucket)(self.kv, padded)
+            if destination is not None:
+                k, v = jax.device_put((k, v), destination)
+        return k, v
+
+    def import_pages(self, pages: list[int], payload) -> None:
+        """Write an ``export_pages`` payload of as many pages into ``pages`` of this pool."""
+        if not pages:
+            return
+        k, v = payload
+        padded, bucket = self._padded(pages, 2**30)
+        if k.shape[2] != bucket:
+            raise ValueError(f"a payload of {k.shape[2]} pages does not fit {len(pages)} pages")
+        with jax.profiler.TraceAnnotation("migration_import", pages=len(pages)):
+            self.kv = self._page_function("import", bucket)(self.kv, padded, k, v)
+
+    @property
+    def kv_sharding(self) -> jax.sharding.Sharding:
+        return self.kv.k.sharding
+
+    def export_slot(self, slot: int) -> tuple[np.ndarray, ...]:
+        """A slot's penalty history (and draft head feature) as host arrays."""
+        rows = [self.sampler.output_counts[slot], self.sampler.prompt_mask[slot]]
+        if self.sampler.pending is not None:
+            rows.append(self.sampler.pending[slot])
+        return tuple(np.asarray(row) for row in jax.device_get(rows))
+
+    def _slot_import(self) -> Callable:
+        executable = self._executables.get("slot_import")
+        if executable is None:
+            def set_rows(sampler: SamplerState, slot, rows):
+                pending = sampler.pending if len(rows) < 3 else sampler.pending.at[slot].set(rows[2])
+                return SamplerState(sampler.output_counts.at[slot].set(rows[0]),
+                                    sampler.prompt_mask.at[slot].set(rows[1]), pending)
+            rows = [self.sampler.output_counts[0], self.sampler.prompt_mask[0]]
+            if self.sampler.pending is not None:
+                rows.append(self.sampler.pending[0])
+            rows = tuple(jax.ShapeDtypeStruct(r.shape, r.dtype) for r in rows)
+            executable = self._compile("slot_import", jax.jit(set_rows, donate_argnums=(0,)), self.sampler,
+                                       jax.ShapeDtypeStruct((), jnp.int32), rows)
+        return executable
+
+    def import_slot(self, slot: int, rows: tuple[np.ndarray, ...]) -> None:
+        self.sampler = self._slot_import()(self.sampler, np.int32(slot), rows)

@@ -142,7 +142,7 @@ class Scheduler:
         out = SchedulerOutput([], [], [], blocked=True)
         seq = next((s for s in self.running if self._blocked_ready(s)), None)
         if seq is None:
-            if not self.waiting or len(self.running) >= self.config.max_num_seqs or not self.is_long(self.waiting[0]):
+            if not self.waiting or not self._free_slots or not self.is_long(self.waiting[0]):
                 return None
             seq = self.waiting[0]
             hits = blocks.match_prefix(seq)
@@ -215,7 +215,7 @@ class Scheduler:
             budget -= num_new
             index += 1
 
-        while self.waiting and not out.preempted and budget > 0 and len(self.running) < config.max_num_seqs \
+        while self.waiting and not out.preempted and budget > 0 and self._free_slots \
                 and len(out.prefills) < config.max_prefill_seqs:
             seq = self.waiting[0]
             hits = blocks.match_prefix(seq)

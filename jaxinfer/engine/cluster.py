@@ -1,0 +1,300 @@
+"""Replica groups behind one router: N engines (one per sub-mesh, each with its own loop thread)
+presented to the serving front end like a single AsyncEngine.
+
+New requests go where the router's ``dispatch`` says. Every ``router.interval`` seconds the router
+sees a load snapshot of every replica and may order migrations, which run as asyncio tasks: live
+(pre-copy the request's complete KV pages while it keeps decoding at the source, then a short
+stop-and-copy and a commit at the destination) or by recompute (the destination prefills the
+tokens again), whichever the cost model says is cheaper. The request's stream object moves with
+it, so the client sees one unbroken token stream. A migration that fails at any point leaves the
+request running on exactly one replica: the source until the destination has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import queue
+import time
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
+
+from jaxinfer.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from jaxinfer.engine.engine import Engine, EngineMetrics
+from jaxinfer.engine.request_output import RequestOutput
+from jaxinfer.router.base import Migration, NewRequest, ReplicaLoad, RequestLoad, Router
+from jaxinfer.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from jaxinfer.router.cost_model import CostModel
+
+logger = logging.getLogger(__name__)
+
+MIGRATION_MODES = ("auto", "live", "recompute")
+
+
+class _Gone(Exception):
+    """The request finished, was aborted or was preempted at the source: nothing to move."""
+
+
+@dataclasses.dataclass
+class MigrationStats:
+    started: int = 0
+    completed: int = 0
+    live: int = 0
+    recompute: int = 0
+    refused: int = 0  # the destination had no room
+    gone: int = 0  # the request finished or stopped running first
+    failed: int = 0  # an error; the request stayed at the source
+    pages_copied: int = 0
+    pause_seconds: float = 0.0  # stop-and-copy time summed over completed migrations
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Cluster:
+    def __init__(self, engines: Seq[Engine], router: Router, *, migration: str = "auto",
+                 cost_model: CostModel | None = None, precopy_rounds: int = 3, last_round_pages: int = 16,
+                 max_migrations: int = 8):
+        if not engines:
+            raise ValueError("a cluster needs at least one engine")
+        if migration not in MIGRATION_MODES:
+            raise ValueError(f"migration must be one of {', '.join(MIGRATION_MODES)}, got {migration!r}")
+        self.replicas = [AsyncEngine(engine, on_finish=self._on_finish) for engine in engines]
+        self.engine = engines[0]  # tokenizer and limits (every replica has the same)
+        self.router = router
+        self.migration_mode = migration
+        self.cost_model = cost_model
+        self.precopy_rounds = precopy_rounds
+        self.last_round_pages = last_round_pages
+        self.max_migrations = max_migrations
+        self.stats = MigrationStats()
+        self.router_seconds = 0.0
+        self.router_decisions = 0
+        self._owner: dict[str, int] = {}  # request id -> replica running it
+        self._moving: dict[str, Migration] = {}
+        self._aborts: set[str] = set()  # aborted while moving: re-sent to the owner afterwards
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()  # from the replicas' loop threads
+        self._ids = itertools.count()
+        self._task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._started = time.monotonic()
+
+    # -- the AsyncEngine surface ------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return any(replica.alive for replica in self.replicas)
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        """All replicas' snapshots added up (sums of counts, the slowest last step)."""
+        snapshots = [replica.metrics for replica in self.replicas]
+        total = {}
+        for field in dataclasses.fields(EngineMetrics):
+            values = [getattr(m, field.name) for m in snapshots]
+            if field.name == "context_lengths":
+                total[field.name] = {k: v for m in values for k, v in m.items()}
+            elif field.name == "requests":
+                total[field.name] = tuple(r for m in values for r in m)
+            elif field.name in ("page_size",):
+                total[field.name] = values[0]
+            elif field.name in ("last_step_seconds",):
+                total[field.name] = max(values)
+            elif field.name == "prefix_cache_hit_rate":
+                total[field.name] = sum(values) / len(values)
+            else:
+                total[field.name] = sum(values)
+        return EngineMetrics(**total)
+
+    def loads(self) -> list[ReplicaLoad]:
+        """What the router sees: one snapshot per replica."""
+        in_flight = [0] * len(self.replicas)
+        for order in self._moving.values():
+            in_flight[order.src] += 1
+            in_flight[order.dst] += 1
+        loads = []
+        for index, replica in enumerate(self.replicas):
+            m = replica.metrics
+            requests = tuple(RequestLoad(r.request_id, r.prompt_len, r.context_len, r.max_tokens, r.running,
+                                         r.request_id in self._moving) for r in m.requests)
+            loads.append(ReplicaLoad(index, requests, m.kv_pages_used, m.kv_pages_total, m.page_size,
+                                     m.waiting_pages, in_flight[index], replica.alive, m.last_step_seconds))
+        return loads
+
+    async def add_request(self, prompt: str | Seq[int], params: SamplingParams,
+                          request_id: str | None = None) -> RequestStream:
+        """Route a new request to a replica and queue it there (errors as AsyncEngine.add_request)."""
+        self.start()
+        self._collect_finished()
+        if not self.alive:
+            raise EngineDeadError("no replica is running")
+        ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        request_id = f"cluster-{next(self._ids)}" if request_id is None else request_id
+        if request_id in self._owner:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        start = time.perf_counter()
+        try:
+            target = self.router.dispatch(NewRequest(request_id, len(ids), params.max_tokens), self.loads(),
+                                          time.monotonic() - self._started)
+        except RuntimeError as exc:  # no replica accepting
+            raise EngineDeadError(str(exc)) from None
+        finally:
+            self.router_seconds += time.perf_counter() - start
+            self.router_decisions += 1
+        stream = await self.replicas[target].add_request(ids, params, request_id, owner=self)
+        self._owner[stream.request_id] = target
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._moving:
+            self._aborts.add(request_id)  # the migration task re-sends it to whoever holds the request
+        owner = self._owner.get(request_id)
+        if owner is not None:
+            self.replicas[owner].abort(request_id)
+
+    def start(self) -> None:
+        """Start the router loop in the running event loop (once)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._route())
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for replica in self.replicas:
+            replica.shutdown(timeout)
+
+    def describe(self) -> dict:
+        """Router state, per-replica load and migration counters (Stats, /metrics, admin)."""
+        decisions = max(self.router_decisions, 1)
+        return {"router": self.router.describe(), "migration": self.migration_mode,
+                "migrations": self.stats.as_dict(), "migrations_in_flight": len(self._moving),
+                "router_ms_per_decision": 1e3 * self.router_seconds / decisions,
+                "replicas": [{"replica": load.replica, "alive": load.accepting, "running": load.num_running,
+                              "waiting": load.num_waiting, "kv_usage": round(load.usage, 4),
+                              "max_context": load.max_context} for load in self.loads()]}
+
+    # -- router loop ------------------------------------------------------------------------------
+
+    def _on_finish(self, output: RequestOutput) -> None:  # a replica's loop thread
+        self._finished.put((output.request_id, len(output.prompt_ids), len(output.output_ids)))
+
+    def _collect_finished(self) -> None:
+        now = time.monotonic() - self._started
+        while True:
+            try:
+                request_id, prompt_len, output_len = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            if request_id not in self._moving:
+                self._owner.pop(request_id, None)
+            self.router.on_finish(request_id, prompt_len, output_len, now)
+
+    async def _route(self) -> None:
+        while True:
+            await asyncio.sleep(self.router.interval)
+            try:
+                self._collect_finished()
+                start = time.perf_counter()
+                orders = self.router.rebalance(self.loads(), time.monotonic() - self._started)
+                self.router_seconds += time.perf_counter() - start
+                for order in orders:
+                    if order.request_id in self._moving or len(self._moving) >= self.max_migrations:
+                        continue
+                    if self._owner.get(order.request_id) != order.src or order.src == order.dst:
+                        continue
+                    self._moving[order.request_id] = order
+                    task = asyncio.get_running_loop().create_task(self.migrate(order))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            except Exception:  # noqa: BLE001 - a router bug must not stop serving; logged
+                logger.exception("router step failed")
+
+    # -- migration --------------------------------------------------------------------------------
+
+    def _mode(self, context_len: int) -> str:
+        if self.migration_mode != "auto" or self.cost_model is None:
+            return "live" if self.migration_mode == "auto" else self.migration_mode
+        cost = self.cost_model
+        return "recompute" if cost.recompute_seconds(context_len) < cost.transfer_seconds(context_len) else "live"
+
+    async def migrate(self, order: Migration) -> bool:
+        """Carry out one order; True if the request now runs at ``order.dst``."""
+        request_id = order.request_id
+        self._moving[request_id] = order
+        src, dst = self.replicas[order.src], self.replicas[order.dst]
+        self.stats.started += 1
+        moved = False
+        try:
+            moved = await self._move(request_id, src, dst)
+            if moved:
+                self._owner[request_id] = order.dst
+        except _Gone:
+            self.stats.gone += 1
+        except Exception:  # noqa: BLE001 - the request stayed at the source; counted and logged
+            self.stats.failed += 1
+            logger.exception("migration of %s from replica %d to %d failed", request_id, order.src, order.dst)
+        finally:
+            del self._moving[request_id]
+            if request_id in self._aborts:
+                self._aborts.discard(request_id)
+                self.abort(request_id)
+        return moved
+
+    async def _move(self, request_id: str, src: AsyncEngine, dst: AsyncEngine) -> bool:
+        info = await src.call(lambda a: a.engine.migration.stable_pages(request_id))
+        if info is None:
+            raise _Gone
+        stable, context_len, preemptions = info
+        mode = self._mode(context_len)
+        page_size = dst.engine.block_manager.page_size
+        target = dst.engine.runner.kv_sharding if mode == "live" else None
+        reserve = context_len + page_size if mode == "live" else 0
+        if not await dst.call(lambda a: a.engine.migration.reserve(request_id, reserve)):
+            self.stats.refused += 1
+            return False
+        stream = None
+        try:
+            sent = 0
+            for _ in range(self.precopy_rounds if mode == "live" else 0):
+                if stable - sent <= self.last_round_pages:
+                    break
+                payload = await src.call(lambda a, s=sent, e=stable: a.engine.migration.export(request_id, s, e, target))
+                if payload is None:
+                    raise _Gone
+                await dst.call(lambda a, s=sent, e=stable, p=payload: a.engine.migration.receive(request_id, s, e - s, p))
+                self.stats.pages_copied += stable - sent
+                sent = stable
+                info = await src.call(lambda a: a.engine.migration.stable_pages(request_id))
+                if info is None:
+                    raise _Gone
+                stable = info[0]
+
+            def detach(a: AsyncEngine):
+                seq = a.engine.scheduler.find(request_id)
+                if seq is None or seq.num_preemptions != preemptions:  # pre-copied KV is stale
+                    return None
+                return a.detach(request_id, sent, target)
+            paused = time.perf_counter()
+            detached = await src.call(detach)
+            if detached is None:
+                raise _Gone
+            moving, stream = detached
+            try:
+                await dst.call(lambda a: a.commit(moving, stream))
+            except BaseException:
+                await src.call(lambda a: a.reattach(request_id, stream))
+                raise
+        except BaseException:
+            if dst.alive:
+                await dst.call(lambda a: a.engine.migration.cancel(request_id))
+            raise
+        self.stats.pause_seconds += time.perf_counter() - paused
+        await src.call(lambda a: a.engine.migration.release(request_id))
+        self.stats.pages_copied += max(moving.num_pages - sent, 0) if mode == "live" else 0
+        self.stats.completed += 1
+        setattr(self.stats, mode, getattr(self.stats, mode) + 1)
+        return True

@@ -1,0 +1,170 @@
+"""Moving a running request between two replicas' engines (both in this process).
+
+Live migration (the default) copies the request's KV pages while the source keeps decoding
+(pre-copy of the pages that are complete), then stops the request at the source for a short
+stop-and-copy of the rest and commits it at the destination. The recompute variant moves only the
+tokens: the destination prefills them again. Either way the request is running on exactly one
+replica at every step boundary, and its token stream continues where it stopped.
+
+Source side: ``stable_pages``, ``export``, ``detach`` (stop, keep pages), then ``release`` (after
+the destination committed) or ``reattach`` (it failed). Destination side: ``reserve`` (slot and
+pages up front), ``receive`` (pre-copied pages), ``commit`` or ``cancel``. Every call runs on the
+thread that owns that engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxinfer.engine.request_output import TextStream
+from jaxinfer.engine.sequence import Sequence, SequenceStatus
+from jaxinfer.sampling_params import SamplingParams
+
+
+class MigrationError(RuntimeError):
+    """A migration step could not be carried out (the request stays where it was)."""
+
+
+# host fields of a Sequence that travel with it (pages, slot and status are per replica)
+_CARRIED = ("prompt_ids", "output_ids", "params", "num_computed", "num_cached", "arrival_time", "first_scheduled_time",
+            "first_token_time", "num_preemptions", "logprobs", "cache_salt", "resumed_at")
+
+
+@dataclasses.dataclass
+class MovingRequest:
+    """A request stopped at its source: its host state, the stream that renders its text and (live
+    migration) the KV of its pages from ``first_page`` on, already on the destination's devices."""
+
+    seq: Sequence
+    stream: TextStream
+    slot_rows: tuple[np.ndarray, ...] | None  # penalty history (and draft feature) of its slot
+    payload: object | None  # export_pages payload of the unsent pages; None: recompute
+    first_page: int
+    num_pages: int  # pages the request's computed tokens fill
+
+
+class MigrationPort:
+    """An engine's two ends of migrations: requests leaving it and requests arriving."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.detached: dict[str, tuple[Sequence, TextStream]] = {}  # stopped here, not yet released
+        self.incoming: dict[str, tuple[Sequence, int]] = {}  # reserved here: (shell holding pages, slot)
+
+    # -- source ---------------------------------------------------------------------------------
+
+    def _running(self, request_id: str) -> Sequence | None:
+        seq = self.engine.scheduler.find(request_id)
+        return seq if seq is not None and seq.status is SequenceStatus.RUNNING else None
+
+    def stable_pages(self, request_id: str) -> tuple[int, int, int] | None:
+        """(full pages whose KV is final, current context length, preemptions so far) of a running
+        request; None if it is not running here."""
+        seq = self._running(request_id)
+        if seq is None:
+            return None
+        return (min(seq.num_computed // self.engine.block_manager.page_size, len(seq.pages)), seq.num_tokens,
+                seq.num_preemptions)
+
+    def export(self, request_id: str, start: int, stop: int, destination: jax.sharding.Sharding):
+        """Pre-copy: the KV of pages [start, stop) of a running request, on ``destination``."""
+        seq = self._running(request_id)
+        if seq is None:
+            return None
+        return self.engine.runner.export_pages(seq.pages[start:stop], destination)
+
+    def detach(self, request_id: str, first_page: int, destination: jax.sharding.Sharding | None) -> MovingRequest | None:
+        """Stop the request here (it keeps its pages and slot until ``release``) and hand over its state
+        and, with a destination, the KV of its pages from ``first_page`` on. None if it is not here or
+        not running (finished, aborted, preempted)."""
+        engine = self.engine
+        seq = self._running(request_id)
+        if seq is None or request_id not in engine._streams:
+            return None
+        num_pages = engine.block_manager.pages_needed(seq.num_computed)
+        payload = None
+        if destination is not None:
+            payload = engine.runner.export_pages(seq.pages[first_page:num_pages], destination)
+        slot_rows = engine.runner.export_slot(seq.slot) if destination is not None else None
+        engine.scheduler.running.remove(seq)
+        stream = engine._streams.pop(request_id)
+        self.detached[request_id] = (seq, stream)
+        copy = Sequence(request_id, seq.prompt_ids, seq.params)
+        for name in _CARRIED:
+            setattr(copy, name, getattr(seq, name))
+        copy.output_ids, copy.logprobs = list(seq.output_ids), list(seq.logprobs)
+        return MovingRequest(copy, stream, slot_rows, payload, first_page, num_pages)
+
+    def release(self, request_id: str) -> None:
+        """The destination has the request: free its pages and slot here."""
+        seq, _ = self.detached.pop(request_id)
+        self.engine.scheduler._release(seq)
+
+    def reattach(self, request_id: str) -> None:
+        """The migration failed after ``detach``: the request resumes here as if never stopped."""
+        seq, stream = self.detached.pop(request_id)
+        self.engine.scheduler.running.append(seq)
+        self.engine._streams[request_id] = stream
+
+    # -- destination ----------------------------------------------------------------------------
+
+    def reserve(self, request_id: str, num_tokens: int) -> bool:
+        """Take a slot and pages for ``num_tokens`` tokens of an arriving request; False if they are
+        not free (the migration is then called off)."""
+        engine = self.engine
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        if request_id in engine._streams or request_id in self.incoming:
+            raise MigrationError(f"request {request_id!r} is already on this replica")
+        if not scheduler._free_slots or blocks.pages_needed(num_tokens) > blocks.num_free:
+            return False
+        shell = Sequence(request_id, [], SamplingParams())
+        blocks.append(shell, num_tokens)
+        self.incoming[request_id] = (shell, scheduler._free_slots.pop())
+        return True
+
+    def receive(self, request_id: str, start: int, count: int, payload) -> None:
+        """Write pre-copied pages [start, start + count) of an arriving request."""
+        shell, _ = self.incoming[request_id]
+        if start + count > len(shell.pages):
+            self.engine.block_manager.append(shell, (start + count) * self.engine.block_manager.page_size)
+        self.engine.runner.import_pages(shell.pages[start:start + count], payload)
+
+    def commit(self, moving: MovingRequest) -> None:
+        """Install the arriving request and let it run here (raises MigrationError, having changed
+        nothing but its reservation, if the pages it needs now are not free)."""
+        engine = self.engine
+        request_id = moving.seq.request_id
+        blocks = engine.block_manager
+        if moving.payload is None:  # recompute: the request waits for its prefill like a preempted one
+            seq = moving.seq
+            seq.num_computed, seq.status = 0, SequenceStatus.WAITING
+            self.cancel(request_id)
+            engine.scheduler.waiting.appendleft(seq)
+            engine._streams[request_id] = moving.stream
+            return
+        shell, slot = self.incoming[request_id]
+        seq = moving.seq
+        missing = moving.num_pages - len(shell.pages)
+        if missing > blocks.num_free:
+            raise MigrationError(f"{missing} more KV pages needed for {request_id!r}, {blocks.num_free} free")
+        if missing > 0:
+            blocks.append(shell, moving.num_pages * blocks.page_size)
+        engine.runner.import_pages(shell.pages[moving.first_page:moving.num_pages], moving.payload)
+        engine.runner.import_slot(slot, moving.slot_rows)
+        del self.incoming[request_id]
+        blocks.free_tail(shell, moving.num_pages)
+        seq.pages, seq.slot, seq.status = shell.pages, slot, SequenceStatus.RUNNING
+        engine.scheduler.running.append(seq)
+        engine._streams[request_id] = moving.stream
+        blocks.commit(seq)  # the moved full pages join this replica's prefix cache
+
+    def cancel(self, request_id: str) -> None:
+        """Call off an arrival: return its reserved pages and slot."""
+        entry = self.incoming.pop(request_id, None)
+        if entry is not None:
+            shell, slot = entry
+            self.engine.block_manager.free(shell)
+            self.engine.scheduler._free_slots.append(slot)

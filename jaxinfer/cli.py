@@ -34,8 +34,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif "item_type" in field.metadata:
             parser.add_argument(flag, dest=field.name, type=field.metadata["item_type"], action="append",
                                 default=[], help=help_text)
-        elif isinstance(field.default, tuple):
-            continue  # structured fields (bucket sets) are set from code or a config file, not flags
+        elif isinstance(field.default, tuple) or dataclasses.is_dataclass(field.default):
+            continue  # structured fields (bucket sets, nested configs) are set from code or a config file
         else:
             kind = field.metadata.get("type", type(field.default))
             parser.add_argument(flag, dest=field.name, type=kind, default=field.default,

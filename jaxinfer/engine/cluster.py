@@ -91,24 +91,29 @@ class Cluster:
 
     @property
     def metrics(self) -> EngineMetrics:
-        """All replicas' snapshots added up (sums of counts, the slowest last step)."""
-        snapshots = [replica.metrics for replica in self.replicas]
-        total = {}
-        for field in dataclasses.fields(EngineMetrics):
-            values = [getattr(m, field.name) for m in snapshots]
-            if field.name == "context_lengths":
-                total[field.name] = {k: v for m in values for k, v in m.items()}
-            elif field.name == "requests":
-                total[field.name] = tuple(r for m in values for r in m)
-            elif field.name in ("page_size",):
-                total[field.name] = values[0]
-            elif field.name in ("last_step_seconds",):
-                total[field.name] = max(values)
-            elif field.name == "prefix_cache_hit_rate":
-                total[field.name] = sum(values) / len(values)
-            else:
-                total[field.name] = sum(values)
-        return EngineMetrics(**total)
+        """All replicas' snapshots added up."""
+        return sum_metrics([replica.metrics for replica in self.replicas])
+
+    def groups(self) -> list[dict]:
+        """The replica groups: a cascade router's stages (length range, replicas), else one group of
+        all replicas; with each group's summed metrics."""
+        max_len = self.engine.scheduler_config.max_model_len
+        stages = self.router.describe().get("stages") or [{"lo": 0, "hi": max_len,
+                                                            "replicas": list(range(len(self.replicas)))}]
+        return [{"name": f"stage{index}" if len(stages) > 1 else "all", "lo": stage["lo"], "hi": stage["hi"],
+                 "replicas": list(stage["replicas"]),
+                 "metrics": sum_metrics([self.replicas[i].metrics for i in stage["replicas"]])}
+                for index, stage in enumerate(stages)]
+
+    def set_stage_ranges(self, boundaries: Seq[int], replicas_per_stage: Seq[int] = ()) -> None:
+        """Admin: move the stages' length ranges (and reassign replicas if counts are given); raises
+        ValueError on bad ranges, TypeError if the router has no stages."""
+        if not hasattr(self.router, "set_boundaries"):
+            raise TypeError(f"router {self.router.name!r} has no stages to set")
+        if replicas_per_stage:
+            self.router.set_plan({"boundaries": tuple(boundaries), "replica_counts": tuple(replicas_per_stage)})
+        else:
+            self.router.set_boundaries(list(boundaries))
 
     def loads(self) -> list[ReplicaLoad]:
         """What the router sees: one snapshot per replica."""
@@ -298,3 +303,23 @@ class Cluster:
         self.stats.completed += 1
         setattr(self.stats, mode, getattr(self.stats, mode) + 1)
         return True
+
+
+def sum_metrics(snapshots: Seq[EngineMetrics]) -> EngineMetrics:
+    """Several replicas' snapshots as one: counts added, the slowest last step, mean hit rate."""
+    total = {}
+    for field in dataclasses.fields(EngineMetrics):
+        values = [getattr(m, field.name) for m in snapshots]
+        if field.name == "context_lengths":
+            total[field.name] = {k: v for m in values for k, v in m.items()}
+        elif field.name == "requests":
+            total[field.name] = tuple(r for m in values for r in m)
+        elif field.name == "page_size":
+            total[field.name] = values[0]
+        elif field.name == "last_step_seconds":
+            total[field.name] = max(values)
+        elif field.name == "prefix_cache_hit_rate":
+            total[field.name] = sum(values) / len(values)
+        else:
+            total[field.name] = sum(values)
+    return EngineMetrics(**total)

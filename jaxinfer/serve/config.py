@@ -10,6 +10,7 @@ A config file has one table per concern; every key is optional::
     [scheduler]                     # SchedulerConfig, bucket tuples included
     max_num_seqs = 16
     decode_buckets = [1, 8, 16]
+    [cluster]                       # ClusterConfig: replicas = "4", router = "cascade", ...
     [engine]                        # attention_impl, max_logprobs, sparse_prefill, sparse_min_len, sparse_tau,
                                     # speculative, draft, spec_depth, spec_nodes, spec_top_k, spec_max_batch
     max_logprobs = 5
@@ -38,6 +39,39 @@ from jaxinfer.loader import DEFAULT_MODEL, DTYPES
 from pallas_kernels.unisparse.config import UniSparseConfig
 
 
+ROUTERS = ("cascade", "round-robin", "least-loaded", "llumnix")
+MIGRATIONS = ("auto", "live", "recompute")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Replica groups on this host and the router in front of them (CascadeInfer)."""
+
+    replicas: str = dataclasses.field(default="1", metadata={
+        "help": "replica groups: N (the devices split N ways) or NxD (N groups of D devices); on CPU set "
+                "XLA_FLAGS=--xla_force_host_platform_device_count to get several devices"})
+    router: str = dataclasses.field(default="cascade", metadata={
+        "help": f"how requests are placed and moved: {', '.join(ROUTERS)}"})
+    migration: str = dataclasses.field(default="auto", metadata={
+        "help": "how a request moves between replicas: live (KV copy), recompute, auto (cheaper by the cost model)"})
+    cost_model: str = dataclasses.field(default="", metadata={
+        "help": "step-time profile from launch/profile_cost_model.py (empty: $JAXINFER_CACHE/cost_model.json, "
+                "else the CPU profile shipped in profiling/results)"})
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.migration not in MIGRATIONS:
+            raise ValueError(f"migration must be one of {', '.join(MIGRATIONS)}, got {self.migration!r}")
+        parts = self.replicas.lower().split("x")
+        if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise ValueError(f"replicas must look like 4 or 4x2 (groups x devices each), got {self.replicas!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.replicas != "1" or self.router != "cascade"
+
+
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
     """The server: what it loads, where it listens, how it shuts down."""
@@ -60,6 +94,7 @@ class ServeConfig:
         "help": "prompts one /v1/completions request may batch"})
     warm_up: bool = dataclasses.field(default=True, metadata={
         "help": "compile every step shape before serving (otherwise on first use)"})
+    cluster: ClusterConfig = ClusterConfig()  # flags and the [cluster] table
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -82,7 +117,7 @@ class ServeConfig:
 
 ENGINE_KEYS = ("attention_impl", "max_logprobs", "sparse_prefill", "sparse_min_len", "sparse_tau", "speculative",
                "draft", "spec_depth", "spec_nodes", "spec_top_k", "spec_max_batch")
-SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "cluster": ClusterConfig}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jaxinfer.serve",
         description="Serve a model over gRPC (jaxinfer.v1 + JetStream Orchestrator) and OpenAI-compatible HTTP.")
     parser.add_argument("--config", help="TOML file with settings; flags given here override it")
-    for title, cls in (("server", ServeConfig), ("KV cache", CacheConfig), ("scheduler", SchedulerConfig)):
+    for title, cls in (("server", ServeConfig), ("replica groups", ClusterConfig), ("KV cache", CacheConfig),
+                       ("scheduler", SchedulerConfig)):
         add_dataclass_arguments(parser.add_argument_group(title), cls)
     engine = parser.add_argument_group("engine")
     engine.add_argument("--attention-impl", default="auto", choices=["auto", "pallas", "reference"],
@@ -139,7 +175,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeConfig, EngineCo
                               mode=args.sparse_prefill, min_len=args.sparse_min_len,
                               unisparse=dataclasses.replace(UniSparseConfig(), tau=args.sparse_tau)),
                           speculative=speculative_from_args(args))
-    return dataclass_from_args(ServeConfig, args), engine
+    serve = dataclasses.replace(dataclass_from_args(ServeConfig, args), cluster=dataclass_from_args(ClusterConfig, args))
+    return serve, engine
 
 
 def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -150,7 +187,7 @@ def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, 
         raise FileNotFoundError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
-    known = {"": {f.name for f in dataclasses.fields(ServeConfig)}, "engine": set(ENGINE_KEYS)}
+    known = {"": {f.name for f in dataclasses.fields(ServeConfig)} - {"cluster"}, "engine": set(ENGINE_KEYS)}
     known.update({name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()})
     values: dict[str, Any] = {}
     for key, value in data.items():

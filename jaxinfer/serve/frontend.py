@@ -14,6 +14,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from jaxinfer.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
 from jaxinfer.engine.scheduler import QueueFullError
@@ -47,7 +48,7 @@ def invalid(message: str) -> RequestError:
 
 
 class Frontend:
-    def __init__(self, engine: AsyncEngine, model_name: str, drain_timeout: float = 30.0):
+    def __init__(self, engine: AsyncEngine | Cluster, model_name: str, drain_timeout: float = 30.0):
         self.engine = engine
         self.drain_timeout = drain_timeout
         self.tokenizer = engine.engine.tokenizer
@@ -59,7 +60,7 @@ class Frontend:
         self._in_flight: dict[str, str] = {}  # request id -> api
         self._idle = asyncio.Event()
         self._idle.set()
-        self.metrics = ServingMetrics(self.engine_metrics, lambda: self.num_in_flight)
+        self.metrics = ServingMetrics(self.engine_metrics, lambda: self.num_in_flight, lambda: self.cluster)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -77,6 +78,11 @@ class Frontend:
 
     def engine_metrics(self) -> EngineMetrics:
         return self.engine.metrics
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """The replica groups behind this front end, None with a single engine."""
+        return self.engine if isinstance(self.engine, Cluster) else None
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, "", self.model_name):

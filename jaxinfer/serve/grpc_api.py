@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
@@ -59,6 +60,25 @@ def engine_stats(m: EngineMetrics) -> pb.EngineStats:
         num_steps=m.num_steps, num_preemptions=m.num_preemptions, prefix_cache_hit_rate=m.prefix_cache_hit_rate,
         prompt_tokens_total=m.prompt_tokens_total, generated_tokens_total=m.generated_tokens_total,
         last_step_seconds=m.last_step_seconds, last_step_tokens=m.last_step_tokens)
+
+
+def replica_groups(cluster: Cluster) -> list[pb.ReplicaGroupStats]:
+    return [pb.ReplicaGroupStats(name=g["name"], num_replicas=len(g["replicas"]), min_context=g["lo"],
+                                 max_context=g["hi"], engine=engine_stats(g["metrics"]), replicas=g["replicas"])
+            for g in cluster.groups()]
+
+
+def router_stats(cluster: Cluster) -> pb.RouterStats:
+    state = cluster.describe()
+    moved, router = state["migrations"], state["router"]
+    return pb.RouterStats(
+        name=router["router"], migration=state["migration"], migrations_started=moved["started"],
+        migrations_completed=moved["completed"], migrations_live=moved["live"],
+        migrations_recompute=moved["recompute"], migrations_refused=moved["refused"],
+        migrations_gone=moved["gone"], migrations_failed=moved["failed"],
+        migrations_in_flight=state["migrations_in_flight"], kv_pages_copied=moved["pages_copied"],
+        pause_seconds=moved["pause_seconds"], ms_per_decision=state["router_ms_per_decision"],
+        refinements=router.get("refinements", 0), replans=router.get("replans", 0))
 
 
 def _response(output: RequestOutput) -> pb.GenerateResponse:
@@ -160,11 +180,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         frontend = self.frontend
         total = engine_stats(frontend.engine_metrics())
-        group = pb.ReplicaGroupStats(name="default", num_replicas=1, min_context=0,
-                                     max_context=frontend.max_model_len, engine=total)
+        cluster = frontend.cluster
+        if cluster is None:
+            groups = [pb.ReplicaGroupStats(name="default", num_replicas=1, min_context=0,
+                                           max_context=frontend.max_model_len, engine=total, replicas=[0])]
+            return pb.StatsResponse(model=frontend.model_name, draining=frontend.draining,
+                                    engine_alive=frontend.engine.alive, requests_in_flight=frontend.num_in_flight,
+                                    replica_groups=groups, total=total, uptime_seconds=frontend.uptime_seconds,
+                                    replicas=[total])
         return pb.StatsResponse(model=frontend.model_name, draining=frontend.draining,
-                                engine_alive=frontend.engine.alive, requests_in_flight=frontend.num_in_flight,
-                                replica_groups=[group], total=total, uptime_seconds=frontend.uptime_seconds)
+                                engine_alive=cluster.alive, requests_in_flight=frontend.num_in_flight,
+                                replica_groups=replica_groups(cluster), total=total,
+                                uptime_seconds=frontend.uptime_seconds, router=router_stats(cluster),
+                                replicas=[engine_stats(replica.metrics) for replica in cluster.replicas])
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -189,6 +217,19 @@ class AdminServicer(pb_grpc.AdminServicer):
         timeout = request.timeout_seconds or None
         finished, cancelled, remaining = await self.frontend.drain(timeout, request.cancel_remaining)
         return pb.DrainResponse(finished=finished, cancelled=cancelled, remaining=remaining)
+
+    async def SetStageRanges(self, request: pb.SetStageRangesRequest, context) -> pb.SetStageRangesResponse:
+        cluster = self.frontend.cluster
+        if cluster is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this server runs one engine; start it with --replicas N --router cascade")
+        try:
+            cluster.set_stage_ranges(list(request.boundaries), list(request.replicas_per_stage))
+        except TypeError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.SetStageRangesResponse(replica_groups=replica_groups(cluster))
 
     async def Resume(self, request: pb.ResumeRequest, context) -> pb.ResumeResponse:
         if not self.frontend.engine.alive:

@@ -21,7 +21,9 @@ THROUGHPUT_WINDOW_S = 10.0
 class ServingMetrics:
     """Counters and histograms per API; ``status`` is a finish reason or an error kind."""
 
-    def __init__(self, engine_metrics: Callable[[], EngineMetrics], in_flight: Callable[[], int]):
+    def __init__(self, engine_metrics: Callable[[], EngineMetrics], in_flight: Callable[[], int],
+                 cluster: Callable[[], object] = lambda: None):
+        """cluster: returns the Cluster of replica groups (None with one engine)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("jaxinfer_requests", "Requests by API and final status", ("api", "status"),
                                 registry=self.registry)
@@ -33,6 +35,7 @@ class ServingMetrics:
                              ("api",), buckets=LATENCY_BUCKETS, registry=self.registry)
         self._engine = _EngineCollector(engine_metrics, in_flight)
         self.registry.register(self._engine)
+        self.registry.register(_ClusterCollector(cluster))
 
     def sample(self) -> None:
         """Record the token counters now (the server calls this every second for the tokens/s gauges)."""
@@ -101,3 +104,51 @@ class _EngineCollector(Collector):
         if span <= 0:
             return 0.0, 0.0
         return (prompt1 - prompt0) / span, (generated1 - generated0) / span
+
+
+class _ClusterCollector(Collector):
+    """Replica groups: per-replica load, the stages' length ranges, migrations and router time."""
+
+    def __init__(self, cluster: Callable[[], object]):
+        self._cluster = cluster
+
+    def describe(self) -> Iterator:
+        return iter(())
+
+    def collect(self) -> Iterator:
+        cluster = self._cluster()
+        if cluster is None:
+            return
+        state = cluster.describe()
+        running = GaugeMetricFamily("jaxinfer_replica_requests_running", "Requests running per replica",
+                                    labels=("replica",))
+        usage = GaugeMetricFamily("jaxinfer_replica_kv_usage_ratio", "KV pages used or demanded per replica",
+                                  labels=("replica",))
+        for replica in state["replicas"]:
+            running.add_metric((str(replica["replica"]),), replica["running"])
+            usage.add_metric((str(replica["replica"]),), replica["kv_usage"])
+        yield running
+        yield usage
+        bounds = GaugeMetricFamily("jaxinfer_stage_context_bound_tokens",
+                                   "Context-length range of each replica group (lo inclusive, hi exclusive)",
+                                   labels=("stage", "bound"))
+        members = GaugeMetricFamily("jaxinfer_stage_replicas", "Replicas per group", labels=("stage",))
+        for group in cluster.groups():
+            bounds.add_metric((group["name"], "lo"), group["lo"])
+            bounds.add_metric((group["name"], "hi"), group["hi"])
+            members.add_metric((group["name"],), len(group["replicas"]))
+        yield bounds
+        yield members
+        migrations = CounterMetricFamily("jaxinfer_migrations", "Request migrations between replicas by outcome",
+                                         labels=("outcome",))
+        for outcome in ("completed", "refused", "gone", "failed"):
+            migrations.add_metric((outcome,), state["migrations"][outcome])
+        yield migrations
+        yield CounterMetricFamily("jaxinfer_migration_pages_copied", "KV pages copied between replicas",
+                                  value=state["migrations"]["pages_copied"])
+        yield GaugeMetricFamily("jaxinfer_router_decision_seconds", "Mean router time per decision",
+                                value=state["router_ms_per_decision"] / 1e3)
+        router = state["router"]
+        yield CounterMetricFamily("jaxinfer_router_refinements", "Stage range refinement steps",
+                                  value=router.get("refinements", 0))
+        yield CounterMetricFamily("jaxinfer_router_replans", "DP stage re-plans", value=router.get("replans", 0))

@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import uvicorn
@@ -19,8 +20,13 @@ import uvicorn
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.async_engine import AsyncEngine
+from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.placement import parse_mesh_spec, replica_meshes
 from jaxinfer.loader import LoadedModel, load_model
+from jaxinfer.router.baselines import make_router
+from jaxinfer.loader.embedded import cache_dir
+from jaxinfer.router.cost_model import CostModel
 from jaxinfer.serve.config import ServeConfig
 from jaxinfer.serve.frontend import Frontend
 from jaxinfer.serve.grpc_api import GrpcServer
@@ -53,6 +59,24 @@ def _bind(host: str, port: int, what: str) -> socket.socket:
 
 def _print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+SHIPPED_COST_MODEL = Path(__file__).resolve().parent.parent / "router" / "profiles" / "cpu-smollm2-135m.json"
+
+
+def load_cost_model(path: str, say: Callable[[str], None]) -> CostModel:
+    """The router's step-time profile: ``path``, else $JAXINFER_CACHE/cost_model.json (written by
+    launch/profile_cost_model.py), else the CPU profile shipped with jaxinfer."""
+    if path:
+        return CostModel.load(path)
+    for candidate in (cache_dir() / "cost_model.json", SHIPPED_COST_MODEL):
+        if candidate.is_file():
+            model = CostModel.load(candidate)
+            say(f"router cost model: {candidate} ({model.hardware}, {model.date}); profile this machine with "
+                "launch/profile_cost_model.py for a better plan")
+            return model
+    raise FileNotFoundError("no router cost model found: run launch/profile_cost_model.py --out "
+                            f"{cache_dir() / 'cost_model.json'}")
 
 
 class Server:
@@ -88,8 +112,8 @@ class Server:
                 jax.profiler.start_server(config.profiler_port)
                 say(f"jax profiler server on port {config.profiler_port} (XProf: capture from localhost:"
                     f"{config.profiler_port})")
-            engine = await asyncio.to_thread(self._build_engine)
-            self.async_engine = AsyncEngine(engine)
+            engines = await asyncio.to_thread(self._build_engines)
+            self.async_engine = self._front(engines)
             self.frontend = Frontend(self.async_engine, config.model_name, config.drain_timeout)
             self.grpc = GrpcServer(self.frontend, TraceCapture(), config.host, config.grpc_port,
                                    config.max_request_bytes)
@@ -113,7 +137,19 @@ class Server:
         say(f"jaxinfer ready: model {config.model_name} | gRPC {config.host}:{self.grpc_port} | "
             f"HTTP http://{config.host}:{self.http_port}")
 
-    def _build_engine(self) -> Engine:
+    def _front(self, engines: list[Engine]) -> AsyncEngine | Cluster:
+        """One engine: its AsyncEngine; replica groups: a Cluster behind the configured router."""
+        cluster = self.config.cluster
+        if not cluster.enabled:
+            return AsyncEngine(engines[0])
+        engine = engines[0]
+        cost_model = load_cost_model(cluster.cost_model, self._progress).with_capacity(
+            engine.block_manager.num_pages * engine.block_manager.page_size)
+        router = make_router(cluster.router, len(engines), cost_model, engine.scheduler_config.max_model_len)
+        self._progress(f"{len(engines)} replica groups, router {cluster.router}, migration {cluster.migration}")
+        return Cluster(engines, router, migration=cluster.migration, cost_model=cost_model)
+
+    def _build_engines(self) -> list[Engine]:
         config, say = self.config, self._progress
         enable_compilation_cache()
         loaded = self._loaded
@@ -123,18 +159,27 @@ class Server:
             loaded = load_model(config.model, config.dtype)
             say(f"loaded weights in {time.perf_counter() - start:.1f} s")
         speculative, draft_head = prepare_speculative(self.engine_config.speculative, config.model)
-        engine = Engine(loaded.model, loaded.tokenizer,
-                        dataclasses.replace(self.engine_config, speculative=speculative), draft_head=draft_head)
+        engine_config = dataclasses.replace(self.engine_config, speculative=speculative)
+        meshes = [None]
+        if config.cluster.enabled:
+            replicas, per = parse_mesh_spec(config.cluster.replicas, len(jax.local_devices()))
+            meshes = replica_meshes(replicas, jax.local_devices()[:replicas * per])
+        engines = [Engine(loaded.model, loaded.tokenizer, engine_config, draft_head=draft_head, mesh=mesh)
+                   for mesh in meshes]
         if config.warm_up:
-            start = time.perf_counter()
-            last = [0.0]
+            for index, engine in enumerate(engines):
+                start = time.perf_counter()
+                last = [0.0]
+                name = f"replica {index}: " if len(engines) > 1 else ""
 
-            def report(done: int, total: int) -> None:
-                if done == total or time.perf_counter() - last[0] > 5:
-                    last[0] = time.perf_counter()
-                    say(f"compiling step shapes: {done}/{total} ({time.perf_counter() - start:.0f} s)")
-            engine.warm_up(report)
-        return engine
+                def report(done: int, total: int) -> None:
+                    if done == total or time.perf_counter() - last[0] > 5:
+                        last[0] = time.perf_counter()
+                        say(f"{name}compiling step shapes: {done}/{total} ({time.perf_counter() - start:.0f} s)")
+                engine.warm_up(report)
+                if len(engines) > 1:
+                    engine.runner.warm_up_migration()
+        return engines
 
     async def _watch(self) -> None:
         """Every second: sample the tokens/s gauges; report NOT_SERVING once the engine has died."""

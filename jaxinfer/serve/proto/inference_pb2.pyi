@@ -195,21 +195,57 @@ class EngineStats(_message.Message):
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., page_size: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., last_step_seconds: _Optional[float] = ..., last_step_tokens: _Optional[int] = ...) -> None: ...
 
 class ReplicaGroupStats(_message.Message):
-    __slots__ = ("name", "num_replicas", "min_context", "max_context", "engine")
+    __slots__ = ("name", "num_replicas", "min_context", "max_context", "engine", "replicas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MIN_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_replicas: int
     min_context: int
     max_context: int
     engine: EngineStats
-    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., min_context: _Optional[int] = ..., max_context: _Optional[int] = ..., engine: _Optional[_Union[EngineStats, _Mapping]] = ...) -> None: ...
+    replicas: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., min_context: _Optional[int] = ..., max_context: _Optional[int] = ..., engine: _Optional[_Union[EngineStats, _Mapping]] = ..., replicas: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RouterStats(_message.Message):
+    __slots__ = ("name", "migration", "migrations_started", "migrations_completed", "migrations_live", "migrations_recompute", "migrations_refused", "migrations_gone", "migrations_failed", "migrations_in_flight", "kv_pages_copied", "pause_seconds", "ms_per_decision", "refinements", "replans")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_STARTED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_LIVE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_GONE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_COPIED_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MS_PER_DECISION_FIELD_NUMBER: _ClassVar[int]
+    REFINEMENTS_FIELD_NUMBER: _ClassVar[int]
+    REPLANS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    migration: str
+    migrations_started: int
+    migrations_completed: int
+    migrations_live: int
+    migrations_recompute: int
+    migrations_refused: int
+    migrations_gone: int
+    migrations_failed: int
+    migrations_in_flight: int
+    kv_pages_copied: int
+    pause_seconds: float
+    ms_per_decision: float
+    refinements: int
+    replans: int
+    def __init__(self, name: _Optional[str] = ..., migration: _Optional[str] = ..., migrations_started: _Optional[int] = ..., migrations_completed: _Optional[int] = ..., migrations_live: _Optional[int] = ..., migrations_recompute: _Optional[int] = ..., migrations_refused: _Optional[int] = ..., migrations_gone: _Optional[int] = ..., migrations_failed: _Optional[int] = ..., migrations_in_flight: _Optional[int] = ..., kv_pages_copied: _Optional[int] = ..., pause_seconds: _Optional[float] = ..., ms_per_decision: _Optional[float] = ..., refinements: _Optional[int] = ..., replans: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("model", "draining", "engine_alive", "requests_in_flight", "replica_groups", "total", "uptime_seconds")
+    __slots__ = ("model", "draining", "engine_alive", "requests_in_flight", "replica_groups", "total", "uptime_seconds", "router", "replicas")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ALIVE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +253,8 @@ class StatsResponse(_message.Message):
     REPLICA_GROUPS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     draining: bool
     engine_alive: bool
@@ -224,7 +262,9 @@ class StatsResponse(_message.Message):
     replica_groups: _containers.RepeatedCompositeFieldContainer[ReplicaGroupStats]
     total: EngineStats
     uptime_seconds: float
-    def __init__(self, model: _Optional[str] = ..., draining: _Optional[bool] = ..., engine_alive: _Optional[bool] = ..., requests_in_flight: _Optional[int] = ..., replica_groups: _Optional[_Iterable[_Union[ReplicaGroupStats, _Mapping]]] = ..., total: _Optional[_Union[EngineStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    router: RouterStats
+    replicas: _containers.RepeatedCompositeFieldContainer[EngineStats]
+    def __init__(self, model: _Optional[str] = ..., draining: _Optional[bool] = ..., engine_alive: _Optional[bool] = ..., requests_in_flight: _Optional[int] = ..., replica_groups: _Optional[_Iterable[_Union[ReplicaGroupStats, _Mapping]]] = ..., total: _Optional[_Union[EngineStats, _Mapping]] = ..., uptime_seconds: _Optional[float] = ..., router: _Optional[_Union[RouterStats, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[EngineStats, _Mapping]]] = ...) -> None: ...
 
 class CaptureProfileRequest(_message.Message):
     __slots__ = ("duration_ms", "log_dir")
@@ -267,3 +307,17 @@ class ResumeRequest(_message.Message):
 class ResumeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SetStageRangesRequest(_message.Message):
+    __slots__ = ("boundaries", "replicas_per_stage")
+    BOUNDARIES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_PER_STAGE_FIELD_NUMBER: _ClassVar[int]
+    boundaries: _containers.RepeatedScalarFieldContainer[int]
+    replicas_per_stage: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, boundaries: _Optional[_Iterable[int]] = ..., replicas_per_stage: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SetStageRangesResponse(_message.Message):
+    __slots__ = ("replica_groups",)
+    REPLICA_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    replica_groups: _containers.RepeatedCompositeFieldContainer[ReplicaGroupStats]
+    def __init__(self, replica_groups: _Optional[_Iterable[_Union[ReplicaGroupStats, _Mapping]]] = ...) -> None: ...

@@ -256,6 +256,11 @@ class AdminStub:
                 request_serializer=jaxinfer_dot_serve_dot_proto_dot_inference__pb2.ResumeRequest.SerializeToString,
                 response_deserializer=jaxinfer_dot_serve_dot_proto_dot_inference__pb2.ResumeResponse.FromString,
                 _registered_method=True)
+        self.SetStageRanges = channel.unary_unary(
+                '/jaxinfer.v1.Admin/SetStageRanges',
+                request_serializer=jaxinfer_dot_serve_dot_proto_dot_inference__pb2.SetStageRangesRequest.SerializeToString,
+                response_deserializer=jaxinfer_dot_serve_dot_proto_dot_inference__pb2.SetStageRangesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -283,6 +288,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetStageRanges(self, request, context):
+        """Replica groups with the cascade router: move the stages' length ranges (and optionally reassign
+        replicas to stages). Other routers have no stages: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -300,6 +313,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Resume,
                     request_deserializer=jaxinfer_dot_serve_dot_proto_dot_inference__pb2.ResumeRequest.FromString,
                     response_serializer=jaxinfer_dot_serve_dot_proto_dot_inference__pb2.ResumeResponse.SerializeToString,
+            ),
+            'SetStageRanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetStageRanges,
+                    request_deserializer=jaxinfer_dot_serve_dot_proto_dot_inference__pb2.SetStageRangesRequest.FromString,
+                    response_serializer=jaxinfer_dot_serve_dot_proto_dot_inference__pb2.SetStageRangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -384,6 +402,33 @@ class Admin:
             '/jaxinfer.v1.Admin/Resume',
             jaxinfer_dot_serve_dot_proto_dot_inference__pb2.ResumeRequest.SerializeToString,
             jaxinfer_dot_serve_dot_proto_dot_inference__pb2.ResumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetStageRanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxinfer.v1.Admin/SetStageRanges',
+            jaxinfer_dot_serve_dot_proto_dot_inference__pb2.SetStageRangesRequest.SerializeToString,
+            jaxinfer_dot_serve_dot_proto_dot_inference__pb2.SetStageRangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,11 +5,20 @@ Public API: ``LLM`` (offline generation), ``SamplingParams``, ``EngineConfig`` a
 jaxinfer checkpoint).
 """
 
-from jaxinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from jaxinfer.engine.request_output import RequestOutput
-from jaxinfer.llm import LLM
-from jaxinfer.loader import LoadedModel, load_model
-from jaxinfer.sampling_params import SamplingParams
+import importlib
+
+_EXPORTS = {"CacheConfig": "jaxinfer.config", "EngineConfig": "jaxinfer.config", "ModelConfig": "jaxinfer.config",
+            "SchedulerConfig": "jaxinfer.config", "RequestOutput": "jaxinfer.engine.request_output",
+            "LLM": "jaxinfer.llm", "LoadedModel": "jaxinfer.loader", "load_model": "jaxinfer.loader",
+            "SamplingParams": "jaxinfer.sampling_params"}
+
+
+def __getattr__(name: str):
+    """Imported on first use, so that host-only subpackages (jaxinfer.router) load without jax."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxinfer' has no attribute {name!r}")
+
 
 __all__ = ["LLM", "CacheConfig", "EngineConfig", "LoadedModel", "ModelConfig", "RequestOutput", "SamplingParams",
            "SchedulerConfig", "load_model"]

@@ -267,10 +267,12 @@ class Cluster:
             for _ in range(self.precopy_rounds if mode == "live" else 0):
                 if stable - sent <= self.last_round_pages:
                     break
-                payload = await src.call(lambda a, s=sent, e=stable: a.engine.migration.export(request_id, s, e, target))
+                payload = await src.call(
+                    lambda a, s=sent, e=stable: a.engine.migration.export(request_id, s, e, target))
                 if payload is None:
                     raise _Gone
-                await dst.call(lambda a, s=sent, e=stable, p=payload: a.engine.migration.receive(request_id, s, e - s, p))
+                await dst.call(
+                    lambda a, s=sent, e=stable, p=payload: a.engine.migration.receive(request_id, s, e - s, p))
                 self.stats.pages_copied += stable - sent
                 sent = stable
                 info = await src.call(lambda a: a.engine.migration.stable_pages(request_id))

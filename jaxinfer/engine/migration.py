@@ -76,7 +76,8 @@ class MigrationPort:
             return None
         return self.engine.runner.export_pages(seq.pages[start:stop], destination)
 
-    def detach(self, request_id: str, first_page: int, destination: jax.sharding.Sharding | None) -> MovingRequest | None:
+    def detach(self, request_id: str, first_page: int,
+               destination: jax.sharding.Sharding | None) -> MovingRequest | None:
         """Stop the request here (it keeps its pages and slot until ``release``) and hand over its state
         and, with a destination, the KV of its pages from ``first_page`` on. None if it is not here or
         not running (finished, aborted, preempted)."""

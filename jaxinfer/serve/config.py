@@ -38,7 +38,6 @@ from jaxinfer.config import (
 from jaxinfer.loader import DEFAULT_MODEL, DTYPES
 from pallas_kernels.unisparse.config import UniSparseConfig
 
-
 ROUTERS = ("cascade", "round-robin", "least-loaded", "llumnix")
 MIGRATIONS = ("auto", "live", "recompute")
 
@@ -175,7 +174,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeConfig, EngineCo
                               mode=args.sparse_prefill, min_len=args.sparse_min_len,
                               unisparse=dataclasses.replace(UniSparseConfig(), tau=args.sparse_tau)),
                           speculative=speculative_from_args(args))
-    serve = dataclasses.replace(dataclass_from_args(ServeConfig, args), cluster=dataclass_from_args(ClusterConfig, args))
+    serve = dataclasses.replace(dataclass_from_args(ServeConfig, args),
+                                cluster=dataclass_from_args(ClusterConfig, args))
     return serve, engine
 
 

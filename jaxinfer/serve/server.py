@@ -24,8 +24,8 @@ from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.placement import parse_mesh_spec, replica_meshes
 from jaxinfer.loader import LoadedModel, load_model
-from jaxinfer.router.baselines import make_router
 from jaxinfer.loader.embedded import cache_dir
+from jaxinfer.router.baselines import make_router
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.serve.config import ServeConfig
 from jaxinfer.serve.frontend import Frontend
@@ -55,6 +55,17 @@ def _bind(host: str, port: int, what: str) -> socket.socket:
         sock.close()
         raise OSError(f"cannot serve {what} on {host}:{port}: {exc.strerror or exc}") from None
     return sock
+
+
+def _progress_reporter(say: Callable[[str], None], prefix: str) -> Callable[[int, int], None]:
+    """A warm-up progress callback that reports at most every 5 s (and at the end)."""
+    start, last = time.perf_counter(), [0.0]
+
+    def report(done: int, total: int) -> None:
+        if done == total or time.perf_counter() - last[0] > 5:
+            last[0] = time.perf_counter()
+            say(f"{prefix}compiling step shapes: {done}/{total} ({time.perf_counter() - start:.0f} s)")
+    return report
 
 
 def _print_progress(message: str) -> None:
@@ -168,15 +179,8 @@ class Server:
                    for mesh in meshes]
         if config.warm_up:
             for index, engine in enumerate(engines):
-                start = time.perf_counter()
-                last = [0.0]
                 name = f"replica {index}: " if len(engines) > 1 else ""
-
-                def report(done: int, total: int) -> None:
-                    if done == total or time.perf_counter() - last[0] > 5:
-                        last[0] = time.perf_counter()
-                        say(f"{name}compiling step shapes: {done}/{total} ({time.perf_counter() - start:.0f} s)")
-                engine.warm_up(report)
+                engine.warm_up(_progress_reporter(say, name))
                 if len(engines) > 1:
                     engine.runner.warm_up_migration()
         return engines

@@ -1,0 +1,462 @@
+"""The cascade router (CascadeInfer / L4): replicas form a chain of length-specialised stages
+(pure Python + numpy, no jax).
+
+- A stage owns a contiguous range of context lengths and a consecutive block of replicas; a new
+  request goes to the least-loaded replica of the stage that owns its prompt length.
+- Context only grows, so a running request that outgrows its stage (by a slack) is handed off
+  downstream to the stage that owns its length; it never moves upstream.
+- Within a stage, each replica compares itself with one peer (a deterministic ring neighbour whose
+  offset rotates every tick) and moves a request when the KV usage gap exceeds ``balance_theta``.
+- Observed demand: the requests finished in the last ``window_seconds``, re-weighted per prompt
+  bucket to that window's arrivals (see ``_window_sample``).
+- Range refinement (§3.3), every ``refine_interval``: local search on the partition's objective
+  under the observed demand with the replica counts fixed. A boundary moves one grid step when that
+  lowers its two stages' modelled cost by more than ``refine_eps`` (relative) in ``refine_persist``
+  consecutive checks (or makes an infeasible pair feasible). Hysteresis: undoing the boundary's
+  last move needs twice that gain and freezes it for ``refine_interval * 2**reversals``, for good
+  after ``max_reversals`` (it dithers between two grid steps), so it settles on a stationary load.
+  A stationary load that matches the plan moves nothing: the plan is already the optimum.
+- Re-plan, every ``replan_interval``: the DP runs on the observed demand when its length histogram
+  drifted (KL divergence from the one the plan was fit to above ``replan_kl``) or the current
+  stages are infeasible under it; only a re-plan changes how many replicas a stage has.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import math
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxinfer.router.base import Migration, NewRequest, ReplicaLoad, RequestLoad, Router, accepting
+from jaxinfer.router.cost_model import CostModel
+from jaxinfer.router.partition import (
+    Demand,
+    QoE,
+    StagePlan,
+    default_grid,
+    demand_from_requests,
+    mean_e2e_qoe,
+    partition,
+    stage_costs,
+)
+
+logger = logging.getLogger(__name__)
+
+_MAX_HISTORY = 50_000  # length samples kept for re-planning
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CascadeConfig:
+    interval: float = 0.1  # seconds between rebalance calls
+    slack_fraction: float = 0.04  # hand off at context >= hi + max(page, slack_fraction * hi)
+    handoff_usage_cap: float = 0.9  # a hand-off destination's KV usage must stay below this
+    max_concurrent: int = 4  # migrations in flight per replica (in or out): every long request crosses stages
+    balance_theta: float = 0.1  # within-stage KV usage gap that triggers a balance move
+    refine_interval: float = 2.0
+    refine_eps: float = 0.05  # relative drop of the two stages' modelled cost that moves a boundary
+    refine_persist: int = 2  # consecutive imbalanced checks before a move
+    max_reversals: int = 2  # a boundary that undid its last move this often stays until the next re-plan
+    replan_interval: float = 30.0
+    window_seconds: float = 60.0  # length history the re-plan is fit to
+    replan_kl: float = 0.25  # histogram drift (KL divergence, nats) that triggers the DP
+    min_replan_samples: int = 200  # finished requests in the window before refining or re-planning
+    max_utilisation: float = 0.9  # DP feasibility cap
+
+    def __post_init__(self):
+        for name in ("interval", "refine_interval", "replan_interval", "window_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CascadeConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.max_concurrent < 1 or self.refine_persist < 1:
+            raise ValueError(f"max_concurrent and refine_persist must be >= 1, got {self.max_concurrent}, "
+                             f"{self.refine_persist}")
+        if not (0 <= self.slack_fraction < 1 and self.balance_theta >= 0 and self.refine_eps >= 0):
+            raise ValueError(f"need 0 <= slack_fraction < 1, balance_theta >= 0, refine_eps >= 0, got "
+                             f"{self.slack_fraction}, {self.balance_theta}, {self.refine_eps}")
+
+
+class CascadeRouter(Router):
+    name = "cascade"
+
+    def __init__(self, num_replicas: int, cost_model: CostModel, max_len: int, *, plan: StagePlan | None = None,
+                 grid: Sequence[int] | None = None, sample: Sequence[tuple[int, int]] | None = None,
+                 sample_window_seconds: float | None = None, qoe: QoE = mean_e2e_qoe, refine: bool = True,
+                 replan: bool = True, config: CascadeConfig | None = None, **overrides):
+        """plan: the initial stages (None: the DP on ``sample`` of (prompt, output) lengths observed over
+        ``sample_window_seconds``, or, without a window, at the rate that loads the cluster about half;
+        without a sample, on a default length mix). grid: candidate boundaries (0 ... max_len).
+        overrides: CascadeConfig fields."""
+        if num_replicas < 1 or max_len < 2:
+            raise ValueError(f"need num_replicas >= 1 and max_len >= 2, got {num_replicas}, {max_len}")
+        self.config = dataclasses.replace(config or CascadeConfig(), **overrides)
+        self.interval = self.config.interval
+        self.num_replicas, self.cost_model, self.max_len, self.qoe = num_replicas, cost_model, max_len, qoe
+        self.refine_enabled, self.replan_enabled = refine, replan
+        self.grid = tuple(int(g) for g in grid) if grid is not None else default_grid(
+            max_len, page_size=cost_model.page_size)
+        self._grid_index = {g: i for i, g in enumerate(self.grid)}
+        g = self.grid
+        if g[0] != 0 or g[-1] != max_len or any(y <= x for x, y in zip(g, g[1:], strict=False)):
+            raise ValueError(f"grid must go strictly up from 0 to max_len={max_len}, got {list(self.grid)}")
+        self.num_refinements = self.num_replans = self.num_handoffs = self.num_balances = 0
+        self._ticks = 0
+        self._finished: deque[tuple[float, int, int]] = deque()  # (time, prompt, output) of finished requests
+        self._arrivals: deque[tuple[float, int]] = deque()  # (time, prompt) of dispatched requests
+        self._next_refine = self.config.refine_interval
+        self._next_replan = self.config.replan_interval
+        self._reference_hist: np.ndarray | None = None
+        if plan is None:
+            plan = self._initial_plan(sample, sample_window_seconds)
+            self._replan_on_data = sample is None  # a default plan is replaced once data arrives
+        elif plan.num_replicas != num_replicas or plan.max_len != max_len:
+            raise ValueError(f"the plan covers {plan.num_replicas} replicas up to {plan.max_len} tokens, the "
+                             f"router {num_replicas} up to max_len={max_len}")
+        else:
+            self._replan_on_data = False
+        self._apply_plan(plan)
+
+    # ---- plan state ---------------------------------------------------------------------------------
+
+    def _initial_plan(self, sample, window) -> StagePlan:
+        if sample is None:
+            rng = np.random.default_rng(0)
+            prompts = np.minimum(rng.lognormal(math.log(min(1024, self.max_len // 4)), 1.0, 2000), self.max_len // 2)
+            outputs = np.minimum(rng.lognormal(math.log(256), 0.8, 2000), self.max_len // 2)
+            sample = list(zip(np.maximum(prompts, 1).astype(int).tolist(), np.maximum(outputs, 1).astype(int).tolist(),
+                              strict=True))
+        sample = [(int(p), int(o)) for p, o in sample]
+        if not sample:
+            return StagePlan.single(self.num_replicas, self.max_len)
+        if window is None:
+            window = self._work_seconds(sample) / (0.5 * self.num_replicas)
+        return self._run_dp(sample, window)
+
+    def _work_seconds(self, sample) -> float:
+        """Replica-seconds the sample needs: decode rows at their context (no step overhead) and prefill."""
+        _, b, c = self.cost_model.decode_fit()
+        pa, pb, pc = self.cost_model.prefill_fit()
+        p, o = np.asarray(sample, float).T
+        chunks = np.ceil(p / self.cost_model.max_num_batched_tokens)
+        return float(np.sum(o * (b + c * (p + o / 2)) + chunks * pa + pb * p + pc * p * p / 2)) or 1.0
+
+    def _run_dp(self, sample, window: float, weights=None) -> StagePlan:
+        demand = demand_from_requests(sample, self.grid, window, weights)
+        plan = partition(demand, self.grid, self.num_replicas, self.cost_model, qoe=self.qoe,
+                         max_utilisation=self.config.max_utilisation)
+        self._reference_hist = _histogram(demand.decode, demand.arrivals)
+        return plan
+
+    def _apply_plan(self, plan: StagePlan) -> None:
+        self.plan = plan
+        self.boundaries = list(plan.boundaries)
+        self._stage_members = [list(plan.replicas_of(s)) for s in range(plan.num_stages)]
+        self._replica_stage = {r: s for s, members in enumerate(self._stage_members) for r in members}
+        self._reset_refinement()
+
+    def _reset_refinement(self) -> None:
+        n = len(self.boundaries)
+        self._pending = [(0, 0)] * n  # per boundary: (sign of imbalance, consecutive checks)
+        self._last_move = [0] * n
+        self._reversals = [0] * n  # moves that undid the previous one: each doubles the wait before the next
+        self._frozen_until = [0.0] * n
+
+    @property
+    def num_stages(self) -> int:
+        return len(self._stage_members)
+
+    def stage_of(self, length: int) -> int:
+        """The stage whose current range holds ``length`` (past the last boundary: the last stage)."""
+        return min(bisect.bisect_right(self.boundaries, length) - 1, self.num_stages - 1)
+
+    def stage_of_replica(self, replica: int) -> int | None:
+        return self._replica_stage.get(replica)
+
+    def set_boundaries(self, boundaries: Sequence[int]) -> None:
+        """Admin API: new length ranges for the current stages (0 = b0 < ... < bS = max_len)."""
+        b = list(boundaries)
+        if len(b) != self.num_stages + 1:
+            raise ValueError(f"{self.num_stages} stages need {self.num_stages + 1} boundaries, got {len(b)}")
+        if any(isinstance(x, bool) or not isinstance(x, int | np.integer) for x in b):
+            raise ValueError(f"boundaries must be integers, got {b}")
+        if b[0] != 0 or b[-1] != self.max_len or any(y <= x for x, y in zip(b, b[1:], strict=False)):
+            raise ValueError(f"boundaries must go strictly up from 0 to max_len={self.max_len}, got {b}")
+        self.boundaries = [int(x) for x in b]
+        self._reset_refinement()
+
+    def set_plan(self, plan: StagePlan | dict) -> None:
+        """Admin API: new stages and replica counts (a StagePlan or {"boundaries", "replica_counts"})."""
+        if isinstance(plan, dict):
+            if "boundaries" not in plan or "replica_counts" not in plan:
+                raise ValueError("a plan needs 'boundaries' and 'replica_counts'")
+            plan = StagePlan(tuple(plan["boundaries"]), tuple(plan["replica_counts"]))
+        if plan.num_replicas != self.num_replicas:
+            raise ValueError(f"the plan has {plan.num_replicas} replicas, the cluster {self.num_replicas}")
+        if plan.max_len != self.max_len:
+            raise ValueError(f"the plan's last boundary {plan.max_len} is not max_len={self.max_len}")
+        self._apply_plan(plan)
+        self._replan_on_data = False
+        self._reference_hist = None  # the next check takes the observed histogram as reference
+
+    def describe(self) -> dict:
+        stages = [{"lo": self.boundaries[s], "hi": self.boundaries[s + 1], "replicas": list(members)}
+                  for s, members in enumerate(self._stage_members)]
+        return {"router": self.name, "stages": stages, "refinements": self.num_refinements,
+                "replans": self.num_replans, "handoffs": self.num_handoffs, "balances": self.num_balances}
+
+    # ---- decisions ------------------------------------------------------------------------------------
+
+    def dispatch(self, request: NewRequest, replicas: Sequence[ReplicaLoad], now: float) -> int:
+        live = accepting(replicas)
+        by_stage: dict[int, list[ReplicaLoad]] = {}
+        for r in live:
+            s = self._replica_stage.get(r.replica)
+            if s is not None:
+                by_stage.setdefault(s, []).append(r)
+        if not by_stage:
+            return min(live, key=_load_key).replica
+        self._arrivals.append((now, request.prompt_len))
+        if len(self._arrivals) > _MAX_HISTORY:
+            self._arrivals.popleft()
+        home = self.stage_of(request.prompt_len)
+        for distance in range(self.num_stages):
+            for s in (home + distance, home - distance):  # at equal distance downstream first
+                if s in by_stage:
+                    return min(by_stage[s], key=_load_key).replica
+        raise AssertionError("unreachable: some stage has a live replica")
+
+    def on_finish(self, request_id: str, prompt_len: int, output_len: int, now: float) -> None:
+        self._finished.append((now, prompt_len, output_len))
+        if len(self._finished) > _MAX_HISTORY:
+            self._finished.popleft()
+
+    def rebalance(self, replicas: Sequence[ReplicaLoad], now: float) -> list[Migration]:
+        self._ticks += 1
+        mine = {r.replica: r for r in replicas if r.replica in self._replica_stage}
+        warm = self._replan_on_data and len(self._finished) >= self.config.min_replan_samples
+        replan = self.replan_enabled and (now >= self._next_replan or warm)
+        refine = self.refine_enabled and now >= self._next_refine
+        if replan or refine:
+            demand = self._window_demand(now)
+            if replan:
+                self._next_replan = now + self.config.replan_interval
+                if demand is not None:
+                    self._maybe_replan(*demand)
+            if refine:
+                self._next_refine = now + self.config.refine_interval
+                if demand is not None:
+                    self._refine(now, demand[0])
+        in_flight = {i: r.migrations_in_flight for i, r in mine.items()}
+        usage = {i: r.usage for i, r in mine.items()}
+        moved: set[str] = set()
+        orders = self._handoffs(mine, in_flight, usage, moved)
+        orders += self._balance(mine, in_flight, usage, moved)
+        self.num_handoffs += sum(o.reason == "handoff" for o in orders)
+        self.num_balances += sum(o.reason == "balance" for o in orders)
+        return orders
+
+    def _handoffs(self, mine, in_flight, usage, moved) -> list[Migration]:
+        cfg, orders = self.config, []
+        # Within a tick destinations only fill up, so a stage that had no room for a request of c
+        # tokens has none for any request at least that long.
+        no_room: dict[int, int] = {}
+        for i, src in mine.items():
+            s = self._replica_stage[i]
+            if s == self.num_stages - 1 or in_flight[i] >= cfg.max_concurrent:
+                continue
+            hi = self.boundaries[s + 1]
+            limit = hi + max(src.page_size, int(cfg.slack_fraction * hi))
+            due = sorted((r for r in src.requests if r.running and not r.migrating and r.context_len >= limit),
+                         key=lambda r: -r.context_len)
+            for req in due:
+                if in_flight[i] >= cfg.max_concurrent:
+                    break
+                target = self.stage_of(req.context_len)
+                if target <= s or req.context_len >= no_room.get(target, math.inf):
+                    continue
+                dst = self._handoff_destination(target, req, mine, in_flight, usage)
+                if dst is None:
+                    no_room[target] = min(req.context_len, no_room.get(target, math.inf))
+                    continue
+                orders.append(Migration(req.request_id, i, dst, "handoff"))
+                self._account(req, mine[i], mine[dst], in_flight, usage, moved)
+        return orders
+
+    def _handoff_destination(self, stage: int, req: RequestLoad, mine, in_flight, usage) -> int | None:
+        """The least-loaded live replica of ``stage`` with a migration slot and room below the cap."""
+        best, best_key, cap, limit = None, None, self.config.handoff_usage_cap, self.config.max_concurrent
+        for d in self._stage_members[stage]:
+            rep = mine.get(d)
+            if rep is None or not rep.accepting or in_flight[d] >= limit:
+                continue
+            u = usage[d]
+            if u + -(-req.context_len // rep.page_size) / max(rep.kv_pages_total, 1) >= cap:
+                continue
+            key = (u, len(rep.requests), d)
+            if best_key is None or key < best_key:
+                best, best_key = d, key
+        return best
+
+    def _balance(self, mine, in_flight, usage, moved) -> list[Migration]:
+        cfg, orders = self.config, []
+        for members in self._stage_members:
+            live = [i for i in members if i in mine and mine[i].accepting]
+            if len(live) < 2:
+                continue
+            offset = 1 + self._ticks % (len(live) - 1)
+            for pos, i in enumerate(live):
+                peer = live[(pos + offset) % len(live)]
+                gap = usage[i] - usage[peer]
+                if gap <= cfg.balance_theta or in_flight[i] >= cfg.max_concurrent \
+                        or in_flight[peer] >= cfg.max_concurrent:
+                    continue
+                src, dst = mine[i], mine[peer]
+                best = None
+                for req in src.requests:
+                    if not req.running or req.migrating or req.request_id in moved:
+                        continue
+                    shift = _pages(req, src) / max(src.kv_pages_total, 1) + _pages(req, dst) / max(
+                        dst.kv_pages_total, 1)
+                    after = abs(gap - shift)
+                    if after >= gap:
+                        continue
+                    key = (round(after, 2), req.context_len, req.request_id)  # near-equal gains: the shortest
+                    if best is None or key < best[0]:
+                        best = (key, req)
+                if best is not None:
+                    orders.append(Migration(best[1].request_id, i, peer, "balance"))
+                    self._account(best[1], src, dst, in_flight, usage, moved)
+        return orders
+
+    @staticmethod
+    def _account(req, src, dst, in_flight, usage, moved) -> None:
+        """Count an order against this tick's view so later decisions see it."""
+        in_flight[src.replica] += 1
+        in_flight[dst.replica] += 1
+        usage[src.replica] -= _pages(req, src) / max(src.kv_pages_total, 1)
+        usage[dst.replica] += _pages(req, dst) / max(dst.kv_pages_total, 1)
+        moved.add(req.request_id)
+
+    # ---- range refinement and re-planning ------------------------------------------------------------
+
+    def _window_demand(self, now: float) -> tuple[Demand, list, np.ndarray, float] | None:
+        """The demand of the last ``window_seconds`` (None with too few finished requests), with the
+        sample, weights and window it came from."""
+        for history in (self._finished, self._arrivals):
+            while history and history[0][0] < now - self.config.window_seconds:
+                history.popleft()
+        if len(self._finished) < self.config.min_replan_samples or not self._arrivals:
+            return None
+        sample, weights = self._window_sample()
+        window = max(min(self.config.window_seconds, now - self._arrivals[0][0]), self.config.interval)
+        return demand_from_requests(sample, self.grid, window, weights), sample, weights, window
+
+    def _stage_costs(self, demand: Demand) -> np.ndarray:
+        return stage_costs(demand, self.grid, self.num_replicas, self.cost_model, qoe=self.qoe,
+                           max_utilisation=self.config.max_utilisation)
+
+    def _refine(self, now: float, demand: Demand) -> None:
+        """Local search on the partition's objective under the observed demand, replica counts fixed:
+        a boundary moves one grid step when that lowers its two stages' modelled cost by more than
+        ``refine_eps`` (relative) in ``refine_persist`` consecutive checks."""
+        index = [self._grid_index.get(b) for b in self.boundaries]
+        if None in index:
+            return  # an operator's off-grid boundaries: left alone
+        q, eps = self._stage_costs(demand), self.config.refine_eps
+        counts = [len(m) for m in self._stage_members]
+        for b in range(1, self.num_stages):
+            lo, cur, hi = index[b - 1], index[b], index[b + 1]
+
+            def pair(i, lo=lo, hi=hi, b=b):
+                return q[lo, i, counts[b - 1]] + q[i, hi, counts[b]]
+
+            options = [(pair(i), i) for i in (cur - 1, cur + 1) if lo < i < hi]
+            best_cost, best = min(options) if options else (math.inf, cur)
+            now_cost = pair(cur)
+            if math.isinf(now_cost):
+                gain = math.inf if math.isfinite(best_cost) else 0.0
+            else:
+                gain = (now_cost - best_cost) / max(now_cost, 1e-12)
+            sign = (1 if best > cur else -1) if gain > eps else 0
+            prev_sign, count = self._pending[b]
+            count = count + 1 if sign and sign == prev_sign else int(sign != 0)
+            self._pending[b] = (sign, count)
+            if count < self.config.refine_persist:
+                continue
+            undo = self._last_move[b] == -sign
+            if now < self._frozen_until[b] or (undo and gain <= 2 * eps):
+                continue  # backing off, or would undo the last move without a clear gain
+            if undo:
+                self._reversals[b] += 1
+                self._frozen_until[b] = now + self.config.refine_interval * 2 ** self._reversals[b]
+                if self._reversals[b] >= self.config.max_reversals:
+                    self._frozen_until[b] = math.inf  # dithering between two grid steps: stay
+            logger.debug("boundary %d: %d -> %d (modelled gain %.3f)", b, self.boundaries[b], self.grid[best], gain)
+            index[b] = best
+            self.boundaries[b] = self.grid[best]
+            self._last_move[b] = sign
+            self._pending[b] = (0, 0)
+            self.num_refinements += 1
+
+    def _maybe_replan(self, demand: Demand, sample, weights, window: float) -> None:
+        """Run the DP when the length histogram drifted or the current stages are infeasible under
+        the observed demand; adopt its plan if it differs."""
+        hist = _histogram(demand.decode, demand.arrivals)
+        if self._reference_hist is None and not self._replan_on_data:
+            self._reference_hist = hist  # an operator's plan: observe, re-plan only on later drift
+            return
+        drift = math.inf if self._reference_hist is None else _kl(hist, self._reference_hist)
+        index = [self._grid_index.get(b) for b in self.boundaries]
+        infeasible = None not in index and math.isinf(sum(
+            self._stage_costs(demand)[index[s], index[s + 1], len(m)] for s, m in enumerate(self._stage_members)))
+        if not (self._replan_on_data or drift > self.config.replan_kl or infeasible):
+            return
+        self._replan_on_data = False
+        plan = self._run_dp(sample, window, weights)
+        self._reset_refinement()
+        if plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts:
+            logger.info("re-plan (drift %.3f, infeasible %s): %s x %s", drift, infeasible, plan.boundaries,
+                        plan.replica_counts)
+            self._apply_plan(plan)
+            self.num_replans += 1
+
+    def _window_sample(self) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """The window's finished (prompt, output) pairs, re-weighted per prompt bucket to the window's
+        arrivals: long requests finish late (and not at all in an overloaded stage), so finished
+        requests alone under-count them. A bucket with arrivals but nothing finished yet gets one
+        pseudo-request (its mean prompt, the overall mean output) weighted by its arrivals."""
+        buckets = len(self.grid) - 1
+        arr = np.array([p for _, p in self._arrivals], float)
+        fin = np.array([(p, o) for _, p, o in self._finished], float)
+        k_arr = np.minimum(np.searchsorted(self.grid, arr, side="right") - 1, buckets - 1)
+        k_fin = np.minimum(np.searchsorted(self.grid, fin[:, 0], side="right") - 1, buckets - 1)
+        n_arr = np.bincount(k_arr, minlength=buckets).astype(float)
+        n_fin = np.bincount(k_fin, minlength=buckets).astype(float)
+        weights = n_arr[k_fin] / n_fin[k_fin]
+        sample = [(int(p), int(o)) for p, o in fin]
+        for k in np.flatnonzero((n_arr > 0) & (n_fin == 0)):
+            sample.append((int(arr[k_arr == k].mean()), max(int(fin[:, 1].mean()), 1)))
+            weights = np.append(weights, n_arr[k])
+        return sample, weights
+
+def _load_key(r: ReplicaLoad) -> tuple:
+    return (r.usage, len(r.requests), r.replica)
+
+
+def _pages(req: RequestLoad, rep: ReplicaLoad) -> int:
+    return -(-req.context_len // max(rep.page_size, 1))
+
+
+def _histogram(decode: np.ndarray, arrivals: np.ndarray) -> np.ndarray:
+    """Where the work is: decode steps and arrivals per bucket, each normalised, side by side."""
+    parts = [x / x.sum() if x.sum() > 0 else np.full(len(x), 1 / len(x)) for x in (decode, arrivals)]
+    return np.concatenate(parts) / 2
+
+
+def _kl(p: np.ndarray, q: np.ndarray, floor: float = 1e-4) -> float:
+    p, q = p + floor, q + floor
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum(p * np.log(p / q)))

@@ -1,0 +1,225 @@
+"""The cascade router: dispatch, hand-off, within-stage balance, range refinement and re-planning."""
+
+import numpy as np
+import pytest
+
+from jaxinfer.router.base import NewRequest, ReplicaLoad, RequestLoad
+from jaxinfer.router.cascade import CascadeRouter
+from jaxinfer.router.cost_model import CostModel
+from jaxinfer.router.partition import StagePlan
+from jaxinfer.router.sim import Simulator
+
+CM = CostModel.synthetic(max_len=16384)
+GRID = (0, 500, 1000, 2000, 4000, 8000, 16384)
+PLAN = StagePlan((0, 1000, 4000, 16384), (2, 2, 1))  # stage 0: replicas 0-1, stage 1: 2-3, stage 2: 4
+
+
+def rep(i, requests=(), used=0, total=1000, inflight=0, accepting=True, step=0.0):
+    return ReplicaLoad(i, tuple(requests), used, total, 16, 0, inflight, accepting, step)
+
+
+def req(rid, ctx, running=True, migrating=False):
+    return RequestLoad(rid, min(ctx, 100), ctx, 4096, running, migrating)
+
+
+def router(plan=PLAN, **kw):
+    kw.setdefault("refine", False)
+    kw.setdefault("replan", False)
+    return CascadeRouter(plan.num_replicas, CM, 16384, plan=plan, grid=GRID, **kw)
+
+
+def test_dispatch_picks_the_stage_then_the_least_loaded():
+    r = router()
+    snaps = [rep(0, used=500), rep(1, used=200), rep(2, [req("x", 10)], used=100), rep(3, [req("y", 10)] * 2, used=100),
+             rep(4, used=900)]
+    assert r.dispatch(NewRequest("a", 500, 10), snaps, 0.0) == 1
+    assert r.dispatch(NewRequest("b", 2000, 10), snaps, 0.0) == 2  # usage tie: fewer requests
+    assert r.dispatch(NewRequest("c", 20000, 10), snaps, 0.0) == 4  # past max_len: the last stage
+    snaps[4] = rep(4, accepting=False)
+    assert r.dispatch(NewRequest("d", 9000, 10), snaps, 0.0) == 2  # nearest stage with a live replica
+    snaps[2], snaps[3], snaps[4] = rep(2, accepting=False), rep(3, accepting=False), rep(4)
+    assert r.dispatch(NewRequest("e", 2000, 10), snaps, 0.0) == 4  # equidistant: downstream first
+
+
+def test_handoff_goes_downstream_to_the_owning_stage_past_the_slack():
+    r = router(max_concurrent=3)
+    stage0 = [req("in_slack", 1030), req("due", 1100), req("far", 5000), req("waiting", 6000, running=False),
+              req("moving", 7000, migrating=True)]
+    snaps = [rep(0, stage0, used=300), rep(1), rep(2, used=400), rep(3, used=100),
+             rep(4, [req("last", 100_000)], used=500)]
+    orders = r.rebalance(snaps, 0.1)
+    assert {(o.request_id, o.src, o.dst, o.reason) for o in orders} == {("far", 0, 4, "handoff"),
+                                                                        ("due", 0, 3, "handoff")}
+    # slack is max(page, 4% of hi): 1040 tokens for hi = 1000
+    assert r.config.slack_fraction * 1000 == 40
+
+
+def test_handoff_never_upstream_and_respects_limits():
+    r = router(max_concurrent=1)
+    snaps = [rep(0, [req("due", 1100), req("far", 5000)], used=300), rep(1), rep(2, [req("short", 300)]), rep(3),
+             rep(4)]
+    orders = r.rebalance(snaps, 0.1)
+    assert [(o.request_id, o.dst) for o in orders] == [("far", 4)]  # one at a time, longest first
+    snaps[0] = rep(0, [req("due", 1100)], used=300, inflight=1)
+    assert r.rebalance(snaps, 0.2) == []  # the source has a migration in flight
+    snaps[0], snaps[1] = rep(0, [req("due", 1100)], used=300), rep(1, used=300)  # (no balance move in stage 0)
+    snaps[2], snaps[3] = rep(2, inflight=1), rep(3, used=950)  # busy and full destinations
+    assert r.rebalance(snaps, 0.3) == []
+
+
+def test_within_stage_balance_moves_the_best_and_shortest_request():
+    plan = StagePlan((0, 8000, 16384), (2, 1))
+    r = router(plan=plan)
+    heavy = [req("a", 1600), req("b", 1610), req("c", 160), req("d", 6400)]  # 100, 101, 10, 400 pages
+    snaps = [rep(0, heavy, used=500), rep(1, used=100), rep(2)]
+    orders = r.rebalance(snaps, 0.1)
+    # gap 0.4; moving p pages closes 2p/1000: a and b both leave ~0.2, so the shorter one goes
+    assert [(o.request_id, o.src, o.dst, o.reason) for o in orders] == [("a", 0, 1, "balance")]
+    snaps = [rep(0, heavy, used=150), rep(1, used=100), rep(2)]
+    assert r.rebalance(snaps, 0.2) == []  # gap 0.05 <= theta
+
+
+def _ticks(r, t0, seconds, arrivals=()):
+    """Rebalance ticks for ``seconds``; each tick dispatches and finishes the (prompt, output) pairs."""
+    t, k = t0, 0
+    while t < t0 + seconds - 1e-9:
+        t += 0.1
+        for p, o in arrivals:
+            r.dispatch(NewRequest(f"q{k}", p, o), [rep(i) for i in range(r.num_replicas)], t)
+            r.on_finish(f"q{k}", p, o, t)
+            k += 1
+        r.rebalance([rep(i) for i in range(r.num_replicas)], t)
+    return t
+
+
+def _scripted(r, costs):
+    """Make boundary 1's two-stage cost at grid point g equal costs[g] (other boundaries: flat)."""
+    def stage_costs(demand):
+        q = np.ones((len(GRID), len(GRID), r.num_replicas + 1))
+        hi = GRID.index(r.boundaries[2])
+        for g, c in costs.items():
+            q[0, GRID.index(g), 2], q[GRID.index(g), hi, 2] = c, 0.0
+        return q
+    r._stage_costs = stage_costs
+
+
+def test_refinement_moves_one_step_after_persistent_gain():
+    r = router(refine=True, refine_interval=1.0, min_replan_samples=20)
+    r.on_finish("x", 100, 10, 0.0)
+    t = _ticks(r, 0.0, 0.1, [(300, 50)] * 30)  # demand in the window
+    _scripted(r, {500: 0.9, 1000: 1.0, 2000: 1.0})  # lowering gains 10% > eps = 5%
+    t = _ticks(r, t, 1.0)
+    assert r.boundaries == [0, 1000, 4000, 16384]  # one check is not enough
+    t = _ticks(r, t, 1.0)
+    assert r.boundaries == [0, 500, 4000, 16384] and r.describe()["refinements"] == 1
+    r = router(refine=True, refine_interval=1.0, min_replan_samples=20)
+    t = _ticks(r, 0.0, 0.1, [(300, 50)] * 30)
+    _scripted(r, {500: 1.0, 1000: 1.0, 2000: 0.5})
+    _ticks(r, t, 2.0)
+    assert r.boundaries == [0, 2000, 4000, 16384]  # raising is cheaper
+    r = router(refine=True, refine_interval=1.0, min_replan_samples=20)
+    t = _ticks(r, 0.0, 0.1, [(300, 50)] * 30)
+    _scripted(r, {500: 0.98, 1000: 1.0, 2000: 0.99})
+    _ticks(r, t, 5.0)
+    assert r.boundaries == [0, 1000, 4000, 16384]  # gains below eps: no move
+
+
+def test_refinement_hysteresis():
+    r = router(refine=True, refine_interval=1.0, min_replan_samples=20, window_seconds=100.0)
+    t = _ticks(r, 0.0, 0.1, [(300, 50)] * 30)
+    _scripted(r, {500: 0.8, 1000: 1.0, 2000: 1.0})
+    t = _ticks(r, t, 2.0)
+    assert r.boundaries[1] == 500
+    _scripted(r, {500: 1.0, 1000: 0.92, 2000: 1.0})  # undoing gains 8%: beyond eps, not 2 * eps
+    t = _ticks(r, t, 4.0)
+    assert r.boundaries[1] == 500
+    _scripted(r, {500: 1.0, 1000: 0.8, 2000: 1.0})  # 20%: undo, then wait 2 intervals before another
+    t = _ticks(r, t, 2.0)
+    assert r.boundaries[1] == 1000
+    _scripted(r, {500: 0.5, 1000: 1.0, 2000: 1.0})
+    t = _ticks(r, t, 1.0)
+    assert r.boundaries[1] == 1000  # frozen after the reversal
+    t = _ticks(r, t, 3.0)
+    assert r.boundaries[1] == 500  # second reversal: now it stays for good
+    _scripted(r, {500: 1.0, 1000: 0.1, 2000: 1.0})
+    _ticks(r, t, 20.0)
+    assert r.boundaries[1] == 500 and r.describe()["refinements"] == 3
+
+
+def test_refinement_sheds_an_overloaded_stage():
+    r = router(refine=True, refine_interval=1.0, min_replan_samples=50, window_seconds=5.0)
+    # 30 req/s each of 300- and 800-token prompts: more prefill than stage 0's two replicas can take
+    # (modelled utilisation ~0.93 > 0.9); the 800s fit in stage 1
+    t = _ticks(r, 0.0, 1.5, [(800, 50)] * 3 + [(300, 50)] * 3)
+    assert r.boundaries[1] == 1000
+    _ticks(r, t, 1.0, [(800, 50)] * 3 + [(300, 50)] * 3)
+    assert r.boundaries[1] == 500
+
+
+def test_refinement_settles_on_a_stationary_simulated_workload():
+    rng = np.random.default_rng(3)
+    n = 3000
+    arrivals = np.cumsum(rng.exponential(1 / 30.0, n))
+    prompts = np.exp(rng.uniform(np.log(100), np.log(6000), n)).astype(int)
+    outputs = np.exp(rng.uniform(np.log(20), np.log(600), n)).astype(int)
+    trace = list(zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True))
+    # plan for a shorter mix than the one that comes: refinement has to adapt the boundaries
+    sample = [(max(p // 4, 1), o) for _, p, o in trace[:500]]
+    r = CascadeRouter(6, CM, 16384, sample=sample, sample_window_seconds=trace[499][0], grid=GRID, replan=False,
+                      refine_interval=1.0)
+    result = Simulator(r, CM, 6, trace).run()
+    history = result.occupancy["boundaries"]
+    assert len(history) > 1000 and r.describe()["refinements"] > 0  # it did refine, then settled
+    tail = history[len(history) // 2:]
+    for b in range(1, len(tail[0]) - 1):
+        values = [row[b] for row in tail]
+        changes = [v for prev, v in zip(values, values[1:], strict=False) if v != prev]
+        assert len(changes) <= 1, f"boundary {b} keeps moving: {changes}"
+
+
+def test_replan_on_drift_only():
+    def run(drift):
+        r = router(replan=True, replan_interval=1.0, window_seconds=5.0, min_replan_samples=50)
+        r.set_plan(PLAN)  # an operator's plan: the first check takes the observed histogram as reference
+        rng = np.random.default_rng(0)
+        t, k = 0.0, 0
+        for phase in range(2):
+            for _ in range(60):
+                t += 0.1
+                for _ in range(2):
+                    p, o = (8000, 400) if drift and phase else (int(rng.integers(100, 600)), int(rng.integers(50, 200)))
+                    r.dispatch(NewRequest(f"q{k}", p, o), [rep(i) for i in range(5)], t)
+                    r.on_finish(f"q{k}", p, o, t)
+                    k += 1
+                r.rebalance([rep(i) for i in range(5)], t)
+        return r
+
+    assert run(drift=False).describe()["replans"] == 0
+    drifted = run(drift=True)
+    assert drifted.describe()["replans"] >= 1
+    assert drifted.plan.replica_counts[drifted.plan.stage_of(8000)] >= 2  # the long requests get more replicas
+
+
+def test_admin_api_validation_and_describe():
+    r = router()
+    r.set_boundaries([0, 2000, 8000, 16384])
+    assert r.stage_of(1999) == 0 and r.stage_of(2000) == 1
+    d = r.describe()
+    assert d["router"] == "cascade" and d["stages"][1] == {"lo": 2000, "hi": 8000, "replicas": [2, 3]}
+    assert d["refinements"] == 0 and d["replans"] == 0
+    with pytest.raises(ValueError, match="3 stages need 4 boundaries"):
+        r.set_boundaries([0, 16384])
+    with pytest.raises(ValueError, match="strictly up"):
+        r.set_boundaries([0, 8000, 2000, 16384])
+    with pytest.raises(ValueError, match="strictly up"):
+        r.set_boundaries([0, 1000, 2000, 9999])
+    r.set_plan({"boundaries": [0, 4000, 16384], "replica_counts": [4, 1]})
+    assert r.describe()["stages"][0]["replicas"] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="the plan has 4 replicas, the cluster 5"):
+        r.set_plan(StagePlan((0, 4000, 16384), (3, 1)))
+    with pytest.raises(ValueError, match="needs 'boundaries' and 'replica_counts'"):
+        r.set_plan({"boundaries": [0, 16384]})
+    with pytest.raises(ValueError, match="balance_theta"):
+        router(balance_theta=-1)
+    with pytest.raises(ValueError, match="the plan covers 5 replicas up to 16384 tokens, the router 6"):
+        CascadeRouter(6, CM, 16384, plan=PLAN)

@@ -1,0 +1,69 @@
+"""Trace loading and reshaping."""
+
+import pytest
+
+from jaxinfer.router.trace import (
+    AZURE_CONV,
+    TraceRequest,
+    cap_lengths,
+    load_azure,
+    long_context_mix,
+    scale_rate,
+    stretch,
+    summarize,
+    take,
+)
+
+
+def test_load_azure_conv():
+    if not AZURE_CONV.is_file():
+        pytest.skip(f"trace not found at {AZURE_CONV}")
+    trace = load_azure()
+    assert len(trace) == 19366
+    assert trace[0] == TraceRequest(0.0, 374, 44)
+    assert trace[1].arrival == pytest.approx(4.3145790, abs=1e-6)  # 18:15:50.9951690 - 18:15:46.6805900
+    assert all(a.arrival <= b.arrival for a, b in zip(trace, trace[1:], strict=False))
+    assert all(r.output_len >= 1 for r in trace)
+    assert load_azure(limit=10) == trace[:10]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_azure(tmp_path / "missing.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,a,b\r\n")
+    with pytest.raises(ValueError, match="expected header TIMESTAMP,ContextTokens,GeneratedTokens"):
+        load_azure(bad)
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\r\n2023-11-16 18:15:46.68,12\r\n")
+    with pytest.raises(ValueError, match=":2: malformed row"):
+        load_azure(bad)
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\r\nyesterday,12,3\r\n")
+    with pytest.raises(ValueError, match="malformed row"):
+        load_azure(bad)
+    good = tmp_path / "good.csv"
+    good.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\r\n2023-11-16 18:15:47.5,10,0\r\n"
+                    "2023-11-16 18:15:46.0000001,20,5\r\n")
+    assert load_azure(good) == [TraceRequest(0.0, 20, 5), TraceRequest(pytest.approx(1.4999999), 10, 1)]
+
+
+def test_reshaping():
+    trace = [TraceRequest(0.0, 100, 10), TraceRequest(2.0, 5000, 300), TraceRequest(4.0, 50, 5)]
+    assert [r.arrival for r in scale_rate(trace, 4.0)] == [0.0, 0.5, 1.0]
+    assert take(trace, start=1.0, duration=10.0) == [TraceRequest(0.0, 5000, 300), TraceRequest(2.0, 50, 5)]
+    assert take(trace, count=1) == trace[:1]
+    assert cap_lengths(trace, 4096)[1] == TraceRequest(2.0, 4095, 1)
+    assert stretch(trace, 3.0, 4096)[0] == TraceRequest(0.0, 300, 30)
+    assert summarize(trace)["requests"] == 3 and summarize(trace)["context_max"] == 5300
+    with pytest.raises(ValueError, match="rate factor must be positive"):
+        scale_rate(trace, 0)
+
+
+def test_long_context_mix_is_seeded_and_in_range():
+    a = long_context_mix(2000, rate=5.0, seed=1)
+    assert a == long_context_mix(2000, rate=5.0, seed=1) and a != long_context_mix(2000, rate=5.0, seed=2)
+    assert all(1024 <= r.prompt_len and r.prompt_len + r.output_len <= 131072 for r in a)
+    long = sum(r.prompt_len >= 8192 for r in a) / len(a)
+    assert 0.1 < long < 0.2 and max(r.prompt_len for r in a) > 32768
+    assert summarize(a)["rate_rps"] == pytest.approx(5.0, rel=0.1)
+    with pytest.raises(ValueError, match="need num_requests >= 1"):
+        long_context_mix(0, rate=1.0)

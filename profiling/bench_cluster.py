@@ -11,8 +11,8 @@ measured ones (the simulator validation). Writes JSON as it goes.
         [--replicas 4] [--requests 40] [--rates 0.4,0.8] [--routers cascade,round-robin,least-loaded,llumnix]
 
 On CPU the replicas share the host's cores: while k replicas run a step at once, each step takes
-longer than the profile says. The run measures that stretch (steps with 1..N replicas busy) and the
-simulator is given it (``host_slowdown``).
+longer than the profile says. The profile measures how many cores a decode and a prefill step keep
+busy, and the simulator stretches steps accordingly (``CostModel.host_slowdown``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -36,11 +35,11 @@ import numpy as np  # noqa: E402
 
 from jaxinfer.compile_cache import enable_compilation_cache  # noqa: E402
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
-from jaxinfer.engine.batch import StepShape, all_step_shapes  # noqa: E402
+from jaxinfer.engine.batch import all_step_shapes  # noqa: E402
 from jaxinfer.engine.cluster import Cluster  # noqa: E402
 from jaxinfer.engine.engine import Engine  # noqa: E402
 from jaxinfer.engine.placement import replica_meshes  # noqa: E402
-from jaxinfer.engine.scheduler import SchedulerOutput  # noqa: E402
+from jaxinfer.engine.step_profile import profile  # noqa: E402
 from jaxinfer.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from jaxinfer.router.baselines import make_router  # noqa: E402
 from jaxinfer.router.cost_model import CostModel  # noqa: E402
@@ -78,51 +77,12 @@ def workload(count: int, rate: float, max_len: int, scale: int, seed: int = 0):
     return requests
 
 
-def step_time(engine: Engine, shape: StepShape, repeats: int = 3) -> float:
-    runner = engine.runner
-    forward, sampler = runner._executable(shape)
-    batch = runner.builder.build(SchedulerOutput([], [], []), shape, impl=runner.impl, interpret=runner.interpret)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        logits, runner.kv, runner.sampler = forward(runner.state, runner.kv, runner.sampler, batch)
-        results, runner.sampler = sampler(logits, runner.sampler, batch.sample)
-        jax.block_until_ready(results)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[1:]))
-
-
-def profile(engines: list[Engine], max_len: int) -> tuple[CostModel, list[float]]:
-    """The cost model of the engines' own step shapes, and the host slowdown with k replicas busy."""
-    engine, config = engines[0], engines[0].scheduler_config
-    batch, kv = config.decode_buckets, config.decode_kv_buckets
-    decode = [[step_time(engine, StepShape(b, s, 0, 0)) for s in kv] for b in batch]
-    tokens, pkv = config.prefill_buckets, config.kv_buckets
-    prefill = [[step_time(engine, StepShape(0, 0, t, s, False)) for s in pkv] for t in tokens]
-    model = CostModel.from_dict({
-        "hardware": f"{platform.machine()}, {os.cpu_count()} cores (CPU replicas share them)", "model": DEFAULT_MODEL,
-        "dtype": "float32", "date": datetime.date.today().isoformat(), "page_size": PAGE_SIZE,
-        "kv_bytes_per_token": engine.bytes_per_page // PAGE_SIZE,
-        "kv_capacity_tokens": engine.block_manager.num_pages * PAGE_SIZE, "max_num_seqs": config.max_num_seqs,
-        "max_num_batched_tokens": config.max_num_batched_tokens,
-        "decode": {"batch": list(batch), "kv_len": list(kv), "seconds": decode},
-        "prefill": {"tokens": list(tokens), "kv_len": list(pkv), "seconds": prefill},
-        "copy_bytes_per_second": 1e9})
-    slowdown = [1.0]
-    shape = StepShape(batch[0], kv[0], 0, 0)
-    alone = step_time(engine, shape)
-    for k in range(2, len(engines) + 1):  # k replicas stepping at once
-        results = [0.0] * k
-
-        def run(i, results=results):
-            results[i] = step_time(engines[i], shape)
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(k)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        slowdown.append(float(np.mean(results)) / alone)
-    return model, slowdown
+def profile_engines(engines: list[Engine]) -> CostModel:
+    """The cost model of the engines' own step shapes (with how the replicas share the host)."""
+    config = engines[0].scheduler_config
+    return CostModel.from_dict(profile(engines, decode_batch=config.decode_buckets,
+                                       decode_kv=config.decode_kv_buckets, prefill_tokens=config.prefill_buckets,
+                                       prefill_kv=config.kv_buckets, model=DEFAULT_MODEL))
 
 
 async def serve(cluster: Cluster, requests) -> dict:
@@ -179,13 +139,13 @@ def main(argv=None) -> None:
         engine.runner.warm_up_migration()
     print(f"warm-up of {args.replicas} replicas: {time.perf_counter() - start:.0f} s "
           f"({len(all_step_shapes(engines[0].scheduler_config))} step shapes each)", file=sys.stderr)
-    cost_model, slowdown = profile(engines, args.max_len)
+    cost_model = profile_engines(engines)
     cost_model.save(args.out.with_name("cost_model_cluster.json"))
-    print(f"host slowdown with 1..{args.replicas} replicas busy: {[round(s, 2) for s in slowdown]}", file=sys.stderr)
+    print(f"host model: {cost_model.extra.get('host')}", file=sys.stderr)
 
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "date": datetime.date.today().isoformat(), "replicas": args.replicas, "requests": args.requests,
-              "length_scale": args.length_scale, "max_len": args.max_len, "host_slowdown": slowdown,
+              "length_scale": args.length_scale, "max_len": args.max_len, "host": cost_model.extra.get("host"),
               "engine": {"max_num_seqs": 16, "decode_buckets": [4, 16], "decode_kv_buckets": [512, args.max_len],
                          "num_pages": args.num_pages, "page_size": PAGE_SIZE}, "runs": []}
     header = (f"{'rate':>5} {'router':<13} {'mean E2E':>9} {'P99 E2E':>9} {'TTFT':>7} {'TPOT':>7} {'tok/s':>6} "
@@ -210,7 +170,7 @@ def main(argv=None) -> None:
             same = reference_tokens.setdefault(rate, tokens) == tokens
             sim_router = make_router(name, args.replicas, cost_model, args.max_len, **kw)
             sim = Simulator(sim_router, cost_model, args.replicas, [(a, len(ids), out) for a, ids, out in requests],
-                            migration="live", host_slowdown=slowdown).run().summary
+                            migration="live").run().summary
             run = {"rate": rate, "router": name, "real": real, "sim": {k: sim[k] for k in (
                 "mean_e2e", "p99_e2e", "mean_ttft", "mean_tpot") if k in sim}, "outputs_equal_first_router": same,
                 "plan": stats["router"].get("stages"), "migrations": stats["migrations"]}

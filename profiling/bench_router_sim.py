@@ -165,7 +165,8 @@ def plot(result: dict, cdfs: dict, occupancy: dict | None, suffix: str) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cost-model", type=Path, default=RESULTS / "cost_model.json")
+    parser.add_argument("--cost-model", default=str(RESULTS / "cost_model.json"),
+                        help="a profile from launch/profile_cost_model.py, or 'synthetic' (analytic 8B-on-H100-like)")
     parser.add_argument("--kv-capacity", type=int, default=0, help="override the KV pool (tokens per replica)")
     parser.add_argument("--replicas", type=int, default=16)
     parser.add_argument("--loads", default="0.2,0.3,0.4,0.5", help="offered load, fractions of estimated capacity")
@@ -181,14 +182,15 @@ def main() -> None:
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args()
     args.max_len = args.max_len or (16384 if args.trace == "azure" else 131072)
-    suffix = "" if args.trace == "azure" else "_long"
+    synthetic = args.cost_model == "synthetic"
+    suffix = ("" if args.trace == "azure" else "_long") + ("_synthetic" if synthetic else "_cpu")
     out_path = args.json or RESULTS / f"router_sim{suffix}.json"
 
-    if args.cost_model.is_file():
-        cm, note = CostModel.load(args.cost_model), f"profiled: {args.cost_model}"
-    else:
+    if synthetic:
         cm = CostModel.synthetic(max_len=max(args.max_len, 131072))
-        note = f"SYNTHETIC (analytic 8B-on-H100-like model): {args.cost_model} does not exist yet"
+        note = "SYNTHETIC: analytic 8B-on-H100-like model (not measured)"
+    else:
+        cm, note = CostModel.load(args.cost_model), f"profiled: {args.cost_model}"
     if args.kv_capacity:
         cm = cm.with_capacity(args.kv_capacity)
     max_len = min(args.max_len, cm.kv_capacity_tokens)  # a request must fit one replica's pool

@@ -125,6 +125,7 @@ class Engine:
         self.last_step_decode_tokens = 0
         self.generated_tokens_total = 0
         self.prompt_tokens_total = 0
+        self.step_log: list | None = None  # set to a list to record (shape, start, end) of every step
 
     def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
         self.runner.warm_up(progress)
@@ -220,7 +221,10 @@ class Engine:
             self.spec.observe_step("spec" if speculate else "plain", len(out.decodes),
                                    self.generated_tokens_total - generated, time.perf_counter() - start)
         self.num_steps += 1
-        self.last_step_seconds = time.perf_counter() - start
+        end = time.perf_counter()
+        self.last_step_seconds = end - start
+        if self.step_log is not None:
+            self.step_log.append((self.runner.last_shape, start, end))
         self.last_step_tokens = out.num_tokens
         self.last_step_decode_tokens = len(out.decodes)
         return outputs

@@ -261,7 +261,9 @@ class ModelRunner:
         return executable
 
     def _padded(self, pages: list[int], fill: int) -> tuple[np.ndarray, int]:
-        bucket = next(b for b in self.page_buckets() if b >= len(pages))
+        bucket = next((b for b in self.page_buckets() if b >= len(pages)), None)
+        if bucket is None:
+            raise ValueError(f"{len(pages)} pages exceed one request's {self.page_buckets()[-1]}")
         padded = np.full(bucket, fill, np.int32)
         padded[:len(pages)] = pages
         return padded, bucket

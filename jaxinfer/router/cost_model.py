@@ -78,6 +78,15 @@ class CostModel:
                 for t in row:
                     if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
                         raise ValueError(f"cost model: {name}.seconds must be positive finite times, got {t!r}")
+        if "mixed_prefill_kv" in self.extra:
+            _check_grid("mixed_prefill_kv", _int_tuple("mixed_prefill_kv", self.extra["mixed_prefill_kv"]))
+        host = self.extra.get("host")
+        if host is not None:
+            if not isinstance(host, dict) or any(
+                    not isinstance(host.get(k), int | float) or not host.get(k) > 0
+                    for k in ("cores", "decode_parallelism", "prefill_parallelism")):
+                raise ValueError("cost model: host must be an object with positive cores, decode_parallelism and "
+                                 f"prefill_parallelism, got {host!r}")
 
     # ---- construction and (de)serialisation -------------------------------------------------------
 
@@ -199,8 +208,38 @@ class CostModel:
                        max(kv_len, tokens))
 
     def step_seconds(self, num_decode: int, max_decode_context: int, prefill_tokens: int, prefill_kv: int) -> float:
-        """A mixed step, taken as its decode part plus its prefill part (0 for an empty step)."""
-        return self.decode_seconds(num_decode, max_decode_context) + self.prefill_seconds(prefill_tokens, prefill_kv)
+        """A mixed step, taken as its decode part plus its prefill part plus the host overhead (0 for
+        an empty step)."""
+        parts = self.step_parts(num_decode, max_decode_context, prefill_tokens, prefill_kv)
+        return sum(parts) + self.step_overhead if num_decode or prefill_tokens else 0.0
+
+    def step_parts(self, num_decode: int, max_decode_context: int, prefill_tokens: int,
+                   prefill_kv: int) -> tuple[float, float]:
+        """(decode part, prefill part) of a step. With ``mixed_prefill_kv`` in the profile (the engine's
+        mixed-step KV buckets), the prompt part of a step that also decodes is padded as the engine
+        pads it: to the largest prompt bucket and to those KV buckets."""
+        mixed = self.extra.get("mixed_prefill_kv")
+        if num_decode and prefill_tokens and mixed:
+            prefill_tokens = max(prefill_tokens, self.prefill_tokens[-1])
+            prefill_kv = next((b for b in mixed if b >= prefill_kv), prefill_kv)
+        if not num_decode and not prefill_tokens:
+            return 0.0, 0.0
+        return self.decode_seconds(num_decode, max_decode_context), self.prefill_seconds(prefill_tokens, prefill_kv)
+
+    @property
+    def step_overhead(self) -> float:
+        """Host seconds around every step beyond the profiled compiled step (profile key
+        ``step_overhead_seconds``, calibrated on a real run; 0 without it)."""
+        return float(self.extra.get("step_overhead_seconds", 0.0))
+
+    def host_slowdown(self, busy: int) -> tuple[float, float]:
+        """(decode, prefill) stretch of a step while ``busy`` replicas (this one included) step at once
+        on a host whose cores they share (profile key ``host``: a step alone keeps ``*_parallelism``
+        cores busy, and the busy steps split the ``cores`` evenly); (1, 1) without that key."""
+        host = self.extra.get("host")
+        if host is None or busy <= 1:
+            return 1.0, 1.0
+        return tuple(max(1.0, host[f"{part}_parallelism"] * busy / host["cores"]) for part in ("decode", "prefill"))
 
     def transfer_seconds(self, tokens: int) -> float:
         """Copying the KV of ``tokens`` tokens to another replica."""

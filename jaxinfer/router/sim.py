@@ -88,6 +88,9 @@ class SimReplica:
         self.running: list[SimRequest] = []
         self.step: list[tuple[SimRequest, int, int]] = []  # (request, tokens, its epoch)
         self.busy = False
+        self.step_parts = (0.0, 0.0)  # the step in flight alone: decode and prefill seconds
+        self.step_version = 0  # bumped when processor sharing moves the step's completion
+        self.progress, self.progress_time = 0.0, 0.0  # share of the step done, as of progress_time
         self.accepting = True
         self.migrations_in_flight = 0
         self.last_step_seconds = self.busy_seconds = 0.0
@@ -123,9 +126,9 @@ class SimReplica:
         req.epoch += 1
         self.touch(req)
 
-    def schedule(self, slowdown: float = 1.0) -> float | None:
-        """Plan the next step (allocating its pages); its duration (times ``slowdown``), or None when
-        there is nothing to run."""
+    def schedule(self, slowdown: tuple[float, float] = (1.0, 1.0)) -> float | None:
+        """Plan the next step (allocating its pages); its duration (its decode and prefill parts
+        stretched by ``slowdown``), or None when there is nothing to run."""
         budget, step, preempted = self.max_num_batched_tokens, [], False
         num_decode = max_ctx = sum_ctx = prefill_tokens = prefill_kv = 0
         i = 0
@@ -176,7 +179,9 @@ class SimReplica:
         if not step:
             return None
         self.step, self.busy = step, True
-        seconds = self.cost_model.step_seconds(num_decode, max_ctx, prefill_tokens, prefill_kv) * slowdown
+        decode, prefill = self.cost_model.step_parts(num_decode, max_ctx, prefill_tokens, prefill_kv)
+        self.step_parts = (decode, prefill)
+        seconds = decode * slowdown[0] + prefill * slowdown[1] + self.cost_model.step_overhead
         self.last_step_seconds = seconds
         self.busy_seconds += seconds
         self.num_steps += 1
@@ -257,7 +262,8 @@ class Simulator:
                  max_occupancy_samples: int = 1000, host_slowdown: Sequence[float] | None = None):
         """requests: (arrival_seconds, prompt_len, output_len) tuples. The replicas take their budgets
         and KV pool from the cost model. host_slowdown[k-1]: how much longer a step takes while k
-        replicas step at once (replicas sharing one host's cores); past its end, its last value."""
+        replicas step at once (replicas sharing one host's cores); past its end, its last value.
+        None: the cost model's own host model (``CostModel.host_slowdown``), if its profile has one."""
         if migration not in MIGRATION_MODES:
             raise ValueError(f"migration must be one of {', '.join(MIGRATION_MODES)}, got {migration!r}")
         if num_replicas < 1 or max_precopy_rounds < 1 or last_round_pages < 0:
@@ -265,7 +271,7 @@ class Simulator:
                              f"{num_replicas}, {max_precopy_rounds}, {last_round_pages}")
         if host_slowdown is not None and (not host_slowdown or any(not x > 0 for x in host_slowdown)):
             raise ValueError(f"host_slowdown must be positive factors, got {host_slowdown!r}")
-        self.host_slowdown = tuple(host_slowdown or (1.0,))
+        self.host_slowdown = tuple(host_slowdown) if host_slowdown is not None else None
         self.router, self.cost_model, self.migration = router, cost_model, migration
         self.max_precopy_rounds, self.last_round_tokens = max_precopy_rounds, last_round_pages * cost_model.page_size
         self.replicas = [SimReplica(i, cost_model, max_num_seqs=cost_model.max_num_seqs,
@@ -328,8 +334,11 @@ class Simulator:
                 self.replicas[target].enqueue(req)
                 self._kicks.append(self.replicas[target])
             elif kind == "step":
-                rep = self.replicas[data]
+                rep = self.replicas[data[0]]
+                if data[1] != rep.step_version:  # rescheduled by processor sharing
+                    continue
                 self._busy -= 1
+                self._share(now, rep, self._busy + 1)
                 finished, resumed = rep.complete(now)
                 for req in resumed:
                     if req.mig is not None and req.mig.mode == "recompute":
@@ -364,11 +373,37 @@ class Simulator:
         while self._kicks:
             rep = self._kicks.pop(0)
             if not rep.busy:
-                slowdown = self.host_slowdown[min(self._busy, len(self.host_slowdown) - 1)]
+                if self.host_slowdown is None:  # the cost model's host sharing, if it has one
+                    slowdown = self.cost_model.host_slowdown(self._busy + 1)
+                else:
+                    factor = self.host_slowdown[min(self._busy, len(self.host_slowdown) - 1)]
+                    slowdown = (factor, factor)
                 seconds = rep.schedule(slowdown)
                 if seconds is not None:
                     self._busy += 1
-                    self._push(now + seconds, "step", rep.index)
+                    rep.step_version += 1
+                    rep.progress, rep.progress_time = 0.0, now
+                    self._push(now + seconds, "step", (rep.index, rep.step_version))
+                    self._share(now, rep, self._busy - 1)
+
+    def _step_time(self, rep: SimReplica, busy: int) -> float:
+        decode, prefill = rep.step_parts
+        stretch = self.cost_model.host_slowdown(busy)
+        return decode * stretch[0] + prefill * stretch[1] + self.cost_model.step_overhead
+
+    def _share(self, now: float, changed: SimReplica, before: int) -> None:
+        """Processor sharing on a host model: when the number of replicas in a step changes, every
+        other step in flight continues at the new pace (its completion moves)."""
+        if self.host_slowdown is not None or "host" not in self.cost_model.extra:
+            return
+        for rep in self.replicas:
+            if not rep.busy or rep is changed:
+                continue
+            rep.progress += (now - rep.progress_time) / self._step_time(rep, before)
+            rep.progress_time = now
+            rep.step_version += 1
+            left = max(1.0 - rep.progress, 0.0) * self._step_time(rep, self._busy)
+            self._push(now + left, "step", (rep.index, rep.step_version))
 
     def _sample(self, occupancy: dict, now: float) -> None:
         occupancy["times"].append(now)

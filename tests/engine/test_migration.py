@@ -32,6 +32,12 @@ class ToReplica(Router):
         return self.replica
 
 
+@functools.cache
+def replica_engine(index, num_pages=64):
+    """Engines reused across tests (each test leaves them empty; a Cluster is built per test)."""
+    return make_engine(meshes()[index], num_pages)
+
+
 def make_engine(mesh, num_pages=64):
     sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=96, max_prefill_seqs=2,
                             decode_buckets=(4,), prefill_buckets=(16,), kv_buckets=(96,))
@@ -57,8 +63,9 @@ def run_with_migration(mode, *, after=12, fail=None, params=None, last_round_pag
     """Generate on replica 0, order a migration to replica 1 once ``after`` tokens arrived; returns
     (token ids in stream order, the cluster, whether it moved)."""
     params = params or dict(temperature=0.0)
-    cluster = Cluster([make_engine(meshes()[0]), make_engine(meshes()[1])], ToReplica(0), migration=mode,
+    cluster = Cluster([replica_engine(0), replica_engine(1)], ToReplica(0), migration=mode,
                       last_round_pages=last_round_pages)
+    ports = [replica.engine.migration for replica in cluster.replicas]
     if fail is not None:
         fail(cluster)
 
@@ -76,13 +83,15 @@ def run_with_migration(mode, *, after=12, fail=None, params=None, last_round_pag
         tokens, moved = asyncio.run(main())
     finally:
         cluster.shutdown()
+        for port in ports:  # undo injected failures
+            port.__dict__.pop("commit", None)
+            port.__dict__.pop("detach", None)
     return tokens, cluster, moved
 
 
 @pytest.mark.parametrize("mode", ["live", "recompute"])
 def test_migrated_request_continues_exactly(mode):
     tokens, cluster, moved = run_with_migration(mode)
-    print(cluster.stats)
     assert moved and cluster.stats.completed == 1 and getattr(cluster.stats, mode) == 1
     assert tokens == expected()
     if mode == "live":
@@ -116,12 +125,10 @@ def test_failed_commit_leaves_request_at_source():
 def test_failed_export_leaves_request_at_source():
     def fail(cluster):
         port = cluster.replicas[0].engine.migration
-        original = port.detach
 
         def broken(*args):
             raise RuntimeError("injected failure at the source")
         port.detach = broken
-        port._original = original
     tokens, cluster, moved = run_with_migration("live", fail=fail)
     assert not moved and cluster.stats.failed == 1
     assert tokens == expected()
@@ -130,7 +137,7 @@ def test_failed_export_leaves_request_at_source():
 
 
 def test_destination_without_room_refuses():
-    cluster = Cluster([make_engine(meshes()[0]), make_engine(meshes()[1], num_pages=24)], ToReplica(0))
+    cluster = Cluster([replica_engine(0), replica_engine(2, num_pages=24)], ToReplica(0))
 
     async def main():
         port = cluster.replicas[1].engine.migration
@@ -153,7 +160,7 @@ def test_destination_without_room_refuses():
 
 
 def test_finished_request_is_not_moved():
-    cluster = Cluster([make_engine(meshes()[0]), make_engine(meshes()[1])], ToReplica(0))
+    cluster = Cluster([replica_engine(0), replica_engine(1)], ToReplica(0))
 
     async def main():
         stream = await cluster.add_request(CharTokenizer().encode(PROMPT), SamplingParams(max_tokens=3), "r")

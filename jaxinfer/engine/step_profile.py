@@ -1,0 +1,139 @@
+"""Measured step costs of a replica's engine: the data of the router's cost model
+(jaxinfer.router.cost_model). Times the engine's own compiled step functions on its own bucketed
+shapes, and how much replicas that share one host slow each other down.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import threading
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jaxinfer.engine.batch import StepShape
+from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.scheduler import SchedulerOutput
+
+
+def step_seconds(engine: Engine, shape: StepShape, repeats: int = 3) -> float:
+    """Median time of one compiled step (forward and sampling) of ``shape`` on empty inputs (a step
+    costs what its padded shape costs)."""
+    runner = engine.runner
+    forward, sampler = runner._executable(shape)
+    batch = runner.builder.build(SchedulerOutput([], [], []), shape, impl=runner.impl, interpret=runner.interpret)
+    times = []
+    for _ in range(repeats + 1):  # the first run is a warm-up
+        start = time.perf_counter()
+        logits, runner.kv, runner.sampler = forward(runner.state, runner.kv, runner.sampler, batch)
+        results, runner.sampler = sampler(logits, runner.sampler, batch.sample)
+        jax.block_until_ready(results)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def host_parallelism(engines: Sequence[Engine], shape: StepShape, repeats: int = 5) -> float:
+    """Cores a step of ``shape`` keeps busy: from how much longer it takes while every replica runs it
+    at once on a host of os.cpu_count() cores (even sharing: stretch = parallelism x replicas / cores)."""
+    alone = step_seconds(engines[0], shape, repeats)
+    together = [0.0] * len(engines)
+
+    def run(index: int) -> None:
+        together[index] = step_seconds(engines[index], shape, repeats)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(engines))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stretch = float(np.mean(together)) / alone
+    return float(np.clip(stretch * (os.cpu_count() or 1) / len(engines), 0.1, os.cpu_count() or 1))
+
+
+def profile(engines: Sequence[Engine], *, decode_batch: Sequence[int], decode_kv: Sequence[int],
+            prefill_tokens: Sequence[int], prefill_kv: Sequence[int], model: str = "", repeats: int = 3,
+            overhead: float = 0.0, log=None) -> dict:
+    """A cost model (CostModel JSON) of the first engine's step shapes; with several engines on one
+    host (CPU replicas), also how they share its cores. ``overhead``: host seconds added to every step
+    (scheduling and bookkeeping around the compiled function)."""
+    engine = engines[0]
+
+    def timed(shape: StepShape) -> float:
+        seconds = step_seconds(engine, shape, repeats) + overhead
+        if log is not None:
+            log(f"{shape}: {1e3 * seconds:.1f} ms")
+        return seconds
+    decode = [[timed(StepShape(b, s, 0, 0)) for s in decode_kv] for b in decode_batch]
+    prefill = [[timed(StepShape(0, 0, t, s)) for s in prefill_kv] for t in prefill_tokens]
+    config, blocks = engine.scheduler_config, engine.block_manager
+    result = {
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                    f"{jax.devices()[0].platform}",
+        "model": model, "dtype": str(engine.runner.kv.k.dtype), "date": datetime.date.today().isoformat(),
+        "page_size": blocks.page_size, "kv_bytes_per_token": engine.bytes_per_page // blocks.page_size,
+        "kv_capacity_tokens": blocks.num_pages * blocks.page_size, "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "decode": {"batch": list(decode_batch), "kv_len": list(decode_kv), "seconds": decode},
+        "prefill": {"tokens": list(prefill_tokens), "kv_len": list(prefill_kv), "seconds": prefill},
+        "copy_bytes_per_second": 1e9, "mixed_prefill_kv": list(config.mixed_kv_buckets)}
+    if len(engines) > 1:
+        result["copy_bytes_per_second"] = copy_bandwidth(engines)
+        if jax.devices()[0].platform == "cpu":  # the replicas are virtual devices of one host
+            result["host"] = {
+                "cores": os.cpu_count() or 1, "replicas_measured": len(engines),
+                "decode_parallelism": host_parallelism(engines, StepShape(decode_batch[0], decode_kv[0], 0, 0)),
+                "prefill_parallelism": host_parallelism(engines, StepShape(0, 0, prefill_tokens[-1], prefill_kv[0]))}
+    return result
+
+
+def copy_bandwidth(engines: Sequence[Engine], pages: int = 64, repeats: int = 3) -> float:
+    """Bytes/s of a KV migration between two replicas: export (gather), device-to-device copy,
+    import (scatter) of ``pages`` pages."""
+    src, dst = engines[0].runner, engines[1].runner
+    ids = list(range(min(pages, src.page_buckets()[-1], engines[0].block_manager.num_pages,
+                         engines[1].block_manager.num_pages)))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        dst.import_pages(ids, src.export_pages(ids, dst.kv_sharding))
+        jax.block_until_ready(dst.kv.k)
+        times.append(time.perf_counter() - start)
+    return len(ids) * engines[0].bytes_per_page / float(np.median(times[1:]))
+
+
+def calibrate(profile_dict: dict, logs: Sequence[list]) -> dict:
+    """Fit the host model to a real run: the cores a step keeps busy (one value for decode and
+    prefill) and the host time around a step beyond the compiled step (scheduling, batch building,
+    streaming, the other replicas' Python threads), from the step logs (``Engine.step_log`` of each
+    replica, run side by side). Returns the profile with ``host`` and ``step_overhead_seconds`` set."""
+    from jaxinfer.router.cost_model import CostModel
+
+    intervals = [(start, end) for log in logs for _, start, end in log]
+    steps = []
+    for log in logs:
+        for shape, start, end in log:
+            busy = sum(1 for s, e in intervals if s <= start < e)  # this step included
+            steps.append((shape, busy, end - start))
+    cores = os.cpu_count() or 1
+    best = None
+    for parallelism in np.linspace(0.5, cores, 16):
+        host = {"cores": cores, "decode_parallelism": float(parallelism), "prefill_parallelism": float(parallelism)}
+        model = CostModel.from_dict({**profile_dict, "host": host, "step_overhead_seconds": 0.0})
+        stretched = np.array([_stretched(model, shape, busy) for shape, busy, _ in steps])
+        residuals = np.array([seconds for _, _, seconds in steps]) - stretched
+        overhead = max(float(np.median(residuals)), 0.0)
+        score = float(np.mean(np.abs(residuals - overhead)))
+        if best is None or score < best[0]:
+            best = (score, host, overhead)
+    _, host, overhead = best
+    return {**profile_dict, "host": {**host, "calibrated_steps": len(steps)}, "step_overhead_seconds": overhead}
+
+
+def _stretched(model, shape: StepShape, busy: int) -> float:
+    decode, prefill = model.step_parts(shape.num_decode, shape.decode_kv_tokens, shape.num_prefill_tokens,
+                                       shape.prefill_kv_tokens)
+    stretch = model.host_slowdown(busy)
+    return decode * stretch[0] + prefill * stretch[1]

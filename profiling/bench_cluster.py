@@ -39,7 +39,7 @@ from jaxinfer.engine.batch import all_step_shapes  # noqa: E402
 from jaxinfer.engine.cluster import Cluster  # noqa: E402
 from jaxinfer.engine.engine import Engine  # noqa: E402
 from jaxinfer.engine.placement import replica_meshes  # noqa: E402
-from jaxinfer.engine.step_profile import profile  # noqa: E402
+from jaxinfer.engine.step_profile import calibrate, profile  # noqa: E402
 from jaxinfer.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from jaxinfer.router.baselines import make_router  # noqa: E402
 from jaxinfer.router.cost_model import CostModel  # noqa: E402
@@ -61,10 +61,11 @@ def engine_config(max_len: int, num_pages: int) -> EngineConfig:
                         scheduler=scheduler)
 
 
-def workload(count: int, rate: float, max_len: int, scale: int, seed: int = 0):
-    """The trace's first ``count`` requests, lengths divided by ``scale`` (prompt + output fits max_len),
-    arrivals rescaled to ``rate`` requests/s on average; prompts are seeded random token ids."""
-    rows = load_azure(TRACE, limit=count)
+def workload(count: int, rate: float, max_len: int, scale: int, seed: int = 0, offset: int = 0):
+    """``count`` requests of the trace from its ``offset``-th, lengths divided by ``scale`` (prompt +
+    output fits max_len), arrivals rescaled to ``rate`` requests/s on average; prompts are seeded random
+    token ids."""
+    rows = load_azure(TRACE, limit=offset + count)[offset:]
     span = rows[-1].arrival - rows[0].arrival or 1.0
     stretch = (count - 1) / rate / span
     rng = np.random.default_rng(seed)
@@ -77,12 +78,23 @@ def workload(count: int, rate: float, max_len: int, scale: int, seed: int = 0):
     return requests
 
 
-def profile_engines(engines: list[Engine]) -> CostModel:
-    """The cost model of the engines' own step shapes (with how the replicas share the host)."""
+def profile_engines(engines: list[Engine], calibration) -> CostModel:
+    """The cost model of the engines' own step shapes, with the host model (how the CPU replicas share
+    the cores, the host time around a step) fitted to a run of the ``calibration`` workload (other
+    requests of the trace than the measured ones)."""
     config = engines[0].scheduler_config
-    return CostModel.from_dict(profile(engines, decode_batch=config.decode_buckets,
-                                       decode_kv=config.decode_kv_buckets, prefill_tokens=config.prefill_buckets,
-                                       prefill_kv=config.kv_buckets, model=DEFAULT_MODEL))
+    measured = profile(engines, decode_batch=config.decode_buckets, decode_kv=config.decode_kv_buckets,
+                       prefill_tokens=config.prefill_buckets, prefill_kv=config.kv_buckets, model=DEFAULT_MODEL)
+    for engine in engines:
+        engine.step_log = []
+    cluster = Cluster(engines, make_router("round-robin", len(engines), CostModel.from_dict(measured),
+                                           config.max_model_len))
+    asyncio.run(serve(cluster, calibration))
+    cluster.shutdown()
+    fitted = calibrate(measured, [engine.step_log for engine in engines])
+    for engine in engines:
+        engine.step_log = None
+    return CostModel.from_dict(fitted)
 
 
 async def serve(cluster: Cluster, requests) -> dict:
@@ -139,7 +151,9 @@ def main(argv=None) -> None:
         engine.runner.warm_up_migration()
     print(f"warm-up of {args.replicas} replicas: {time.perf_counter() - start:.0f} s "
           f"({len(all_step_shapes(engines[0].scheduler_config))} step shapes each)", file=sys.stderr)
-    cost_model = profile_engines(engines)
+    rates = [float(r) for r in args.rates.split(",")]
+    cost_model = profile_engines(engines, workload(args.requests // 2, rates[0], args.max_len, args.length_scale,
+                                                   seed=1, offset=args.requests))
     cost_model.save(args.out.with_name("cost_model_cluster.json"))
     print(f"host model: {cost_model.extra.get('host')}", file=sys.stderr)
 
@@ -152,7 +166,7 @@ def main(argv=None) -> None:
               f"{'mig/req':>7} {'sim E2E':>8} {'sim TTFT':>8}")
     print(header)
     reference_tokens = None
-    for rate in (float(r) for r in args.rates.split(",")):
+    for rate in rates:
         requests = workload(args.requests, rate, args.max_len, args.length_scale)
         for name in args.routers.split(","):
             sample = [(len(ids), out) for _, ids, out in requests]

@@ -237,7 +237,7 @@ def stage_costs(demand: Demand, boundaries, num_replicas: int, cost_model: CostM
         prefill_work = chunks * pa + pb * mean_prompt + pc * mean_prompt * (mean_prompt + chunk) / 2  # per prompt
         u_p = lam * prefill_work
         need = x / (1 - u_p)  # decode tokens/s a replica must deliver in the time prefill leaves
-        batch, step, peak = _steady_batch(need, top, g, cost_model, capacity)
+        batch, step, peak = _steady_batch(need, top, g, cost_model, capacity, _mean_length(demand, g))
         rho = u_p + x / peak
         tpot = step / (1 - u_p)
         service = chunks * tpot + prefill_work
@@ -251,33 +251,47 @@ def stage_costs(demand: Demand, boundaries, num_replicas: int, cost_model: CostM
     return q
 
 
-def _steady_batch(need: np.ndarray, top: np.ndarray, g: np.ndarray, cost_model: CostModel, capacity: int):
+def _mean_length(demand: Demand, g: np.ndarray) -> np.ndarray:
+    """[j, k]: the decode-demand-weighted mean context of stage [g_j, g_k) (bucket midpoints; the
+    stage's midpoint where it has no decode demand)."""
+    mid = (g[:-1] + g[1:]) / 2
+    weight = np.concatenate([[0.0], np.cumsum(demand.decode)])
+    moment = np.concatenate([[0.0], np.cumsum(demand.decode * mid)])
+    total = weight[None, :] - weight[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = (moment[None, :] - moment[:, None]) / total
+    return np.where(total > 0, mean, (g[:, None] + g[None, :]) / 2)
+
+
+def _steady_batch(need: np.ndarray, top: np.ndarray, g: np.ndarray, cost_model: CostModel, capacity: int,
+                  mean_len: np.ndarray):
     """Per stage: the smallest running batch B whose decode throughput ``B / T(B, U)`` (the profiled
     step time on the engine's buckets, every row padded to the stage's upper length U = g[top])
     reaches ``need``, the step time T at it, and the peak throughput within the memory bound
-    ``B <= min(max_num_seqs, capacity / U)``. Where ``need`` exceeds the peak: B = inf."""
+    ``B <= min(max_num_seqs, capacity / mean length)`` (the pool holds the stage's typical requests,
+    not B copies of its longest). Where ``need`` exceeds the peak: B = inf."""
     rows = np.arange(1, cost_model.max_num_seqs + 1)
     step = cost_model.decode_seconds_array(rows[:, None], g[None, 1:])  # [B, upper index - 1]
     batch = np.full(need.shape, np.inf)
     seconds = np.full(need.shape, np.inf)
     peak = np.full(need.shape, np.nan)
     tops = np.broadcast_to(top[:, :, None], need.shape)
+    limits = np.broadcast_to(np.minimum(cost_model.max_num_seqs, capacity // np.maximum(mean_len, 1)).astype(int)
+                             [:, :, None], need.shape)
     for u in np.unique(top):
         if u < 1:
             continue
-        limit = min(cost_model.max_num_seqs, int(capacity // g[u]))
         mask = tops == u
-        if limit < 1:
-            peak[mask] = 0.0
-            continue
-        best = np.maximum.accumulate(rows[:limit] / step[:limit, u - 1])  # best throughput with <= B rows
+        limit = limits[mask]
+        best = np.maximum.accumulate(rows / step[:, u - 1])  # best throughput with <= B rows
         idx = np.searchsorted(best, need[mask], side="left")
         ok = idx < limit
         b = np.full(idx.shape, np.inf)
         t = np.full(idx.shape, np.inf)
         b[ok] = rows[idx[ok]]
         t[ok] = step[idx[ok], u - 1]
-        batch[mask], seconds[mask], peak[mask] = b, t, best[-1]
+        batch[mask], seconds[mask] = b, t
+        peak[mask] = np.where(limit >= 1, best[np.clip(limit - 1, 0, len(best) - 1)], 0.0)
     return batch, seconds, peak
 
 

@@ -105,8 +105,8 @@ def copy_bandwidth(engines: Sequence[Engine], pages: int = 64, repeats: int = 3)
 
 
 def calibrate(profile_dict: dict, logs: Sequence[list]) -> dict:
-    """Fit the host model to a real run: the cores a step keeps busy (one value for decode and
-    prefill) and the host time around a step beyond the compiled step (scheduling, batch building,
+    """Fit the host model to a real run: the cores a decode step and a prefill step keep busy and the
+    host time around a step beyond the compiled step (scheduling, batch building,
     streaming, the other replicas' Python threads), from the step logs (``Engine.step_log`` of each
     replica, run side by side). Returns the profile with ``host`` and ``step_overhead_seconds`` set."""
     from jaxinfer.router.cost_model import CostModel
@@ -119,8 +119,10 @@ def calibrate(profile_dict: dict, logs: Sequence[list]) -> dict:
             steps.append((shape, busy, end - start))
     cores = os.cpu_count() or 1
     best = None
-    for parallelism in np.linspace(0.5, cores, 16):
-        host = {"cores": cores, "decode_parallelism": float(parallelism), "prefill_parallelism": float(parallelism)}
+    grid = np.linspace(0.5, cores, 10)
+    for decode_parallelism, prefill_parallelism in ((d, p) for d in grid for p in grid):
+        host = {"cores": cores, "decode_parallelism": float(decode_parallelism),
+                "prefill_parallelism": float(prefill_parallelism)}
         model = CostModel.from_dict({**profile_dict, "host": host, "step_overhead_seconds": 0.0})
         stretched = np.array([_stretched(model, shape, busy) for shape, busy, _ in steps])
         residuals = np.array([seconds for _, _, seconds in steps]) - stretched

@@ -117,6 +117,13 @@ def microbench(cm: CostModel, max_len: int, pairs, num_replicas: int = 64, per_r
     return out
 
 
+def _save(plt, fig, name: str) -> str:
+    path = RESULTS / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plot(result: dict, cdfs: dict, occupancy: dict | None, suffix: str) -> list[str]:
     import matplotlib
 
@@ -137,10 +144,7 @@ def plot(result: dict, cdfs: dict, occupancy: dict | None, suffix: str) -> list[
     axes[0][-1].legend()
     fig.suptitle(f"{result['trace']} trace, {result['replicas']} replicas ({result['cost_model']['model']})")
     fig.tight_layout()
-    path = RESULTS / f"router_latency_cdf{suffix}.png"
-    fig.savefig(path, dpi=110)
-    written.append(str(path))
-    plt.close(fig)
+    written.append(_save(plt, fig, f"router_latency_cdf{suffix}.png"))
     if occupancy and occupancy.get("stages"):
         fig, (ax, bx) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
         t = np.asarray(occupancy["times"])
@@ -156,10 +160,7 @@ def plot(result: dict, cdfs: dict, occupancy: dict | None, suffix: str) -> list[
         bx.set_xlabel("time (s)")
         fig.suptitle(f"cascade stage occupancy ({result['trace']}, load {occupancy['load']:g})")
         fig.tight_layout()
-        path = RESULTS / f"router_stage_occupancy{suffix}.png"
-        fig.savefig(path, dpi=110)
-        written.append(str(path))
-        plt.close(fig)
+        written.append(_save(plt, fig, f"router_stage_occupancy{suffix}.png"))
     return written
 
 

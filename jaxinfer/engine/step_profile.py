@@ -111,12 +111,7 @@ def calibrate(profile_dict: dict, logs: Sequence[list]) -> dict:
     replica, run side by side). Returns the profile with ``host`` and ``step_overhead_seconds`` set."""
     from jaxinfer.router.cost_model import CostModel
 
-    intervals = [(start, end) for log in logs for _, start, end in log]
-    steps = []
-    for log in logs:
-        for shape, start, end in log:
-            busy = sum(1 for s, e in intervals if s <= start < e)  # this step included
-            steps.append((shape, busy, end - start))
+    steps = _busy_steps(logs)
     cores = os.cpu_count() or 1
     best = None
     grid = np.linspace(0.5, cores, 10)
@@ -132,6 +127,57 @@ def calibrate(profile_dict: dict, logs: Sequence[list]) -> dict:
             best = (score, host, overhead)
     _, host, overhead = best
     return {**profile_dict, "host": {**host, "calibrated_steps": len(steps)}, "step_overhead_seconds": overhead}
+
+
+def host_drift(profile_dict: dict, logs: Sequence[list]) -> tuple[float, float]:
+    """How much slower (> 1) or faster the host ran the logged steps than the cost model predicts for
+    them, as (decode factor, prefill factor): real over modelled seconds of the decode-only steps
+    (host overhead included), then of the steps with prompt tokens once their decode part is
+    scaled by the first factor; over the steps of the logs (each replica's ``Engine.step_log``, run
+    side by side). On a shared host the machine's speed wanders between a profile and a later run,
+    and other processes slow prefill (compute-bound) and decode (memory-bound) steps by different
+    amounts; these two scalars measure that without looking at any request's latency."""
+    from jaxinfer.router.cost_model import CostModel
+
+    model = CostModel.from_dict(profile_dict)
+    decode_real = decode_model = rest_real = rest_decode = rest_prefill = 0.0
+    for shape, busy, seconds in _busy_steps(logs):
+        decode, prefill = model.step_parts(shape.num_decode, shape.decode_kv_tokens, shape.num_prefill_tokens,
+                                           shape.prefill_kv_tokens)
+        stretch = model.host_slowdown(busy)
+        decode, prefill = decode * stretch[0] + model.step_overhead, prefill * stretch[1]
+        if prefill:
+            rest_real, rest_decode, rest_prefill = rest_real + seconds, rest_decode + decode, rest_prefill + prefill
+        else:
+            decode_real, decode_model = decode_real + seconds, decode_model + decode
+    total = decode_model + rest_decode + rest_prefill
+    if not total:
+        raise ValueError("host_drift needs at least one logged step")
+    overall = (decode_real + rest_real) / total
+    decode_factor = decode_real / decode_model if decode_model else overall
+    prefill_factor = (rest_real - decode_factor * rest_decode) / rest_prefill if rest_prefill else overall
+    if prefill_factor <= 0:  # the steps with prompt tokens took less than their decode part alone
+        return overall, overall
+    return decode_factor, prefill_factor
+
+
+def rescaled(profile_dict: dict, decode_factor: float, prefill_factor: float) -> dict:
+    """The profile with decode step times and the per-step overhead times ``decode_factor`` and
+    prefill step times times ``prefill_factor``."""
+    def scale(section: dict, factor: float) -> dict:
+        return {**section, "seconds": [[t * factor for t in row] for row in section["seconds"]]}
+    result = {**profile_dict, "decode": scale(profile_dict["decode"], decode_factor),
+              "prefill": scale(profile_dict["prefill"], prefill_factor)}
+    if "step_overhead_seconds" in profile_dict:
+        result["step_overhead_seconds"] = profile_dict["step_overhead_seconds"] * decode_factor
+    return result
+
+
+def _busy_steps(logs: Sequence[list]) -> list:
+    """(shape, steps running at its start on the host including itself, seconds) of every logged step."""
+    intervals = [(start, end) for log in logs for _, start, end in log]
+    return [(shape, sum(1 for s, e in intervals if s <= start < e), end - start)
+            for log in logs for shape, start, end in log]
 
 
 def _stretched(model, shape: StepShape, busy: int) -> float:

@@ -16,11 +16,11 @@ USER_ERRORS = (ValueError, OSError, RuntimeError)  # OSError: missing files, bus
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model`` and ``--dtype``, shared by every entry point that loads a model."""
-    from jaxinfer.loader import DEFAULT_MODEL, DTYPES
+    from jaxinfer.loader import DEFAULT_MODEL, DTYPE_HELP, DTYPES
 
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="embedded model name, .gguf file, Hugging Face directory or jaxinfer checkpoint")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype")
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help=DTYPE_HELP)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

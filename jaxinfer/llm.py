@@ -28,7 +28,7 @@ class LLM:
     directory or a jaxinfer checkpoint directory.
     """
 
-    def __init__(self, model: str = "smollm2-135m", *, dtype: str = "float32",
+    def __init__(self, model: str = "smollm2-135m", *, dtype: str = "auto",
                  config: EngineConfig | None = None, warm_up: bool = True, show_progress: bool = False):
         enable_compilation_cache()
         self.loaded = load_model(model, dtype)

@@ -5,7 +5,7 @@ Every XLA op event of the trace is attributed through its HLO op_name metadata (
 jax.named_scope names: attention, kv_write, mlp, lm_head, sample) in the compiled step that ran;
 "host" is step wall time minus the time the device spent in XLA ops.
 
-    python profiling/step_breakdown.py [--batch 8] [--context 512] [--steps 10] [--json FILE]
+    python profiling/step_breakdown.py [--batch 8] [--context 512] [--steps 10] [--dtype auto] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ import numpy as np
 
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
 from jaxinfer.engine.engine import Engine
-from jaxinfer.loader import DEFAULT_MODEL, load_model
+from jaxinfer.loader import DEFAULT_MODEL, DTYPES, load_model
 from jaxinfer.sampling_params import SamplingParams
 
 CATEGORIES = [("kv write", "kv_write"), ("attention", "/attention/"), ("MLP", "/mlp/"), ("LM head", "lm_head"),
               ("sampling", "sample"), ("penalty state", "penalty_state"),
-              ("q/k/v/o projections", "...i,io->...o"), ("norms/rope/other", "")]
+              ("q/k/v/o projections", "...i,io->...o"), ("q/k/v/o projections", "/qlinear/"),
+              ("embedding", "/embed/"), ("norms/rope/other", "")]
 
 
 def op_scopes(executable) -> dict[tuple[str, str], str]:
@@ -61,10 +62,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=512, help="prompt tokens per request")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    loaded = load_model(args.model, "float32")
+    loaded = load_model(args.model, args.dtype)
     config = EngineConfig(cache=CacheConfig(kv_memory_gib=2.0), scheduler=SchedulerConfig(max_num_seqs=args.batch))
     engine = Engine(loaded.model, loaded.tokenizer, config)
     rng = np.random.default_rng(0)
@@ -102,7 +104,7 @@ def main() -> None:
         print(f"  {name:<44} {ms:8.2f} ms  {100 * ms / (wall * 1000):5.1f} %")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
-            batch=args.batch, context=args.context, step_ms=wall * 1000, breakdown_ms=dict(rows),
+            dtype=args.dtype, batch=args.batch, context=args.context, step_ms=wall * 1000, breakdown_ms=dict(rows),
             shape=str(shape), machine=platform.processor() or platform.machine(), jax=jax.__version__,
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")), indent=2) + "\n")
 

@@ -1,6 +1,7 @@
 """The generate CLI as a user runs it: one-line errors with exit code 2, JSON output, streaming."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ from tests.loader import tiny_files
 from tests.models import numpy_llama
 
 
-def _run(*args):
+def _run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "jaxinfer.generate", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +75,24 @@ def test_json_output_and_speed_report(tiny_gguf):
     assert "prefill:" in proc.stderr and "tok/s" in proc.stderr
 
 
+def test_weight_formats_and_the_fallback_without_kernels(tiny_gguf):
+    """Every --dtype runs; without the CPU kernels (JAXINFER_CPU_KERNELS=0) the default falls back to
+    float32 weights on XLA, with one notice, and gives the float32 tokens."""
+    args = ("--model", str(tiny_gguf), "--prompt-ids", "5,6,7", "--max-tokens", "6", "--ignore-eos", "--json")
+    runs = {dtype: _run(*args, "--dtype", dtype) for dtype in ("float32", "q8_0", "q4_1", "auto")}
+    for dtype, proc in runs.items():
+        assert proc.returncode == 0, (dtype, proc.stderr)
+        assert len(json.loads(proc.stdout)["output_ids"]) == 6
+    fallback = _run(*args, env=dict(os.environ, JAXINFER_CPU_KERNELS="0"))
+    assert fallback.returncode == 0, fallback.stderr
+    assert json.loads(fallback.stdout)["output_ids"] == json.loads(runs["float32"].stdout)["output_ids"]
+
+
 @pytest.mark.real_model
 def test_real_model_chat_answer(real_model):
-    proc = _run("--prompt", "What is the capital of France?", "--chat", "--max-tokens", "24")
+    # float32 weights: the default (Q4_1 blocks, int8 activations) answers with llama.cpp's near-tie
+    # choice on this prompt ("The" and "L" are 0.08 logits apart)
+    proc = _run("--prompt", "What is the capital of France?", "--chat", "--max-tokens", "24", "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "decode:" in proc.stderr

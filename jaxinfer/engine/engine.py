@@ -87,7 +87,7 @@ class Engine:
         self.config = config
         self.scheduler_config = config.scheduler.resolve(self.model_config.max_position)
         page_size = config.cache.page_size
-        dtype = model.embed_tokens[...].dtype
+        dtype = model.dtype
         self.bytes_per_page = KVPages.bytes_per_page(self.model_config, page_size, dtype,
                                                      extra_layers=int(draft_head is not None))
         num_pages = config.cache.resolve_num_pages(self.bytes_per_page)

@@ -71,7 +71,7 @@ def _forward_step(graphdef, head_graphdef, state, kv: KVPages, sampler: SamplerS
         logits, kv, features = model(batch.tokens, batch.positions, kv, batch.meta, batch.logits_indices,
                                      head.config.feature_layers, rows)
         with jax.named_scope("draft_kv"):
-            kv, pending = catch_up(head, model.embed_tokens[...], kv, pending, features, batch.tokens,
+            kv, pending = catch_up(head, model.embed, kv, pending, features, batch.tokens,
                                    batch.catch_up, model.config.num_layers)
     with jax.named_scope("penalty_state"):
         counts, seen = sampler.output_counts, sampler.prompt_mask
@@ -125,7 +125,7 @@ class ModelRunner:
         self.state = (model_state, head_state)
         self.mesh = mesh
         self.draft_config = draft_head.config if draft_head is not None else None
-        dtype = model.embed_tokens[...].dtype
+        dtype = model.dtype
         self.kv = KVPages.init(model_config, num_pages, page_size, dtype, extra_layers=int(draft_head is not None))
         features = 3 * model_config.hidden_size if draft_head is not None else 0
         self.sampler = SamplerState.init(scheduler_config.max_num_seqs, model_config.vocab_size, features)

@@ -3,7 +3,9 @@
 Axis letters: T tokens of the step, H query heads, K KV heads, D head_dim, P pages, L page size.
 A step's tokens are laid out as ``num_decode`` decode rows (one token per request) followed by
 prompt chunks (ragged, several tokens per request). Both parts read the paged KV through the
-ragged paged-attention op: its Pallas kernel on GPU/TPU, its pure-jnp reference on CPU.
+ragged paged-attention op: its Pallas kernel on GPU/TPU; on CPU the native kernels of
+jaxinfer.cpu.paged_attention, which read the pages in place (the pure-jnp reference where the
+kernels are unavailable, and on any platform the reference impl is asked for).
 
 Blocked steps (one long prompt's chunk, no decodes) gather the request's KV from its pages and run
 the blocked prefill backend instead: UniSparse block-sparse attention or the dense attention with
@@ -20,7 +22,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from jaxinfer.cpu import paged_attention as cpu_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
 from pallas_kernels.unisparse import UniSparseConfig, dense_attention, sparse_attention
 
@@ -93,20 +96,25 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
     num_decode = meta.num_decode
     parts = []
     if num_decode:
-        decode_cu = jnp.arange(num_decode + 1, dtype=jnp.int32)
-        args = (q[:num_decode], k_pages, v_pages, meta.decode_kv_lens, meta.decode_page_indices + page_offset,
-                decode_cu, meta.decode_num_seqs)
         if meta.impl == "pallas":
-            parts.append(ragged_paged_attention(*args, interpret=meta.interpret))
-        else:
-            parts.append(ragged_paged_attention_reference(*args, max_q_len=1))
+            decode_cu = jnp.arange(num_decode + 1, dtype=jnp.int32)
+            parts.append(ragged_paged_attention(q[:num_decode], k_pages, v_pages, meta.decode_kv_lens,
+                                                meta.decode_page_indices + page_offset, decode_cu,
+                                                meta.decode_num_seqs, interpret=meta.interpret))
+        else:  # the CPU kernel (pages read in place), the jnp reference elsewhere
+            parts.append(cpu_attention.paged_decode_attention(q[:num_decode], k_pages, v_pages, meta.decode_kv_lens,
+                                                              meta.decode_page_indices, meta.decode_num_seqs,
+                                                              page_offset))
     if q.shape[0] > num_decode:
-        args = (q[num_decode:], k_pages, v_pages, meta.prefill_kv_lens, meta.prefill_page_indices + page_offset,
-                meta.prefill_cu_q_lens, meta.prefill_num_seqs)
         if meta.impl == "pallas":
-            parts.append(ragged_paged_attention(*args, interpret=meta.interpret))
+            parts.append(ragged_paged_attention(q[num_decode:], k_pages, v_pages, meta.prefill_kv_lens,
+                                                meta.prefill_page_indices + page_offset, meta.prefill_cu_q_lens,
+                                                meta.prefill_num_seqs, interpret=meta.interpret))
         else:
-            parts.append(ragged_paged_attention_reference(*args, max_kv_tokens=meta.prefill_kv_tokens or None))
+            parts.append(cpu_attention.ragged_paged_attention(
+                q[num_decode:], k_pages, v_pages, meta.prefill_kv_lens, meta.prefill_page_indices,
+                meta.prefill_cu_q_lens, meta.prefill_num_seqs, page_offset,
+                max_kv_tokens=meta.prefill_kv_tokens or None))
     return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
 

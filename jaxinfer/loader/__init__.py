@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.layers import quant
+from jaxinfer.layers.linear import QuantSpec
 from jaxinfer.loader.checkpoint import CheckpointDir, is_checkpoint_dir
 from jaxinfer.loader.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, ensure_embedded
 from jaxinfer.loader.gguf_file import GGUFFile
@@ -20,7 +22,12 @@ from jaxinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# --dtype choices: float weights, GGUF-style blocks (CPU kernels; dequantize + dot elsewhere), or
+# "auto": the source's own blocks (a GGUF) or q8_0 on a CPU with the kernels, float elsewhere.
+DTYPES = (*FLOAT_DTYPES, *quant.QTYPES, "auto")
+DTYPE_HELP = ("weights: float32, bfloat16, q8_0, q4_1, q4_0 (GGUF blocks run by the CPU kernels) or auto (a GGUF's own "
+              "blocks, q8_0 otherwise, on a CPU with the kernels; float elsewhere)")
 
 
 @dataclasses.dataclass
@@ -33,9 +40,34 @@ class LoadedModel:
 
 
 def parse_dtype(name: str):
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"unsupported float dtype {name!r} (supported: {', '.join(FLOAT_DTYPES)})")
+    return FLOAT_DTYPES[name]
+
+
+def weight_format(name: str, source=None) -> tuple[str, QuantSpec | None]:
+    """``--dtype`` -> (float dtype name, quantization or None) for ``source`` (what resolve_source opened)."""
     if name not in DTYPES:
         raise ValueError(f"unsupported dtype {name!r} (supported: {', '.join(DTYPES)})")
-    return DTYPES[name]
+    if name in FLOAT_DTYPES:
+        return name, None
+    if name in quant.QTYPES:
+        return "float32", QuantSpec(linear=name, embed="q8_0")
+    if isinstance(source, CheckpointDir):  # the format it was converted to
+        stored = source.meta.get("dtype", "float32")
+        return (stored if stored in FLOAT_DTYPES else "float32"), source.quant_spec
+    config = source.config
+    widths = (config.hidden_size, config.intermediate_size, config.num_heads * config.head_dim)
+    if not quant.kernels_available() or any(width % quant.BLOCK for width in widths):
+        import jax
+
+        return ("float32" if jax.default_backend() == "cpu" else "bfloat16"), None
+    if isinstance(source, GGUFFile):
+        types = [t for t in source.block_types() if t in quant.QTYPES]
+        embed = source.embedding_type()
+        return "float32", QuantSpec(linear=types[0] if types else "q8_0",
+                                    embed=embed if embed in quant.QTYPES else "q8_0")
+    return "float32", QuantSpec(linear="q8_0", embed="q8_0")
 
 
 def resolve_source(spec: str):
@@ -62,20 +94,26 @@ def resolve_source(spec: str):
                      "or pass a .gguf file, a Hugging Face directory or a jaxinfer checkpoint directory")
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel:
-    """Load weights, config and tokenizer. Errors are ValueError/FileNotFoundError with one line."""
-    jdtype = parse_dtype(dtype)
+def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto") -> LoadedModel:
+    """Load weights, config and tokenizer in the format ``dtype`` names (see DTYPES and
+    ``weight_format``). Errors are ValueError/FileNotFoundError with one line."""
     start = time.perf_counter()
     source = resolve_source(spec)
+    float_name, quant_spec = weight_format(dtype, source)
+    jdtype = parse_dtype(float_name)
     tokenizer = source.tokenizer()
     if isinstance(source, CheckpointDir):
-        model = source.load_model(jdtype)
+        model = source.load_model(jdtype, quant_spec)
+    elif isinstance(source, GGUFFile):
+        model = model_from_tensors(source.config, source.tensors(keep_blocks=quant_spec is not None), jdtype,
+                                   quant_spec)
     else:
-        model = model_from_tensors(source.config, source.tensors(), jdtype)
+        model = model_from_tensors(source.config, source.tensors(), jdtype, quant_spec)
     if tokenizer.vocab_size > source.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{source.config.vocab_size} embeddings")
     seconds = time.perf_counter() - start
-    logger.info("loaded %s in %.2f s", spec, seconds)
+    logger.info("loaded %s as %s in %.2f s", spec,
+                float_name if quant_spec is None else f"{quant_spec.linear} (embedding {quant_spec.embed})", seconds)
     return LoadedModel(model=model, config=source.config, tokenizer=tokenizer,
                        source=str(getattr(source, "path", spec)), load_seconds=seconds)

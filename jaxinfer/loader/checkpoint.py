@@ -1,6 +1,6 @@
 """jaxinfer checkpoint directories (orbax): params, model config and tokenizer, for fast reload.
 
-Layout: ``DIR/jaxinfer_model.json`` (format marker, config, dtype), ``DIR/params`` (orbax
+Layout: ``DIR/jaxinfer_model.json`` (format marker, config, dtype, quantization), ``DIR/params`` (orbax
 StandardCheckpointer of the flat parameter dict), ``DIR/tokenizer/`` (tokenizer.json + config).
 """
 
@@ -14,6 +14,7 @@ import jax
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.layers.linear import QuantSpec
 from jaxinfer.models import model_from_values, param_shapes
 from jaxinfer.tokenizer import Tokenizer
 
@@ -44,8 +45,9 @@ def save_checkpoint(directory: str | Path, model: nnx.Module, tokenizer: Tokeniz
     checkpointer.save(directory / "params", params)
     checkpointer.wait_until_finished()
     tokenizer.save(directory / "tokenizer")
-    dtype = str(next(iter(params.values())).dtype)
-    meta = {"format": FORMAT, "config": model.config.to_dict(), "dtype": dtype, "source": source}
+    spec = model.quant_spec
+    meta = {"format": FORMAT, "config": model.config.to_dict(), "dtype": str(model.dtype),
+            "quant": None if spec is None else spec.to_dict(), "source": source}
     (directory / MARKER).write_text(json.dumps(meta, indent=1))
 
 
@@ -57,16 +59,22 @@ class CheckpointDir:
             if self.meta.get("format") != FORMAT:
                 raise ValueError(f"unknown checkpoint format {self.meta.get('format')!r}")
             self.config = ModelConfig.from_dict(self.meta["config"])
+            stored = self.meta.get("quant")
+            self.quant_spec = None if stored is None else QuantSpec(**stored)
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{self.path} is not a valid jaxinfer checkpoint: {exc}") from None
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_dir(self.path / "tokenizer")
 
-    def load_model(self, dtype) -> nnx.Module:
+    def load_model(self, dtype, quant_spec: QuantSpec | None = None) -> nnx.Module:
         import orbax.checkpoint as ocp
 
-        shapes = param_shapes(self.config, dtype)
+        if quant_spec != self.quant_spec and (quant_spec is not None or self.quant_spec is not None):
+            held = "float weights" if self.quant_spec is None else f"{self.quant_spec.linear} blocks"
+            raise ValueError(f"{self.path} holds {held}: load it with --dtype auto, or convert the original "
+                             "model again with the dtype you want")
+        shapes = param_shapes(self.config, dtype, quant_spec)
         target = {".".join(map(str, path)): shape for path, shape in shapes.items()}
         try:
             restored = ocp.StandardCheckpointer().restore(self.path / "params", target)
@@ -75,4 +83,4 @@ class CheckpointDir:
             raise ValueError(f"cannot restore parameters from {self.path / 'params'}: "
                              f"{type(exc).__name__}: {first_line}") from None
         values = {path: restored[".".join(map(str, path))] for path in shapes}
-        return model_from_values(self.config, values, dtype)
+        return model_from_values(self.config, values, dtype, quant_spec)

@@ -1,4 +1,5 @@
-"""GGUF files: metadata -> ModelConfig and Tokenizer, tensors dequantized with the ``gguf`` package."""
+"""GGUF files: metadata -> ModelConfig and Tokenizer; tensors dequantized with the ``gguf`` package, or
+kept as the file's blocks for the quantized CPU path."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.layers import quant
 from jaxinfer.tokenizer import Tokenizer
 
 _LAYER_TENSORS = {
@@ -82,14 +84,41 @@ class GGUFFile:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf(self.metadata)
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield (Hugging Face name, float32 array in HF [out, in] layout) per tensor."""
+    def block_types(self) -> list[str]:
+        """Names (quant.QTYPES) of the block types the file's 2-D weights use, most common first."""
+        from gguf import GGMLQuantizationType
+
+        counts: dict[str, int] = {}
+        for tensor in self._reader.tensors:
+            name = GGMLQuantizationType(tensor.tensor_type).name.lower()
+            if len(tensor.shape) == 2 and tensor.name != "token_embd.weight":
+                counts[name] = counts.get(name, 0) + 1
+        return sorted(counts, key=lambda n: -counts[n])
+
+    def embedding_type(self) -> str:
+        from gguf import GGMLQuantizationType
+
+        tensor = next(t for t in self._reader.tensors if t.name == "token_embd.weight")
+        return GGMLQuantizationType(tensor.tensor_type).name.lower()
+
+    def tensors(self, keep_blocks: bool = False) -> Iterator[tuple[str, np.ndarray | quant.Blocks]]:
+        """Yield (Hugging Face name, array in HF [out, in] layout) per tensor: float32, or with
+        ``keep_blocks`` the file's own bytes as ``quant.Blocks`` for the block types the CPU kernels
+        read (rows in HF order, the rest of each row's bytes untouched)."""
         from gguf import GGMLQuantizationType, quants
 
-        config = self.config
         for tensor in self._reader.tensors:
             name = hf_name(tensor.name)
             qtype = GGMLQuantizationType(tensor.tensor_type)
+            expected = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            if keep_blocks and qtype.name.lower() in quant.QTYPES and len(expected) == 2:
+                data = np.asarray(tensor.data, dtype=np.uint8)
+                if data.shape != (expected[0], quant.row_bytes(qtype.name.lower(), expected[1])):
+                    raise ValueError(f"tensor {tensor.name} ({qtype.name}) is corrupt: {data.shape} bytes "
+                                     f"for a {expected} weight")
+                array = quant.Blocks(qtype.name.lower(), self._unpermute(name, data), expected)
+                yield name, array
+                continue
             try:
                 array = quants.dequantize(tensor.data, qtype)
             except NotImplementedError:
@@ -97,11 +126,15 @@ class GGUFFile:
                                  "by the installed gguf package") from None
             except Exception as exc:
                 raise ValueError(f"tensor {tensor.name} ({qtype.name}) is corrupt: {exc}") from None
-            expected = tuple(int(d) for d in reversed(tensor.shape.tolist()))
             array = np.asarray(array, dtype=np.float32).reshape(expected)
-            if config.architecture == "llama":
-                if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-                    array = unpermute_rows(array, config.num_heads)
-                elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-                    array = unpermute_rows(array, config.num_kv_heads)
-            yield name, array
+            yield name, self._unpermute(name, array)
+
+    def _unpermute(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """q/k rows (float rows, biases or rows of blocks) back to the rotate-half layout."""
+        config = self.config
+        if config.architecture == "llama":
+            if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+                return unpermute_rows(rows, config.num_heads)
+            if name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+                return unpermute_rows(rows, config.num_kv_heads)
+        return rows

@@ -13,7 +13,9 @@ Parameter paths mirror Hugging Face names (``layers[i].self_attn.o_proj.kernel``
 ``model.layers.i.self_attn.o_proj.weight``.T), except
 that q/k/v and gate/up are each stored as one fused kernel (``qkv_proj``, ``gate_up_proj``): one
 wide matmul instead of three or two, which decode (bandwidth-bound) runs ~12% faster on CPU.
-q/k rows use the rotate-half layout of Hugging Face checkpoints.
+q/k rows use the rotate-half layout of Hugging Face checkpoints. With a ``QuantSpec`` every
+projection is a ``QuantLinear`` holding GGUF block rows ``qweight`` [out, in / 32 * block bytes] (the
+fused parts stacked along rows), and the embedding (with the tied head) holds quantized rows too.
 """
 
 from __future__ import annotations
@@ -24,18 +26,20 @@ from flax import nnx
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.layers import quant
 from jaxinfer.layers.attention import AttentionMeta, paged_attention, write_kv
-from jaxinfer.layers.linear import Linear
+from jaxinfer.layers.linear import Linear, QuantLinear, QuantSpec, make_linear
 from jaxinfer.layers.norm import RMSNorm
 from jaxinfer.layers.rotary import apply_rotary, inverse_frequencies
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype):
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, quant_spec: QuantSpec | None = None):
         heads_dim = config.num_heads * config.head_dim
         kv_dim = config.num_kv_heads * config.head_dim
-        self.qkv_proj = Linear(config.hidden_size, heads_dim + 2 * kv_dim, bias=config.attention_bias, dtype=dtype)
-        self.o_proj = Linear(heads_dim, config.hidden_size, dtype=dtype)
+        self.qkv_proj = make_linear(config.hidden_size, heads_dim + 2 * kv_dim, bias=config.attention_bias,
+                                    dtype=dtype, quant_spec=quant_spec)
+        self.o_proj = make_linear(heads_dim, config.hidden_size, dtype=dtype, quant_spec=quant_spec)
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -64,9 +68,10 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype):
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, dtype=dtype)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, dtype=dtype)
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, quant_spec: QuantSpec | None = None):
+        self.gate_up_proj = make_linear(config.hidden_size, 2 * config.intermediate_size, dtype=dtype,
+                                        quant_spec=quant_spec)
+        self.down_proj = make_linear(config.intermediate_size, config.hidden_size, dtype=dtype, quant_spec=quant_spec)
         self.intermediate_size = config.intermediate_size
 
     def __call__(self, x):
@@ -76,11 +81,11 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype):
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, quant_spec: QuantSpec | None = None):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.self_attn = LlamaAttention(config, dtype=dtype)
+        self.self_attn = LlamaAttention(config, dtype=dtype, quant_spec=quant_spec)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.mlp = LlamaMLP(config, dtype=dtype)
+        self.mlp = LlamaMLP(config, dtype=dtype, quant_spec=quant_spec)
 
     def __call__(self, x, positions, k_pages, v_pages, inv_freq, meta, page_offset):
         attn_out, k_pages, v_pages = self.self_attn(self.input_layernorm(x), positions, k_pages, v_pages,
@@ -92,13 +97,36 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32):
+    """``quant_spec``: weights as GGUF blocks (see jaxinfer.layers.linear.QuantSpec); then
+    ``embed_tokens`` holds quantized rows [V, E / 32 * block bytes] and the head reads them too."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype = jnp.float32, quant_spec: QuantSpec | None = None):
         self.config = config
-        self.embed_tokens = nnx.Param(jnp.zeros((config.vocab_size, config.hidden_size), dtype))  # [V, E]
-        self.layers = nnx.List([LlamaDecoderLayer(config, dtype=dtype) for _ in range(config.num_layers)])
+        self.dtype = jnp.dtype(dtype)  # float parameters, activations stored between steps (KV)
+        self.quant_spec = quant_spec
+        if quant_spec is None:
+            self.embed_tokens = nnx.Param(jnp.zeros((config.vocab_size, config.hidden_size), dtype))  # [V, E]
+        else:
+            self.embed_tokens = nnx.Param(jnp.zeros(
+                (config.vocab_size, quant.row_bytes(quant_spec.embed, config.hidden_size)), jnp.uint8))
+        self.layers = nnx.List([LlamaDecoderLayer(config, dtype=dtype, quant_spec=quant_spec)
+                                for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.lm_head = (None if config.tie_word_embeddings
-                        else Linear(config.hidden_size, config.vocab_size, dtype=dtype))
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        elif quant_spec is None:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype)
+        else:
+            self.lm_head = QuantLinear(config.hidden_size, config.vocab_size, qtype=quant_spec.embed,
+                                       activations=quant_spec.activations, dtype=dtype)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Token ids [...] -> float32 embeddings [..., E]."""
+        with jax.named_scope("embed"):
+            rows = self.embed_tokens[...][tokens]
+            if self.quant_spec is not None:
+                return quant.dequantize(rows, self.quant_spec.embed)
+            return rows.astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVPages, meta: AttentionMeta,
                  logits_indices: jax.Array, feature_layers: tuple[int, ...] = (),
@@ -114,7 +142,7 @@ class LlamaForCausalLM(nnx.Module):
         """
         config = self.config
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        x = self.embed_tokens[...][tokens].astype(jnp.float32)  # [T, E]
+        x = self.embed(tokens)  # [T, E]
         k_all, v_all = kv.k, kv.v
         rows = logits_indices if feature_indices is None else feature_indices
         captured = {}
@@ -124,7 +152,10 @@ class LlamaForCausalLM(nnx.Module):
             x, k_all, v_all = layer(x, positions, k_all, v_all, inv_freq, meta, index * kv.num_pages)
         x = self.norm(x[logits_indices])  # [N, E]
         with jax.named_scope("lm_head"):
-            if self.lm_head is None:
+            if self.lm_head is None and self.quant_spec is not None:
+                spec = self.quant_spec
+                logits = quant.qmatmul(x, self.embed_tokens[...], spec.embed, activations=spec.activations)
+            elif self.lm_head is None:
                 embed = self.embed_tokens[...]
                 logits = jnp.einsum("ne,ve->nv", x.astype(embed.dtype), embed, preferred_element_type=jnp.float32)
             else:

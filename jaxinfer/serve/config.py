@@ -35,7 +35,7 @@ from jaxinfer.config import (
     SparsePrefillConfig,
     SpeculativeConfig,
 )
-from jaxinfer.loader import DEFAULT_MODEL, DTYPES
+from jaxinfer.loader import DEFAULT_MODEL, DTYPE_HELP, DTYPES
 from pallas_kernels.unisparse.config import UniSparseConfig
 
 ROUTERS = ("cascade", "round-robin", "least-loaded", "llumnix")
@@ -77,7 +77,7 @@ class ServeConfig:
 
     model: str = dataclasses.field(default=DEFAULT_MODEL, metadata={
         "help": "embedded model name, .gguf file, Hugging Face directory or jaxinfer checkpoint"})
-    dtype: str = dataclasses.field(default="float32", metadata={"help": "weight dtype"})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": DTYPE_HELP})
     served_model_name: str = dataclasses.field(default="", metadata={
         "help": "the model name clients send and /v1/models lists (empty: the --model value)"})
     host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address both APIs bind to"})

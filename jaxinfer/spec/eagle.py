@@ -53,9 +53,10 @@ class DraftInput:
     page_indices: jax.Array  # [B, Pmax] int32
 
 
-def project_kv(head, features: jax.Array, tokens: jax.Array, positions: jax.Array, embed: jax.Array):
-    """Draft K/V [T, K, D] of pairs (features [T, F], token ids [T]) at positions [T]."""
-    _, k, v = head.project(head.fuse(features), embed[tokens].astype(jnp.float32), positions)
+def project_kv(head, features: jax.Array, tokens: jax.Array, positions: jax.Array, embed):
+    """Draft K/V [T, K, D] of pairs (features [T, F], token ids [T]) at positions [T]; ``embed`` maps
+    token ids to the target's float32 embeddings (``LlamaForCausalLM.embed``)."""
+    _, k, v = head.project(head.fuse(features), embed(tokens), positions)
     return k, v
 
 
@@ -63,7 +64,7 @@ def draft_layer_offset(kv: KVPages, num_target_layers: int) -> int:
     return num_target_layers * kv.num_pages
 
 
-def catch_up(head, embed: jax.Array, kv: KVPages, pending: jax.Array, features: jax.Array, tokens: jax.Array,
+def catch_up(head, embed, kv: KVPages, pending: jax.Array, features: jax.Array, tokens: jax.Array,
              pairs: CatchUp, num_target_layers: int) -> tuple[KVPages, jax.Array]:
     """Write the draft K/V of one target step's tokens (shifted pairs); returns (kv, pending [S, F])."""
     previous = jnp.concatenate([features[:1], features[:-1]], axis=0)
@@ -82,7 +83,7 @@ def _topk_entropy(top_logprobs: jax.Array) -> jax.Array:
     return -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)
 
 
-def draft_tree(head, embed: jax.Array, kv: KVPages, pending: jax.Array, batch: DraftInput, *, top_k: int,
+def draft_tree(head, embed, kv: KVPages, pending: jax.Array, batch: DraftInput, *, top_k: int,
                depth: int, base_depth: int, kv_tokens: int, num_target_layers: int) -> dict[str, jax.Array]:
     """EAGLE-2 expansion to ``depth`` levels for B requests.
 
@@ -114,7 +115,7 @@ def draft_tree(head, embed: jax.Array, kv: KVPages, pending: jax.Array, batch: D
                                 own], axis=-1)
         keys = jnp.concatenate([ctx_k, temp_k], axis=1)
         values = jnp.concatenate([ctx_v, temp_v], axis=1)
-        embeds = embed[tokens].astype(jnp.float32)
+        embeds = embed(tokens)
         return jax.vmap(head)(hidden, embeds, positions, keys, values, mask)
 
     def expand(out):
@@ -174,5 +175,5 @@ def draft_step(head_graphdef, model_graphdef, top_k: int, depth: int, base_depth
     model = nnx.merge(model_graphdef, state[0])
     head = nnx.merge(head_graphdef, state[1])
     with jax.named_scope("draft"):
-        return draft_tree(head, model.embed_tokens[...], kv, pending, batch, top_k=top_k, depth=depth,
+        return draft_tree(head, model.embed, kv, pending, batch, top_k=top_k, depth=depth,
                           base_depth=base_depth, kv_tokens=kv_tokens, num_target_layers=model.config.num_layers)

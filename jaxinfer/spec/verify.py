@@ -121,7 +121,7 @@ def verify_step(graphdef, head_graphdef, num_top: int, path_len: int, state, kv:
     if head is not None:
         with jax.named_scope("draft_kv"):
             features = out[2][flat].reshape(num_rows, path_len, -1)
-            kv, sampler = _commit_draft(head, model.embed_tokens[...], kv, sampler, batch, features, tokens,
+            kv, sampler = _commit_draft(head, model.embed, kv, sampler, batch, features, tokens,
                                         num_accepted, model.config.num_layers)
     return result, kv, sampler
 

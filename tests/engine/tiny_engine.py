@@ -24,12 +24,13 @@ class CharTokenizer:
 
 
 @functools.cache
-def model():
-    return init_random(tiny_config(vocab_size=VOCAB), seed=11, scale=2.0)
+def model(quant_spec=None):
+    """The tiny model; with ``quant_spec`` the same random weights as GGUF blocks."""
+    return init_random(tiny_config(vocab_size=VOCAB), seed=11, scale=2.0, quant_spec=quant_spec)
 
 
 def engine(num_pages=64, page_size=4, enable_prefix_caching=True, attention_impl="auto",
-           sparse_prefill=None, speculative=None, **scheduler):
+           sparse_prefill=None, speculative=None, quant_spec=None, **scheduler):
     sched = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, max_prefill_seqs=2,
                  decode_buckets=(4,), prefill_buckets=(16,), kv_buckets=(64,))
     sched.update(scheduler)
@@ -38,7 +39,7 @@ def engine(num_pages=64, page_size=4, enable_prefix_caching=True, attention_impl
                           scheduler=SchedulerConfig(**sched), max_logprobs=5, attention_impl=attention_impl,
                           sparse_prefill=sparse_prefill or SparsePrefillConfig(mode="off"),
                           speculative=speculative or SpeculativeConfig())
-    return Engine(model(), CharTokenizer(), config)
+    return Engine(model(quant_spec), CharTokenizer(), config)
 
 
 def assert_no_leaks(eng):

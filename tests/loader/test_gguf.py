@@ -5,8 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from jaxinfer.layers import quant
+from jaxinfer.layers.linear import QuantSpec
 from jaxinfer.loader import load_model
 from jaxinfer.loader.gguf_file import GGUFFile, unpermute_rows
+from jaxinfer.models import model_from_tensors
 from tests.conftest import tiny_config
 from tests.loader import tiny_files
 from tests.models import numpy_llama, paged
@@ -38,10 +41,21 @@ def test_gguf_tensors_and_logits(tmp_path, qtype):
     if qtype == "F32":  # permutation undone exactly: the file's q/k equal the HF originals
         for name, value in tensors.items():
             np.testing.assert_array_equal(loaded[name], value, err_msg=name)
-    model = load_model(str(tmp_path / "m.gguf")).model
+    model = load_model(str(tmp_path / "m.gguf"), "float32").model
     tokens = [3, 50, 7, 200, 9]
+    expected = numpy_llama.forward(stored, cfg, tokens)
     logits, _ = paged.prefill(model, paged.new_cache(cfg), [(tokens, 0, paged.page_table(0, 4))])
-    np.testing.assert_allclose(logits, numpy_llama.forward(stored, cfg, tokens), rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(logits, expected, rtol=2e-4, atol=2e-4)
+    if qtype.lower() in quant.QTYPES:  # the file's blocks kept as they are, run with float32 activations
+        blocks = dict(source.tensors(keep_blocks=True))
+        assert all(isinstance(value, quant.Blocks) for name, value in blocks.items() if name.endswith(".weight")
+                   and "norm" not in name)
+        spec = QuantSpec(linear=qtype.lower(), embed=qtype.lower(), activations="float32")
+        model = model_from_tensors(source.config, source.tensors(keep_blocks=True), quant_spec=spec)
+        logits, _ = paged.prefill(model, paged.new_cache(cfg), [(tokens, 0, paged.page_table(0, 4))])
+        np.testing.assert_allclose(logits, expected, rtol=2e-4, atol=2e-4)
+        auto = load_model(str(tmp_path / "m.gguf"), "auto").model.quant_spec
+        assert (auto and auto.linear) == (qtype.lower() if quant.kernels_available() else None)
 
 
 def test_untied_head_and_qwen2_bias(tmp_path):

@@ -18,8 +18,7 @@ TOKENS = [3, 50, 7, 200, 9, 11]
 
 
 def _logits(model, cfg):
-    dtype = model.embed_tokens[...].dtype
-    logits, _ = paged.prefill(model, paged.new_cache(cfg, dtype=dtype), [(TOKENS, 0, paged.page_table(0, 4))])
+    logits, _ = paged.prefill(model, paged.new_cache(cfg, dtype=model.dtype), [(TOKENS, 0, paged.page_table(0, 4))])
     return logits
 
 
@@ -28,7 +27,7 @@ def test_hf_directory_matches_numpy_reference(tmp_path, dtype):
     cfg = tiny_config(vocab_size=VOCAB, tie_word_embeddings=False)
     tensors = numpy_llama.random_tensors(cfg, seed=8)
     tiny_files.write_hf_dir(tmp_path, cfg, tensors, dtype=dtype)
-    loaded = load_model(str(tmp_path))
+    loaded = load_model(str(tmp_path), "float32")
     assert loaded.config == cfg
     on_disk = {k: v.astype(np.float32) if dtype == "float32" else _bf16_round(v) for k, v in tensors.items()}
     np.testing.assert_allclose(_logits(loaded.model, cfg), numpy_llama.forward(on_disk, cfg, TOKENS),
@@ -52,21 +51,26 @@ def test_hf_directory_errors(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_checkpoint_roundtrip_is_exact(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "q8_0"])
+def test_checkpoint_roundtrip_is_exact(tmp_path, dtype):
     cfg = tiny_config(vocab_size=VOCAB)
     tiny_files.write_gguf(tmp_path / "m.gguf", cfg, numpy_llama.random_tensors(cfg, seed=9), "Q8_0")
-    original = load_model(str(tmp_path / "m.gguf"))
+    original = load_model(str(tmp_path / "m.gguf"), dtype)
     save_checkpoint(tmp_path / "ckpt", original.model, original.tokenizer, source="test")
-    reloaded = load_model(str(tmp_path / "ckpt"))
-    assert reloaded.config == original.config
+    reloaded = load_model(str(tmp_path / "ckpt"))  # auto: the format it was saved in
+    assert reloaded.config == original.config and reloaded.model.quant_spec == original.model.quant_spec
     np.testing.assert_array_equal(_logits(reloaded.model, cfg), _logits(original.model, cfg))
     text = "<|im_start|>user\nthe hello<|im_end|>"
     assert reloaded.tokenizer.encode(text) == original.tokenizer.encode(text)
     assert reloaded.tokenizer.eos_ids == original.tokenizer.eos_ids
     messages = [{"role": "user", "content": "hi"}]
     assert reloaded.tokenizer.apply_chat_template(messages) == original.tokenizer.apply_chat_template(messages)
-    as_bf16 = load_model(str(tmp_path / "ckpt"), "bfloat16")
-    assert str(as_bf16.model.embed_tokens[...].dtype) == "bfloat16"
+    if dtype == "float32":
+        as_bf16 = load_model(str(tmp_path / "ckpt"), "bfloat16")
+        assert str(as_bf16.model.embed_tokens[...].dtype) == "bfloat16"
+    else:
+        with pytest.raises(ValueError, match="holds q8_0 blocks"):
+            load_model(str(tmp_path / "ckpt"), "bfloat16")
 
 
 def test_convert_cli_then_generate_from_checkpoint(tmp_path):

@@ -7,7 +7,7 @@ from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.layers.attention import AttentionMeta
 
 PAGE_SIZE = 4
-MAX_PAGES_PER_SEQ = 16
+MAX_PAGES_PER_SEQ = 32
 
 
 def new_cache(cfg, num_pages=64, dtype=jnp.float32):

@@ -73,9 +73,9 @@ def _features(tokens):
 
 def _expected_draft_kv(tokens):
     """Draft K/V of pairs (feature p, token p+1) at positions p = 0 .. len-2."""
-    head, embed = _head(), _target().embed_tokens[...]
+    head, embed = _head(), _target().embed
     features = _features(tokens)
-    _, k, v = head.project(head.fuse(jnp.asarray(features[:-1])), embed[jnp.asarray(tokens[1:])],
+    _, k, v = head.project(head.fuse(jnp.asarray(features[:-1])), embed(jnp.asarray(tokens[1:])),
                            jnp.arange(len(tokens) - 1))
     return np.asarray(k), np.asarray(v)
 
@@ -148,13 +148,13 @@ def test_drafted_candidates_match_a_dense_draft_forward():
     length = seq.num_computed
     shape = DraftShape(1, 64, 3, 3, 3)
     out = eng.runner.draft(build_draft_input([seq], 1, eng.runner.builder.max_pages_per_seq), shape)
-    head, embed = _head(), _target().embed_tokens[...]
+    head, embed = _head(), _target().embed
     features = _features(tokens[:length])
     hidden = head.fuse(jnp.asarray(features))
     pairs = jnp.asarray(tokens[1:length + 1])
     n = length
     empty = jnp.zeros((0, head.config.num_kv_heads, head.config.head_dim))
-    h, _, _ = head(hidden, embed[pairs], jnp.arange(n), empty, empty, causal_mask(n))
+    h, _, _ = head(hidden, embed(pairs), jnp.arange(n), empty, empty, causal_mask(n))
     logp = np.asarray(jax_log_softmax(head.logits(h[-1:])))[0]
     top = np.argsort(-logp, kind="stable")[:3]
     d2t = np.asarray(head.d2t[...])
@@ -164,7 +164,7 @@ def test_drafted_candidates_match_a_dense_draft_forward():
     # level 2 under the best first-level node: one more pair (the draft's own hidden, that token) at n
     hidden2 = jnp.concatenate([hidden, h[-1:]], axis=0)
     pairs2 = jnp.concatenate([pairs, jnp.asarray(d2t[top[:1]])])
-    h2, _, _ = head(hidden2, embed[pairs2], jnp.arange(n + 1), empty, empty, causal_mask(n + 1))
+    h2, _, _ = head(hidden2, embed(pairs2), jnp.arange(n + 1), empty, empty, causal_mask(n + 1))
     logp2 = np.asarray(jax_log_softmax(head.logits(h2[-1:])))[0]
     top2 = np.argsort(-logp2, kind="stable")[:3]
     np.testing.assert_array_equal(out["tokens"][0, 3:6], d2t[top2])

@@ -368,7 +368,7 @@ def main() -> None:
 
     from jaxinfer.loader import load_model
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, "float32")  # the head learns float32 features; it reads the embedding table
     train_prompts, eval_prompts = build_prompts(args.num_instructions, args.num_passages)
     num_other = args.num_instructions + args.num_passages
     train_prompts = train_prompts[:args.num_gsm8k] + train_prompts[-num_other:]

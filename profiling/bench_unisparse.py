@@ -54,7 +54,7 @@ def layer_qkv(model, ids: list[int], layer: int):
     @jax.jit
     def run(tokens):
         positions = jnp.arange(tokens.shape[0])
-        x = model.embed_tokens[...][tokens].astype(jnp.float32)
+        x = model.embed(tokens)
         for block in model.layers[:layer]:
             q, k, v = block.self_attn.project(block.input_layernorm(x), positions, inv_freq)
             out = dense_attention(q, k, v, 64)

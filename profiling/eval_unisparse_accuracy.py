@@ -437,7 +437,7 @@ def main() -> None:
     if args.block_size % args.mass_rows:
         raise SystemExit("--mass-rows must divide the block size")
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, "float32")  # the head and embedding are read as float tables below
     tokenizer = loaded.tokenizer
     log(f"loaded {args.model} ({loaded.load_seconds:.1f} s); {cfg}")
     prefix = tokenizer.encode("")  # what the tokenizer adds in front of a text (BOS or nothing)

@@ -62,6 +62,17 @@ def load() -> ctypes.CDLL | None:
         return _loaded[0]
 
 
+def isas(symbol: str, codes: dict[str, int]) -> tuple[str, ...]:
+    """The ISA names of ``codes`` (name -> bit; 0 = 'auto') that the library's ``symbol`` (a
+    function returning a bit mask of what this host runs) reports, 'auto' first; ('auto',) when
+    the kernels are unavailable."""
+    lib = load()
+    if lib is None:
+        return ("auto",)
+    mask = getattr(lib, symbol)()
+    return ("auto",) + tuple(name for name, code in codes.items() if code and mask & (1 << code))
+
+
 def sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cc"))
 

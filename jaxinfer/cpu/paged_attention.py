@@ -20,12 +20,12 @@ constant per call.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.cpu import build
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
 DECODE_TARGET = "jaxinfer_paged_decode_attention"
@@ -34,13 +34,8 @@ ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 _KV_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-@functools.cache
 def _library() -> ctypes.CDLL | None:
     """The loaded kernel library (targets registered for cpu), or None when it cannot be built."""
-    try:
-        from jaxinfer.cpu import build
-    except ImportError:
-        return None
     return build.load()
 
 
@@ -50,11 +45,7 @@ def kernels_available() -> bool:
 
 def supported_isas() -> tuple[str, ...]:
     """The isa names this host runs ("auto" first); ("auto",) without kernels (reference only)."""
-    lib = _library()
-    if lib is None:
-        return ("auto",)
-    mask = lib.jaxinfer_paged_attention_isas()
-    return ("auto",) + tuple(name for name, code in ISAS.items() if code and mask & (1 << code))
+    return build.isas("jaxinfer_paged_attention_isas", ISAS) if _library() is not None else ("auto",)
 
 
 def _check(q, k_pages, v_pages, page_indices, isa):

@@ -237,7 +237,6 @@ def _qmatmul_ffi(x: jax.Array, w: jax.Array, *, qtype: str, activations: str, is
 # kernel availability
 
 
-@functools.cache
 def _library():
     from jaxinfer.cpu import build
 
@@ -252,8 +251,6 @@ def kernels_available() -> bool:
 
 def supported_isas() -> tuple[str, ...]:
     """The isa names this host's kernels run ("auto" first); ("auto",) without kernels."""
-    lib = _library() if jax.default_backend() == "cpu" else None
-    if lib is None:
-        return ("auto",)
-    mask = lib.jaxinfer_qmatmul_isas()
-    return ("auto",) + tuple(name for name, code in ISAS.items() if code and mask & (1 << code))
+    from jaxinfer.cpu import build
+
+    return build.isas("jaxinfer_qmatmul_isas", ISAS) if kernels_available() else ("auto",)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxinfer.cli import add_model_arguments, run_main
+from jaxinfer.config import SchedulerConfig
 
 SHARED = Path(os.environ.get("JAXINFER_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 TEXT_DIR = SHARED / "data" / "longtext" / "PaulGrahamEssays"
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=0, help="context limit (0 = the model's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="token budget per step")
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--decode-steps", type=int, default=SchedulerConfig.decode_steps,
+                        help="decode steps per device call while only decodes run")
     parser.add_argument("--kv-memory-gib", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -132,7 +135,7 @@ def make_engine(args, loaded, max_num_seqs: int):
     config = EngineConfig(cache=CacheConfig(page_size=args.page_size, kv_memory_gib=args.kv_memory_gib),
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=args.max_model_len,
                                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                                    max_waiting=4096))
+                                                    max_waiting=4096, decode_steps=args.decode_steps))
     engine = Engine(loaded.model, loaded.tokenizer, config)
     start = time.perf_counter()
     engine.warm_up()

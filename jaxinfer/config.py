@@ -201,6 +201,9 @@ class SchedulerConfig:
     """Continuous batching: budgets per step and the shape buckets every step is padded to.
 
     A step holds up to ``max_num_batched_tokens`` tokens: one per decoding request plus prompt chunks.
+    While only decodes run and nothing waits that could be admitted, one device call runs up to
+    ``decode_steps`` steps (a burst: each row feeds its sampled token back on the device and stops
+    there at a stop token or its length budget), so the host is not between every two steps.
     Bucket tuples left empty are derived: decode rows 1, 8, 64, ... up to max_num_seqs; prompt
     tokens 64, 128, 256, ... up to the token budget; KV lengths 256, 1024, ... up to max_model_len; the
     prompt part of mixed (prompt + decode) steps uses the coarser mixed_kv_buckets (the second KV
@@ -216,6 +219,9 @@ class SchedulerConfig:
     max_waiting: int = dataclasses.field(default=1024, metadata={"help": "queued requests at most; more are refused"})
     max_prefill_seqs: int = dataclasses.field(default=8, metadata={"help": "requests with prompt chunks per step"})
     enable_chunked_prefill: bool = dataclasses.field(default=True, metadata={"help": "split long prompts"})
+    decode_steps: int = dataclasses.field(default=4, metadata={
+        "help": "decode steps per device call while only decodes run (sampling and stop checks on the device; 1: "
+                "one step per call)"})
     decode_buckets: tuple[int, ...] = ()
     prefill_buckets: tuple[int, ...] = ()
     kv_buckets: tuple[int, ...] = ()
@@ -223,7 +229,7 @@ class SchedulerConfig:
     decode_kv_buckets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prefill_seqs"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prefill_seqs", "decode_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -3,9 +3,11 @@ profiler trace of steady-state decode steps on the embedded model.
 
 Every XLA op event of the trace is attributed through its HLO op_name metadata (the model's
 jax.named_scope names: attention, kv_write, mlp, lm_head, sample) in the compiled step that ran;
-"host" is step wall time minus the time the device spent in XLA ops.
+"host" is step wall time minus the time the device spent in XLA ops. With bursts (``--decode-steps``
+above 1, the default) one device call runs several decode steps; times are per decode step.
 
-    python profiling/step_breakdown.py [--batch 8] [--context 512] [--steps 10] [--dtype auto] [--json FILE]
+    python profiling/step_breakdown.py [--batch 8] [--context 512] [--steps 16] [--decode-steps 4]
+                                       [--dtype auto] [--json FILE]
 """
 
 from __future__ import annotations
@@ -61,50 +63,59 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=512, help="prompt tokens per request")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps to trace (at least)")
+    parser.add_argument("--decode-steps", type=int, default=SchedulerConfig.decode_steps,
+                        help="decode steps per device call (1: one call per step)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--json")
     args = parser.parse_args()
 
     loaded = load_model(args.model, args.dtype)
-    config = EngineConfig(cache=CacheConfig(kv_memory_gib=2.0), scheduler=SchedulerConfig(max_num_seqs=args.batch))
+    config = EngineConfig(cache=CacheConfig(kv_memory_gib=2.0),
+                          scheduler=SchedulerConfig(max_num_seqs=args.batch, decode_steps=args.decode_steps))
     engine = Engine(loaded.model, loaded.tokenizer, config)
     rng = np.random.default_rng(0)
     for _ in range(args.batch):
         engine.add_request(rng.integers(3, loaded.config.vocab_size, args.context).tolist(),
-                           SamplingParams(max_tokens=args.steps + 8, ignore_eos=True))
-    while engine.metrics().last_step_tokens != args.batch or engine.metrics().last_step_decode_tokens != args.batch:
+                           SamplingParams(max_tokens=2 * args.steps + 4 * args.decode_steps + 8, ignore_eos=True))
+    def decoding(metrics) -> bool:
+        return metrics.num_running == args.batch and metrics.last_step_tokens == metrics.last_step_decode_tokens > 0
+    while not decoding(engine.metrics()):
         engine.step()
     engine.step()
     shape = engine.runner.last_shape
     trace_dir = Path(tempfile.mkdtemp(prefix="jaxinfer-trace-"))
     jax.profiler.start_trace(str(trace_dir), create_perfetto_trace=True)
-    start = time.perf_counter()
-    for _ in range(args.steps):
+    start, first = time.perf_counter(), engine.num_steps
+    while engine.num_steps - first < args.steps:
         engine.step()
-    wall = (time.perf_counter() - start) / args.steps
+    steps = engine.num_steps - first
+    wall = (time.perf_counter() - start) / steps
     jax.profiler.stop_trace()
 
     runner = engine.runner
-    scopes = op_scopes(runner._executables[shape]) | op_scopes(runner._executables[runner.builder.num_rows(shape)])
+    scopes = op_scopes(runner._executables[shape])
+    if not runner.bursts(shape):
+        scopes |= op_scopes(runner._executables[runner.builder.num_rows(shape)])
     trace = sorted(glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True))[-1]
     events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
     totals: collections.Counter = collections.Counter()
     for event in events:
         op, module = event.get("args", {}).get("hlo_op"), event.get("args", {}).get("hlo_module")
         if op is not None and event["name"] == op:
-            totals[category(scopes.get((module, op), ""))] += event["dur"] / 1000 / args.steps
+            totals[category(scopes.get((module, op), ""))] += event["dur"] / 1000 / steps
     shutil.rmtree(trace_dir, ignore_errors=True)
     device = sum(totals.values())
     rows = [(name, ms) for name, ms in totals.most_common()] + [("host (schedule, batch, dispatch, outputs)",
                                                                   max(0.0, wall * 1000 - device))]
-    print(f"decode step, batch {args.batch}, context ~{args.context}: {wall * 1000:.1f} ms/step "
-          f"({args.batch / wall:.1f} tok/s); shape {shape}")
+    print(f"decode step, batch {args.batch}, context ~{args.context}, {args.decode_steps} per call: "
+          f"{wall * 1000:.2f} ms/step ({args.batch / wall:.1f} tok/s); shape {shape}")
     for name, ms in rows:
         print(f"  {name:<44} {ms:8.2f} ms  {100 * ms / (wall * 1000):5.1f} %")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
-            dtype=args.dtype, batch=args.batch, context=args.context, step_ms=wall * 1000, breakdown_ms=dict(rows),
+            dtype=args.dtype, batch=args.batch, context=args.context, decode_steps=args.decode_steps,
+            step_ms=wall * 1000, breakdown_ms=dict(rows),
             shape=str(shape), machine=platform.processor() or platform.machine(), jax=jax.__version__,
             date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")), indent=2) + "\n")
 

@@ -190,6 +190,8 @@ class AsyncEngine:
             self._metrics = self.engine.metrics()
             accepted.set_result(request_id)
         elif kind == "call":
+            for output in self.engine.settle():  # the call sees every request as the host has it
+                self._deliver(output)
             try:
                 accepted.set_result(payload(self))
             except Exception as exc:  # noqa: BLE001 - the caller gets the error; the engine carries on

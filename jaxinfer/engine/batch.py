@@ -20,6 +20,9 @@ from jaxinfer.spec.eagle import CatchUp
 
 # KV slot of padding tokens: past the pool for every layer's offset, so their writes are dropped.
 PAD_SLOT = 2**30
+# Stop token ids a burst checks on the device per row (end-of-sequence ids first, then the request's
+# stop_token_ids). The host checks every stop condition again, so a longer list only costs steps.
+STOP_WIDTH = 8
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -57,8 +60,9 @@ def step_shape(out: SchedulerOutput, config: SchedulerConfig, block_size: int = 
     num_decode = decode_kv = prefill_tokens = prefill_kv = 0
     if out.decodes:
         num_decode = _bucket(len(out.decodes), config.decode_buckets)
-        decode_kv = _bucket(max(seq.num_computed + 1 for seq in out.decodes),
-                            config.kv_buckets if out.prefills else config.decode_kv_buckets)
+        steps, ahead = out.steps or [1] * len(out.decodes), out.ahead or [0] * len(out.decodes)
+        decode_kv = _bucket(max((seq.num_computed + a + n for seq, a, n in zip(out.decodes, ahead, steps, strict=True)
+                                 if n), default=1), config.kv_buckets if out.prefills else config.decode_kv_buckets)
     if out.prefills:
         tokens = sum(chunk.num_tokens for chunk in out.prefills)
         prefill_tokens = config.prefill_buckets[-1] if out.decodes else _bucket(tokens, config.prefill_buckets)
@@ -88,6 +92,15 @@ class SampleInput:
     row_slots: jax.Array  # [N] int32 penalty-state slot of each row (padding: out of range)
     emit: jax.Array  # [N] bool: the row's sampled token is kept (decodes, completed prompts)
     want_logprobs: jax.Array  # [] bool: some row asked for logprobs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BurstInput:
+    """What a burst of decode steps needs beyond its first step's StepInput, per decode row."""
+
+    budget: jax.Array  # [Bd] int32 most steps the row runs (padding rows: 0)
+    stop_ids: jax.Array  # [Bd, STOP_WIDTH] int32 tokens that end the row on the device (-1: none)
 
 
 @jax.tree_util.register_dataclass
@@ -141,8 +154,14 @@ class BatchBuilder:
         decode_kv_lens = np.zeros(num_decode, np.int32)
         decode_page_indices = np.zeros((num_decode, decode_pages), np.int32)
         for row, seq in enumerate(out.decodes):
-            position = seq.num_computed
-            tokens[row], positions[row] = seq.token(position), position
+            if out.ahead:  # after a running burst: its last token is still on the device
+                if not out.steps[row]:
+                    continue  # the row is done: a padding row
+                position = seq.num_computed + out.ahead[row]
+            else:
+                position = seq.num_computed
+                tokens[row] = seq.token(position)
+            positions[row] = position
             slot_mapping[row] = seq.pages[position // page_size] * page_size + position % page_size
             decode_kv_lens[row] = position + 1
             decode_page_indices[row, :len(seq.pages)] = seq.pages
@@ -186,12 +205,24 @@ class BatchBuilder:
             unisparse=self.sparse.unisparse if shape.blocked and self.sparse is not None else None)
         pairs = self._catch_up(out, num_decode, num_tokens, positions) if self.catch_up else None
         want_logprobs = np.array(any(s is not None and s.params.logprobs is not None for s in rows))
-        sample = SampleInput(sampling=sampling_arrays(rows), row_slots=row_slots, emit=emit,
+        sampling = sampling_arrays(rows)
+        if out.ahead:
+            sampling.index[:len(out.ahead)] += np.asarray(out.ahead, np.int32)
+        sample = SampleInput(sampling=sampling, row_slots=row_slots, emit=emit,
                              want_logprobs=want_logprobs)
         step = StepInput(tokens=tokens, positions=positions, meta=meta, logits_indices=logits_indices,
                          reset_slots=reset_slots, token_slots=token_slots, token_is_output=token_is_output,
                          sample=sample, catch_up=pairs)
         return jax.device_put(step)
+
+    def build_burst(self, out: SchedulerOutput, shape: StepShape, eos_ids: frozenset[int]) -> BurstInput:
+        budget = np.zeros(shape.num_decode, np.int32)
+        stop_ids = np.full((shape.num_decode, STOP_WIDTH), -1, np.int32)
+        for row, (seq, steps) in enumerate(zip(out.decodes, out.steps, strict=True)):
+            budget[row] = steps
+            ids = [*(() if seq.params.ignore_eos else sorted(eos_ids)), *seq.params.stop_token_ids][:STOP_WIDTH]
+            stop_ids[row, :len(ids)] = ids
+        return jax.device_put(BurstInput(budget=budget, stop_ids=stop_ids))
 
     def _catch_up(self, out: SchedulerOutput, num_decode: int, num_tokens: int, positions: np.ndarray) -> CatchUp:
         """Token i at position p pairs with the feature of p-1: the previous token of its chunk, or for

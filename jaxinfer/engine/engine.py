@@ -18,13 +18,13 @@ import jax
 from flax import nnx
 
 from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.engine.batch import step_shape
+from jaxinfer.engine.batch import StepShape, step_shape
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.engine.migration import MigrationPort
-from jaxinfer.engine.model_runner import ModelRunner, StepResult
+from jaxinfer.engine.model_runner import BurstHandle, ModelRunner, StepResult
 from jaxinfer.engine.request_output import RequestOutput, TextStream, TokenLogprob, metrics_of
-from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput
 from jaxinfer.engine.sequence import FinishReason, Sequence, SequenceStatus
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.spec.decoder import SpeculativeDecoder
@@ -71,6 +71,15 @@ class EngineMetrics:
     waiting_pages: int = 0  # pages the waiting requests need to be admitted
 
 
+class _Burst(NamedTuple):
+    """A burst on the device: what was scheduled, its handle, when it was dispatched."""
+
+    out: SchedulerOutput
+    shape: StepShape
+    handle: BurstHandle
+    dispatched: float
+
+
 class Engine:
     def __init__(self, model: nnx.Module, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  draft_head: nnx.Module | None = None, mesh: jax.sharding.Mesh | None = None):
@@ -86,6 +95,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.scheduler_config = config.scheduler.resolve(self.model_config.max_position)
+        if spec.enabled:  # speculation gains its tokens per call from the tree: no decode bursts
+            self.scheduler_config = dataclasses.replace(self.scheduler_config, decode_steps=1)
         page_size = config.cache.page_size
         dtype = model.dtype
         self.bytes_per_page = KVPages.bytes_per_page(self.model_config, page_size, dtype,
@@ -109,7 +120,8 @@ class Engine:
                                    block_size=sparse.unisparse.block_size)
         self.runner = ModelRunner(model, self.model_config, self.scheduler_config, num_pages, page_size,
                                   attention_impl=config.attention_impl, max_logprobs=config.max_logprobs,
-                                  sparse_prefill=sparse, draft_head=draft_head, mesh=mesh)
+                                  sparse_prefill=sparse, draft_head=draft_head, mesh=mesh,
+                                  eos_ids=frozenset(tokenizer.eos_ids))
         self.spec = None
         if spec.enabled:
             self.spec = SpeculativeDecoder(spec, self.scheduler_config, self.runner, self.block_manager)
@@ -126,6 +138,9 @@ class Engine:
         self.generated_tokens_total = 0
         self.prompt_tokens_total = 0
         self.step_log: list | None = None  # set to a list to record (shape, start, end) of every step
+        self._inflight: _Burst | None = None  # a burst dispatched, not yet collected
+        self._pending: list[RequestOutput] = []  # outputs of a settled burst, returned by the next step
+        self._collected = 0.0  # when the latest step's results came back
 
     def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
         self.runner.warm_up(progress)
@@ -186,27 +201,86 @@ class Engine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request and free its pages at once; returns its final output (None if unknown)."""
+        settled = self.settle()  # a running burst's tokens of this request come with its final output
+        mine = [o for o in settled if o.request_id == request_id]
+        self._pending += [o for o in settled if o.request_id != request_id]
         seq = self.scheduler.find(request_id)
         if seq is None:
+            self._pending += mine  # it finished in that burst
             return None
         self.scheduler.finish(seq, FinishReason.ABORT)
         stream = self._streams.pop(request_id)
         delta = stream.finish()
-        return self._output(seq, [], delta, stream.text)
+        new_ids = [t for o in mine for t in o.new_token_ids]
+        return self._output(seq, new_ids, "".join(o.new_text for o in mine) + delta, stream.text)
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Requests are queued or running, or outputs wait for the next step."""
+        return self.scheduler.num_unfinished > 0 or bool(self._pending)
 
     # -- stepping -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One scheduled step. Returns an output for every request that gained tokens or finished."""
+        """One scheduled step, or one burst of decode steps collected. Returns an output for every
+        request that gained tokens or finished.
+
+        Bursts run ahead of the host: while burst N runs on the device, the burst after it is planned
+        and dispatched for the same rows (their input tokens taken from N's end, on the device); then
+        N's tokens are read and detokenized, and the next call collects the burst left running.
+        Anything that needs the host's view complete first calls ``settle``."""
+        outputs, self._pending = self._pending, []
         start = time.perf_counter()
+        if self._inflight is None:
+            with jax.profiler.TraceAnnotation("schedule"):
+                out = self.scheduler.schedule()
+            if out.empty:
+                return outputs
+            if not out.burst:
+                return outputs + self._step(out, start)
+            shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
+            self._inflight = _Burst(out, shape, self.runner.dispatch_burst(out, shape), start)
+        current = self._inflight
         with jax.profiler.TraceAnnotation("schedule"):
-            out = self.scheduler.schedule()
-        if out.empty:
+            out = self.scheduler.chain_burst(current.out)
+        self._inflight = None
+        if out is not None:
+            shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
+            self._inflight = _Burst(out, shape, self.runner.dispatch_burst(out, shape, after=current.handle),
+                                    time.perf_counter())
+        return outputs + self._collect(current)
+
+    def settle(self, keep: bool = False) -> list[RequestOutput]:
+        """Collect a burst still running on the device, so that the host's view of every request is
+        complete (before an abort, a migration, ...). Returns its outputs for the caller to deliver,
+        or with ``keep`` holds them for the next step to return."""
+        if self._inflight is None:
             return []
+        current, self._inflight = self._inflight, None
+        outputs = self._collect(current)
+        if keep:
+            self._pending += outputs
+            return []
+        return outputs
+
+    def _collect(self, burst: _Burst) -> list[RequestOutput]:
+        result = self.runner.collect(burst.handle)
+        with jax.profiler.TraceAnnotation("detokenize"):
+            outputs = self._postprocess_burst(burst.out, result)
+        end = time.perf_counter()
+        begin = max(burst.dispatched, self._collected)  # the device ran it after the one before
+        self._collected = end
+        steps = int(result.counts.max(initial=0))
+        self.num_steps += steps
+        self.last_step_seconds = end - begin
+        if self.step_log is not None:  # a burst as its steps, each an equal share of its time
+            self.step_log += [(burst.shape, begin + (end - begin) * i / steps,
+                               begin + (end - begin) * (i + 1) / steps) for i in range(steps)]
+        self.last_step_tokens = self.last_step_decode_tokens = int(result.counts.sum())
+        return outputs
+
+    def _step(self, out: SchedulerOutput, start: float) -> list[RequestOutput]:
+        """An ordinary step (or a speculative round): run and read back at once."""
         speculate = self.spec is not None and self.spec.eligible(out.decodes, bool(out.prefills))
         generated = self.generated_tokens_total
         compile_seconds = self.runner.compile_seconds
@@ -221,7 +295,7 @@ class Engine:
             self.spec.observe_step("spec" if speculate else "plain", len(out.decodes),
                                    self.generated_tokens_total - generated, time.perf_counter() - start)
         self.num_steps += 1
-        end = time.perf_counter()
+        end = self._collected = time.perf_counter()
         self.last_step_seconds = end - start
         if self.step_log is not None:
             self.step_log.append((self.runner.last_shape, start, end))
@@ -230,6 +304,8 @@ class Engine:
         return outputs
 
     def _postprocess(self, out, result: StepResult, num_decode_rows: int) -> list[RequestOutput]:
+        if result.counts is not None:
+            return self._postprocess_burst(out, result)
         now = time.perf_counter()
         emitted: list[tuple[int, Sequence]] = [(row, seq) for row, seq in enumerate(out.decodes)]
         for seq in out.decodes:
@@ -242,14 +318,22 @@ class Engine:
                 emitted.append((num_decode_rows + index, chunk.seq))
         for seq in (*out.decodes, *(chunk.seq for chunk in out.prefills)):
             self.block_manager.commit(seq)
+        return [self._advance(seq, [int(result.tokens[row])], [_logprob(seq, result, row)], now)
+                for row, seq in emitted]
+
+    def _postprocess_burst(self, out, result: StepResult) -> list[RequestOutput]:
+        """A burst's tokens: row r ran counts[r] steps, each computing one token's KV and sampling one."""
+        now = time.perf_counter()
         outputs = []
-        for row, seq in emitted:
-            logprob = None
-            if seq.params.logprobs is not None and result.token_logprobs is not None:
-                count = seq.params.logprobs
-                ids, values = result.top_ids[row, :count].tolist(), result.top_logprobs[row, :count].tolist()
-                logprob = (float(result.token_logprobs[row]), dict(zip(ids, values, strict=True)))
-            outputs.append(self._advance(seq, [int(result.tokens[row])], [logprob], now))
+        for row, seq in enumerate(out.decodes):
+            count = int(result.counts[row])
+            if seq.finished or not count:  # finished (or aborted) while the burst ran: its tokens go
+                continue
+            seq.num_computed += count
+            logprobs = [_logprob(seq, result, (step, row)) for step in range(count)]
+            outputs.append(self._advance(seq, result.tokens[:count, row].tolist(), logprobs, now))
+            if not seq.finished:
+                self.block_manager.commit(seq)
         return outputs
 
     def _speculate(self, decodes: list[Sequence]) -> list[RequestOutput] | None:
@@ -355,3 +439,12 @@ class Engine:
                 if output.finished:
                     final[output.request_id] = output
         return [final[i] for i in ids]
+
+
+def _logprob(seq: Sequence, result: StepResult, index) -> tuple[float, dict[int, float]] | None:
+    """The (token logprob, top logprobs) seq asked for from row ``index`` of a step's result."""
+    if seq.params.logprobs is None or result.token_logprobs is None:
+        return None
+    count = seq.params.logprobs
+    ids, values = result.top_ids[index][:count].tolist(), result.top_logprobs[index][:count].tolist()
+    return float(result.token_logprobs[index]), dict(zip(ids, values, strict=True))

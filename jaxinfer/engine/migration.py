@@ -57,6 +57,9 @@ class MigrationPort:
     # -- source ---------------------------------------------------------------------------------
 
     def _running(self, request_id: str) -> Sequence | None:
+        # a burst still running would change the request under us: collect it first (its outputs go
+        # out with the next step; AsyncEngine settles before any call, so none are pending there)
+        self.engine.settle(keep=True)
         seq = self.engine.scheduler.find(request_id)
         return seq if seq is not None and seq.status is SequenceStatus.RUNNING else None
 

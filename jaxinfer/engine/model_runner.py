@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig, SchedulerConfig, SparsePrefillConfig
-from jaxinfer.engine.batch import BatchBuilder, SampleInput, StepInput, StepShape, all_step_shapes
+from jaxinfer.engine.batch import PAD_SLOT, BatchBuilder, BurstInput, SampleInput, StepInput, StepShape, all_step_shapes
 from jaxinfer.engine.kv_cache import KVPages, gather_pages, scatter_pages
 from jaxinfer.engine.placement import place_state, replicate
 from jaxinfer.engine.scheduler import SchedulerOutput
@@ -50,10 +50,14 @@ class SamplerState:
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    tokens: np.ndarray  # [N] int32 sampled token per row
+    """Sampled tokens of a step (host arrays). A burst (``counts`` given) has a leading step axis K on
+    every array: row r's tokens are ``tokens[:counts[r], r]``."""
+
+    tokens: np.ndarray  # [N] int32 sampled token per row ([K, N] for a burst)
     token_logprobs: np.ndarray | None  # [N] float32
     top_ids: np.ndarray | None  # [N, max_logprobs] int32
     top_logprobs: np.ndarray | None  # [N, max_logprobs] float32
+    counts: np.ndarray | None = None  # [N] int32 steps each row ran (a burst)
 
 
 def _forward_step(graphdef, head_graphdef, state, kv: KVPages, sampler: SamplerState, batch: StepInput):
@@ -110,14 +114,74 @@ def _sample_step(num_top: int, logits: jax.Array, sampler: SamplerState, batch: 
     return (tokens, *extra), SamplerState(counts, seen, sampler.pending)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """Where a burst's rows stand at its end, the next burst's start (device arrays, [Bd])."""
+
+    tokens: jax.Array  # int32 each row's input token for its next step
+    running: jax.Array  # bool the row has not stopped at a stop token
+
+
+@dataclasses.dataclass(frozen=True)
+class BurstHandle:
+    """A dispatched burst: its results stay on the device until ``ModelRunner.collect``."""
+
+    results: tuple  # device arrays: tokens [K, Bd] (logprobs), counts [Bd]
+    chain: Chain  # for a burst dispatched after this one, before its results are read
+
+
+def _decode_burst(graphdef, num_top: int, max_steps: int, state, kv: KVPages, sampler: SamplerState,
+                  batch: StepInput, burst: BurstInput, chain: Chain):
+    """Up to ``max_steps`` decode steps in one call: each row feeds its sampled token back as the next
+    step's input, and stops after a stop token or ``burst.budget`` steps; the loop ends when no row
+    runs. A stopped row writes no KV and counts no tokens for penalties. Returns the sampled tokens
+    (and logprobs) as [max_steps, Bd] arrays plus the steps each row ran, where the rows stand at the
+    end (a Chain), and the new KV and sampler state. batch is the burst's first step (decode rows
+    only); its input tokens and which rows run come from ``chain`` (a previous burst's, or the host's)."""
+    page_size = kv.page_size
+    first = batch.positions
+    pages = batch.meta.decode_page_indices
+
+    def step(carry):
+        i, kv, sampler, tokens, alive, counts, outputs = carry
+        running = alive & (counts < burst.budget)
+        positions = first + i
+        page = jnp.take_along_axis(pages, jnp.minimum(positions // page_size, pages.shape[1] - 1)[:, None], axis=1)
+        meta = dataclasses.replace(
+            batch.meta, slot_mapping=jnp.where(running, page[:, 0] * page_size + positions % page_size, PAD_SLOT),
+            decode_kv_lens=jnp.where(running, positions + 1, 0))
+        sampling = dataclasses.replace(batch.sample.sampling, index=batch.sample.sampling.index + i)
+        inputs = dataclasses.replace(batch, tokens=tokens, positions=positions, meta=meta,
+                                     sample=dataclasses.replace(batch.sample, sampling=sampling, emit=running))
+        logits, kv, sampler = _forward_step(graphdef, None, state, kv, sampler, inputs)
+        sampled, sampler = _sample_step(num_top, logits, sampler, inputs.sample)
+        outputs = tuple(buffer.at[i].set(value) for buffer, value in zip(outputs, sampled, strict=True))
+        new = sampled[0]
+        counts = counts + running
+        alive = alive & ~(running & jnp.any(new[:, None] == burst.stop_ids, axis=1))
+        return i + 1, kv, sampler, jnp.where(running & alive, new, tokens), alive, counts, outputs
+
+    rows = batch.tokens.shape[0]
+    shapes = [(jnp.int32, ())] + ([(jnp.float32, ()), (jnp.int32, (num_top,)), (jnp.float32, (num_top,))]
+                                  if num_top else [])
+    outputs = tuple(jnp.zeros((max_steps, rows, *extra), dtype) for dtype, extra in shapes)
+    carry = (jnp.int32(0), kv, sampler, chain.tokens, chain.running, jnp.zeros(rows, jnp.int32), outputs)
+    _, kv, sampler, tokens, alive, counts, outputs = jax.lax.while_loop(
+        lambda c: (c[0] < max_steps) & jnp.any(c[4] & (c[5] < burst.budget)), step, carry)
+    # alive: not stopped by a stop token (a row that used up its steps goes on in a chained burst)
+    return ((*outputs, counts), Chain(tokens, alive)), kv, sampler
+
+
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, scheduler_config: SchedulerConfig,
                  num_pages: int, page_size: int, *, attention_impl: str = "auto", max_logprobs: int = 20,
                  sparse_prefill: SparsePrefillConfig | None = None, draft_head: nnx.Module | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, eos_ids: frozenset[int] = frozenset()):
         """draft_head: an EAGLE draft head; its KV becomes one more layer of the pool and every step
         keeps it in step with the target (see jaxinfer.spec.eagle). mesh: the replica group's devices
-        (see jaxinfer.engine.placement); None: the default device."""
+        (see jaxinfer.engine.placement); None: the default device. eos_ids: what ends a request
+        (unless it ignores them) inside a burst of decode steps."""
         self.model_config = model_config
         self.scheduler_config = scheduler_config
         self.graphdef, model_state = nnx.split(model)
@@ -136,14 +200,23 @@ class ModelRunner:
                                  "kernels are not wrapped in shard_map yet); use one device per replica")
             self.state = place_state(self.state, mesh)
             self.kv, self.sampler = replicate((self.kv, self.sampler), mesh)
+        # every step passes the weights as a flat list: flattening the nnx State visits each Variable
+        # in Python (~0.8 ms a call for the embedded model), a list of arrays is flattened natively
+        self.state, self._state_tree = jax.tree.flatten(self.state)
         self.interpret = resolve_interpret() if self.impl == "pallas" else False
         self.max_logprobs = max_logprobs
         self.sparse_prefill = sparse_prefill
         self.builder = BatchBuilder(scheduler_config, page_size, num_pages, sparse_prefill,
                                     catch_up=draft_head is not None)
-        self._forward = jax.jit(functools.partial(_forward_step, self.graphdef, self.head_graphdef),
+        self._forward = jax.jit(self._flat(functools.partial(_forward_step, self.graphdef, self.head_graphdef)),
                                 donate_argnums=(1, 2))
         self._sample = jax.jit(functools.partial(_sample_step, max_logprobs), donate_argnums=(1,))
+        self.eos_ids = eos_ids
+        # decode-only steps run as bursts (one compiled burst per decode shape, no single steps);
+        # a draft head needs its catch-up after every token, so it keeps single steps
+        self.burst_steps = scheduler_config.decode_steps if draft_head is None else 1
+        self._burst = jax.jit(self._flat(functools.partial(_decode_burst, self.graphdef, max_logprobs,
+                                                           self.burst_steps)), donate_argnums=(1, 2))
         self._executables: dict[StepShape | TreeShape | DraftShape | int | tuple | str, Callable] = {}
         self.num_compiles = 0
         self.compile_seconds = 0.0
@@ -157,8 +230,19 @@ class ModelRunner:
             if progress is not None:
                 progress(done, len(shapes))
 
-    def _executable(self, shape: StepShape) -> tuple[Callable, Callable]:
-        """The compiled forward step of this shape and the compiled sampler of its row count."""
+    def _executable(self, shape: StepShape) -> tuple[Callable, Callable | None]:
+        """The compiled forward step of this shape and the compiled sampler of its row count; for a
+        decode-only shape with bursts on, the compiled burst (and None)."""
+        if self.bursts(shape):
+            executable = self._executables.get(shape)
+            if executable is None:
+                example = self.builder.build(SchedulerOutput([], [], []), shape, impl=self.impl,
+                                             interpret=self.interpret)
+                burst = self.builder.build_burst(SchedulerOutput([], [], []), shape, self.eos_ids)
+                chain = Chain(example.tokens, jnp.zeros(shape.num_decode, bool))
+                executable = self._compile(shape, self._burst, self.state, self.kv, self.sampler, example, burst,
+                                           chain)
+            return executable, None
         forward = self._executables.get(shape)
         if forward is None:
             example = self.builder.build(SchedulerOutput([], [], []), shape, impl=self.impl, interpret=self.interpret)
@@ -168,6 +252,16 @@ class ModelRunner:
                 logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
                 self._compile(rows, self._sample, logits, self.sampler, example.sample)
         return forward, self._executables[self.builder.num_rows(shape)]
+
+    def _flat(self, function: Callable) -> Callable:
+        """function(state, ...) called with the state's flat leaves (``self.state``) instead."""
+        def flat(leaves, *args):
+            return function(jax.tree.unflatten(self._state_tree, leaves), *args)
+        return flat
+
+    def bursts(self, shape: StepShape) -> bool:
+        """Decode-only steps of this shape run as bursts."""
+        return self.burst_steps > 1 and shape.num_decode > 0 and not shape.num_prefill_tokens
 
     def _compile(self, key, function, *args) -> Callable:
         start = time.perf_counter()
@@ -182,8 +276,8 @@ class ModelRunner:
         """The compiled verification step of this shape (compiled on first use; warm-up compiles all)."""
         executable = self._executables.get(shape)
         if executable is None:
-            function = jax.jit(functools.partial(verify_step, self.graphdef, self.head_graphdef, self.max_logprobs,
-                                                 shape.path_len), donate_argnums=(1, 2))
+            function = jax.jit(self._flat(functools.partial(verify_step, self.graphdef, self.head_graphdef,
+                                                            self.max_logprobs, shape.path_len)), donate_argnums=(1, 2))
             example = build_tree_input([], pack([], shape.num_rows, shape.num_nodes), shape, self.kv.page_size,
                                        self.builder.max_pages_per_seq, self.scheduler_config.max_num_seqs,
                                        impl=self.impl, interpret=self.interpret)
@@ -193,8 +287,9 @@ class ModelRunner:
     def draft_executable(self, shape: DraftShape) -> Callable:
         executable = self._executables.get(shape)
         if executable is None:
-            function = jax.jit(functools.partial(draft_step, self.head_graphdef, self.graphdef, shape.top_k,
-                                                 shape.depth, shape.base_depth, shape.kv_tokens))
+            function = jax.jit(self._flat(functools.partial(draft_step, self.head_graphdef, self.graphdef,
+                                                            shape.top_k, shape.depth, shape.base_depth,
+                                                            shape.kv_tokens)))
             example = build_draft_input([], shape.num_rows, self.builder.max_pages_per_seq)
             executable = self._compile(shape, function, self.state, self.kv, self.sampler.pending, example)
         return executable
@@ -214,8 +309,36 @@ class ModelRunner:
             result, self.kv, self.sampler = executable(self.state, self.kv, self.sampler, batch)
         return jax.device_get(result)
 
+    def dispatch_burst(self, out: SchedulerOutput, shape: StepShape, after: BurstHandle | None = None) -> BurstHandle:
+        """Start a burst without waiting for it (``out.steps`` per decode row). after: the burst
+        dispatched just before, still running, whose rows (same order) this one continues: their
+        input tokens come from its end on the device (``out.ahead``: the tokens it may add)."""
+        executable, _ = self._executable(shape)
+        self.last_shape = shape
+        with jax.profiler.TraceAnnotation("build_batch"):
+            batch = self.builder.build(out, shape, impl=self.impl, interpret=self.interpret)
+            burst = self.builder.build_burst(out, shape, self.eos_ids)
+            chain = after.chain if after is not None else Chain(batch.tokens, jnp.ones(shape.num_decode, bool))
+        with jax.profiler.TraceAnnotation("decode_burst", decode_rows=shape.num_decode, steps=max(out.steps)):
+            (results, chain), self.kv, self.sampler = executable(self.state, self.kv, self.sampler, batch, burst,
+                                                                 chain)
+        return BurstHandle(results, chain)
+
+    @staticmethod
+    def collect(handle: BurstHandle) -> StepResult:
+        """A dispatched burst's results as host arrays (waits for it)."""
+        with jax.profiler.TraceAnnotation("collect"):
+            *results, counts = jax.device_get(handle.results)
+        if len(results) == 1:
+            return StepResult(results[0], None, None, None, counts)
+        return StepResult(*results, counts)
+
     def execute(self, out: SchedulerOutput, shape: StepShape) -> StepResult:
-        """Run one scheduled step; returns the sampled tokens (host arrays, one readback)."""
+        """Run one scheduled step (or burst); returns the sampled tokens (host arrays, one readback)."""
+        if self.bursts(shape):
+            if not out.burst:  # a decode step of a burst shape: a burst of one step
+                out = dataclasses.replace(out, steps=[1] * len(out.decodes))
+            return self.collect(self.dispatch_burst(out, shape))
         forward, sampler = self._executable(shape)
         self.last_shape = shape
         with jax.profiler.TraceAnnotation("build_batch"):

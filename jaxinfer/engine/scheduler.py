@@ -50,6 +50,14 @@ class SchedulerOutput:
     prefills: list[PrefillChunk]
     preempted: list[Sequence]
     blocked: bool = False  # a long prompt's chunk alone, for the blocked prefill backend
+    steps: list[int] = dataclasses.field(default_factory=list)  # burst: most steps of each decode row
+    # a burst planned while the previous one runs: the tokens each row gains from that one first
+    ahead: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def burst(self) -> bool:
+        """The step is a burst of decode steps in one device call (``steps`` per decode row)."""
+        return bool(self.steps)
 
     @property
     def num_tokens(self) -> int:
@@ -123,6 +131,54 @@ class Scheduler:
         return num_new
 
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule()
+        if self.config.decode_steps > 1 and out.decodes and not out.prefills and not out.preempted:
+            self._plan_burst(out)
+        return out
+
+    def _plan_burst(self, out: SchedulerOutput) -> None:
+        """Turn a decode-only step into a burst when nothing waits that could be admitted meanwhile:
+        each row may run until its length budget (max_tokens, the context limit) or decode_steps, and
+        gets the pages for that now. Not enough free pages: an ordinary step."""
+        if self.waiting and self._free_slots:
+            return
+        config, blocks = self.config, self.block_manager
+        steps = [min(config.decode_steps, seq.params.max_tokens - len(seq.output_ids),
+                     config.max_model_len - seq.num_tokens) for seq in out.decodes]
+        extra = sum(blocks.pages_needed(seq.num_computed + n) - len(seq.pages)
+                    for seq, n in zip(out.decodes, steps, strict=True))
+        if max(steps) <= 1 or extra > blocks.num_free:
+            return
+        for seq, n in zip(out.decodes, steps, strict=True):
+            blocks.append(seq, n)
+        out.steps = steps
+
+    def chain_burst(self, previous: SchedulerOutput) -> SchedulerOutput | None:
+        """The burst that continues ``previous``, a burst still running on the device whose tokens the
+        host has not seen, for the same rows in the same order; None when the host should look first:
+        a waiting request could be admitted, a request runs that ``previous`` does not decode, no row
+        has steps left or their pages are not free. Every row is assumed to run all its steps in
+        ``previous`` (one that stops early stays stopped on the device)."""
+        if self.config.decode_steps <= 1 or (self.waiting and self._free_slots):
+            return None
+        config, blocks = self.config, self.block_manager
+        live = [seq.status is SequenceStatus.RUNNING for seq in previous.decodes]
+        if sum(live) != len(self.running):
+            return None
+        ahead = [n if alive else 0 for n, alive in zip(previous.steps, live, strict=True)]
+        steps = [max(0, min(config.decode_steps, seq.params.max_tokens - len(seq.output_ids) - a,
+                            config.max_model_len - seq.num_tokens - a)) if alive else 0
+                 for seq, a, alive in zip(previous.decodes, ahead, live, strict=True)]
+        extra = sum(blocks.pages_needed(seq.num_computed + a + n) - len(seq.pages)
+                    for seq, a, n in zip(previous.decodes, ahead, steps, strict=True) if n)
+        if not any(steps) or extra > blocks.num_free:
+            return None
+        for seq, a, n in zip(previous.decodes, ahead, steps, strict=True):
+            if n:
+                blocks.append(seq, a + n)
+        return SchedulerOutput(list(previous.decodes), [], [], steps=steps, ahead=ahead)
+
+    def _schedule(self) -> SchedulerOutput:
         if not self.long_prompt_len:
             return self._schedule_mixed()
         order = (self._schedule_mixed, self._schedule_blocked) if self._last_blocked else (

@@ -15,24 +15,34 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxinfer.engine.batch import StepShape
+from jaxinfer.engine.batch import STOP_WIDTH, BurstInput, StepShape
 from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.model_runner import Chain
 from jaxinfer.engine.scheduler import SchedulerOutput
 
 
 def step_seconds(engine: Engine, shape: StepShape, repeats: int = 3) -> float:
     """Median time of one compiled step (forward and sampling) of ``shape`` on empty inputs (a step
-    costs what its padded shape costs)."""
+    costs what its padded shape costs); of a decode shape that runs as bursts, a full burst's time
+    per step."""
     runner = engine.runner
     forward, sampler = runner._executable(shape)
     batch = runner.builder.build(SchedulerOutput([], [], []), shape, impl=runner.impl, interpret=runner.interpret)
+    steps = runner.burst_steps if sampler is None else 1
+    if sampler is None:  # every row runs all steps (the pool is empty: what they write is never read)
+        rows = shape.num_decode
+        burst = BurstInput(budget=np.full(rows, steps, np.int32), stop_ids=np.full((rows, STOP_WIDTH), -1, np.int32))
+        chain = Chain(batch.tokens, np.ones(rows, bool))
     times = []
     for _ in range(repeats + 1):  # the first run is a warm-up
         start = time.perf_counter()
-        logits, runner.kv, runner.sampler = forward(runner.state, runner.kv, runner.sampler, batch)
-        results, runner.sampler = sampler(logits, runner.sampler, batch.sample)
+        if sampler is None:
+            results, runner.kv, runner.sampler = forward(runner.state, runner.kv, runner.sampler, batch, burst, chain)
+        else:
+            logits, runner.kv, runner.sampler = forward(runner.state, runner.kv, runner.sampler, batch)
+            results, runner.sampler = sampler(logits, runner.sampler, batch.sample)
         jax.block_until_ready(results)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / steps)
     return float(np.median(times[1:]))
 
 

@@ -113,3 +113,51 @@ def test_step_shapes_use_fine_kv_buckets_for_decode_only_steps():
     assert alone in shapes and mixed in shapes and len(shapes) == len(set(shapes))
     explicit = SchedulerConfig(kv_buckets=(64, 256)).resolve(256)
     assert explicit.decode_kv_buckets == (64, 256)  # given KV buckets are not refined behind the user's back
+
+
+def _decoding(scheduler, count, prompt_len=5, max_tokens=100):
+    """count requests admitted, prefilled and decoding (one output token each)."""
+    for i in range(count):
+        scheduler.add(Sequence(str(i), list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens)))
+    while scheduler.waiting or any(not s.is_decoding for s in scheduler.running):
+        _complete(scheduler, scheduler.schedule())
+    return scheduler.running
+
+
+def test_decode_only_steps_become_bursts_within_each_rows_budget():
+    scheduler = _scheduler(decode_steps=8, max_model_len=20)
+    short, long_ = _decoding(scheduler, 2, prompt_len=5)
+    short.params = SamplingParams(max_tokens=3)  # 1 of 3 tokens out: 2 more at most
+    out = scheduler.schedule()
+    assert out.burst and out.decodes == [short, long_]
+    # long: the context limit (20) allows 20 - 6 = 14 more, decode_steps caps at 8
+    assert out.steps == [2, 8]
+    # each row holds pages for every token its burst may write: positions 5 .. 5 + steps - 1
+    assert len(short.pages) == 2 and len(long_.pages) == 4
+
+
+def test_no_burst_while_a_waiting_request_could_be_admitted():
+    scheduler = _scheduler(decode_steps=8)
+    _decoding(scheduler, 2)
+    scheduler.add(Sequence("new", [5, 6], SamplingParams()))  # a slot is free: admitted next step
+    out = scheduler.schedule()
+    assert not out.burst and [c.seq.request_id for c in out.prefills] == ["new"]
+
+    full = _scheduler(decode_steps=8, max_num_seqs=2)
+    _decoding(full, 2)
+    full.add(Sequence("late", [5, 6], SamplingParams()))  # no free slot until a running request ends
+    assert full.schedule().burst
+
+
+def test_no_burst_when_its_pages_are_not_free():
+    scheduler = _scheduler(num_pages=5, decode_steps=8)
+    first, second = _decoding(scheduler, 2)  # 2 pages each; 8 steps would need 2 more each, 1 is free
+    out = scheduler.schedule()
+    assert not out.burst and out.decodes == [first, second] and out.steps == []
+    assert scheduler.block_manager.num_free == 1
+
+
+def test_decode_steps_one_never_bursts():
+    scheduler = _scheduler(decode_steps=1)
+    _decoding(scheduler, 2)
+    assert not scheduler.schedule().burst

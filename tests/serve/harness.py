@@ -24,8 +24,10 @@ from tests.loader import tiny_files
 from tests.models import numpy_llama
 
 MAX_MODEL_LEN = 256
+# bursts of 2 decode steps: the tiny model decodes so fast that with 4-token pages longer bursts finish
+# requests before the live migrations of the cluster tests (a page of pre-copy per round) catch them
 SCHEDULER = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_prefill_seqs=4, decode_buckets=(8,),
-                            prefill_buckets=(32,), kv_buckets=(64, 256))
+                            prefill_buckets=(32,), kv_buckets=(64, 256), decode_steps=2)
 ENGINE = EngineConfig(cache=CacheConfig(page_size=4, num_pages=512), scheduler=SCHEDULER, max_logprobs=5)
 CONFIG_TOML = """
 [cache]
@@ -38,6 +40,7 @@ max_prefill_seqs = 4
 decode_buckets = [8]
 prefill_buckets = [32]
 kv_buckets = [64, 256]
+decode_steps = 2
 [engine]
 max_logprobs = 5
 """

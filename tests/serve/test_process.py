@@ -62,7 +62,9 @@ def free_port() -> int:
 
 def test_sigint_with_short_drain_cancels_and_exits_zero(tiny_gguf, tmp_path):
     profiler_port = free_port()
-    proc = ServeProcess(tiny_gguf, tmp_path, "--drain-timeout", "0.2", "--profiler-port", str(profiler_port))
+    # one decode step per call: in bursts the tiny model writes its 250 tokens before the drain times out
+    proc = ServeProcess(tiny_gguf, tmp_path, "--drain-timeout", "0.2", "--profiler-port", str(profiler_port),
+                        "--decode-steps", "1")
     try:
         with socket.create_connection(("127.0.0.1", profiler_port), timeout=5):
             pass  # jax.profiler's server listens for live XProf captures

@@ -4,6 +4,7 @@ of a single engine while the router hands requests over between stages; Stats, /
 Admin stage ranges."""
 
 import asyncio
+import dataclasses
 import json
 
 import grpc
@@ -33,8 +34,11 @@ def cost_model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster_server(tiny_gguf, cost_model_path):
-    server = harness.ServerThread(tiny_gguf, cluster=ClusterConfig(replicas="4", router="cascade",
-                                                                    cost_model=cost_model_path))
+    # one decode step per call: with bursts the tiny model finishes a request within one or two of the
+    # router's 20 ms looks, and this test needs requests handed over while they decode
+    engine = dataclasses.replace(harness.ENGINE, scheduler=dataclasses.replace(harness.SCHEDULER, decode_steps=1))
+    server = harness.ServerThread(tiny_gguf, engine, cluster=ClusterConfig(replicas="4", router="cascade",
+                                                                            cost_model=cost_model_path))
     yield server
     server.stop()
 

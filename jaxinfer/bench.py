@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=0, help="context limit (0 = the model's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="token budget per step")
     parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--decode-steps", type=int, default=SchedulerConfig.decode_steps,
+    parser.add_argument("--decode-steps", type=int, default=SchedulerConfig().decode_steps,
                         help="decode steps per device call while only decodes run")
     parser.add_argument("--kv-memory-gib", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=512, help="prompt tokens per request")
     parser.add_argument("--steps", type=int, default=16, help="decode steps to trace (at least)")
-    parser.add_argument("--decode-steps", type=int, default=SchedulerConfig.decode_steps,
+    parser.add_argument("--decode-steps", type=int, default=SchedulerConfig().decode_steps,
                         help="decode steps per device call (1: one call per step)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--json")

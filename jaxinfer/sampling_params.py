@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
@@ -31,7 +32,9 @@ class SamplingParams:
     repetition_penalty: float = dataclasses.field(default=1.0, metadata={"help": "> 1 discourages seen tokens"})
     presence_penalty: float = dataclasses.field(default=0.0, metadata={"help": "in [-2, 2], per generated token"})
     frequency_penalty: float = dataclasses.field(default=0.0, metadata={"help": "in [-2, 2], per occurrence"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "sampling seed (reproducible per request)"})
+    seed: int | None = dataclasses.field(default=None, metadata={
+        "help": "sampling seed: the same seed gives the same tokens (default: a fresh random seed per request)",
+        "type": int})
     max_tokens: int = dataclasses.field(default=256, metadata={"help": "new tokens at most"})
     ignore_eos: bool = dataclasses.field(default=False, metadata={"help": "keep going past end-of-sequence"})
     stop: tuple[str, ...] = dataclasses.field(
@@ -60,7 +63,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
         if not _integer(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _integer(self.seed) or not 0 <= self.seed < 2**63:
+        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         for name in ("ignore_eos", "sparse_prefill"):
             if not isinstance(getattr(self, name), bool):
@@ -69,6 +72,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
         if self.logprobs is not None and (not _integer(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+
+    def seeded(self) -> SamplingParams:
+        """These parameters with a seed: their own, or a fresh random one (drawn once per request, so
+        that preemption, migration and speculation replay the same draws)."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbits(63))
 
     @property
     def greedy(self) -> bool:

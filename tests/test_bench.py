@@ -1,6 +1,8 @@
 """jaxinfer.bench's accounting on a tiny engine: decode tokens of bursts, and defaults that follow the
 engine's (no model download)."""
 
+import pytest
+
 from jaxinfer import bench
 from jaxinfer.config import SchedulerConfig
 from jaxinfer.sampling_params import SamplingParams
@@ -19,3 +21,24 @@ def test_run_counts_every_token_decoded_in_bursts():
     assert stats.decode_tokens == 18  # all but each request's first token, which its prefill step samples
     assert stats.decode_seconds > 0
     assert engine.metrics().num_steps >= 9  # decode steps inside bursts count as steps
+
+
+class FakeTokenizer:
+    vocab_size = 1000
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def test_without_the_shared_folder_prompts_are_synthetic_and_the_trace_is_asked_for(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "TEXT_DIR", tmp_path / "missing")
+    tokens = bench.text_tokens(FakeTokenizer())
+    assert len(tokens) == bench.SYNTHETIC_TOKENS and 256 <= min(tokens) and max(tokens) < 1000
+    assert tokens == bench.text_tokens(FakeTokenizer())  # the same prompts every run
+    (tmp_path / "essays").mkdir()
+    (tmp_path / "essays" / "a.txt").write_text("abc")
+    monkeypatch.setattr(bench, "TEXT_DIR", tmp_path / "essays")
+    assert bench.text_tokens(FakeTokenizer()) == [97, 98, 99]
+    monkeypatch.setattr(bench, "AZURE_TRACE", tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="Azure trace"):
+        bench.main(["throughput", "--dataset", "azure"])

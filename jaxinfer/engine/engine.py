@@ -188,6 +188,7 @@ class Engine:
                     arrival_time: float | None = None) -> str:
         """Validate and queue a request (raises ValueError, or QueueFullError when the queue is full)."""
         ids = self.validate(prompt, params)
+        params = params.seeded()
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")

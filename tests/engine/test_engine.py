@@ -81,6 +81,15 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(base):
     assert other_seed != alone[0]
 
 
+def test_a_request_without_a_seed_gets_a_fresh_random_one(base):
+    unseeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    first, second = base.generate([PROMPTS[2]] * 2, unseeded)
+    assert first.output_ids != second.output_ids
+    seeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=4)
+    first, second = base.generate([PROMPTS[2]] * 2, seeded)
+    assert first.output_ids == second.output_ids
+
+
 def test_penalties_follow_each_request_through_batching_and_preemption(alone):
     params = SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=1.0,
                             presence_penalty=0.5)

@@ -47,6 +47,15 @@ def test_seeded_sampling_and_token_prompts_equal_offline(client, offline):
     assert got.choices[0].text == want.text
 
 
+def test_unseeded_sampled_requests_differ_and_seeded_ones_match(client):
+    # a high temperature: the tiny random model is so peaked that at 1.0 every seed writes "tttt..."
+    def sample(**seed):
+        return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=20.0,
+                                         extra_body={"ignore_eos": True}, **seed).choices[0].text
+    assert sample() != sample()
+    assert sample(seed=7) == sample(seed=7)
+
+
 def test_batched_prompts_keep_their_order(client, offline):
     prompts = ["one two", "three four five", "six"]
     got = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0,

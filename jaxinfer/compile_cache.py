@@ -13,13 +13,15 @@ logger = logging.getLogger(__name__)
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
-    """Cache compiled executables under ``directory`` (default $JAXINFER_CACHE/xla, where
-    JAXINFER_CACHE defaults to ~/.cache/jaxinfer). JAXINFER_COMPILATION_CACHE=0 turns it off.
+    """Cache compiled executables under ``directory`` (default $JAXINFER_XLA_CACHE, else
+    $JAXINFER_CACHE/xla, where JAXINFER_CACHE defaults to ~/.cache/jaxinfer).
+    JAXINFER_COMPILATION_CACHE=0 turns it off.
     This is process-wide jax configuration, so only entry points (CLIs, LLM) call it."""
     if os.environ.get("JAXINFER_COMPILATION_CACHE", "1") == "0":
         return None
     if directory is None:
-        directory = Path(os.environ.get("JAXINFER_CACHE", Path.home() / ".cache" / "jaxinfer")) / "xla"
+        directory = os.environ.get("JAXINFER_XLA_CACHE") or \
+            Path(os.environ.get("JAXINFER_CACHE", Path.home() / ".cache" / "jaxinfer")) / "xla"
     path = Path(directory)
     try:
         path.mkdir(parents=True, exist_ok=True)

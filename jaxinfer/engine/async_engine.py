@@ -146,6 +146,7 @@ class AsyncEngine:
         self._stopping.set()
         self._commands.put(("wake", None, None))
         self._thread.join(timeout)
+        self.engine.close()
 
     # -- loop thread ----------------------------------------------------------------------------
 

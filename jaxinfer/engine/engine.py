@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -18,7 +19,7 @@ import jax
 from flax import nnx
 
 from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.engine.batch import StepShape, step_shape
+from jaxinfer.engine.batch import StepShape, all_step_shapes, step_shape
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.engine.migration import MigrationPort
@@ -141,9 +142,31 @@ class Engine:
         self._inflight: _Burst | None = None  # a burst dispatched, not yet collected
         self._pending: list[RequestOutput] = []  # outputs of a settled burst, returned by the next step
         self._collected = 0.0  # when the latest step's results came back
+        self._compiler: threading.Thread | None = None  # a background warm-up
+        self._stop_compiling = threading.Event()
 
-    def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
-        self.runner.warm_up(progress)
+    def warm_up(self, progress: Callable[[int, int], None] | None = None, background: bool = False,
+                on_done: Callable[[int, float], None] | None = None) -> threading.Thread | None:
+        """Compile every step shape. background: compile only the largest shape of each kind now (any
+        step fits one of them, padded) and the rest on a thread, returned (on_done(shapes, seconds)
+        when it ends); until a step's own shape is compiled, the step runs padded to the smallest
+        compiled shape that holds it, so nothing compiles on the request path either way.
+        Speculation's shapes always compile before this returns."""
+        thread = None
+        if background:
+            largest = self.runner.largest_shapes()
+            self.runner.warm_up(progress, largest)
+            rest = [s for s in all_step_shapes(self.scheduler_config, self.sparse_prefill) if s not in largest]
+
+            def compile_rest() -> None:
+                start = time.perf_counter()
+                self.runner.warm_up(shapes=rest, stop=self._stop_compiling)
+                if on_done is not None and not self._stop_compiling.is_set():
+                    on_done(len(rest), time.perf_counter() - start)
+            thread = self._compiler = threading.Thread(target=compile_rest, name="jaxinfer-compile")
+            thread.start()
+        else:
+            self.runner.warm_up(progress)
         if self.spec is not None:
             shapes = self.spec.shapes()
             for done, shape in enumerate(shapes, 1):
@@ -152,6 +175,19 @@ class Engine:
                 compile_shape(shape)
                 if progress is not None:
                     progress(done, len(shapes))
+        return thread
+
+    def close(self) -> None:
+        """Stop a background warm-up after the shape it is compiling (a process must not exit while
+        XLA compiles on another thread)."""
+        self._stop_compiling.set()
+        if self._compiler is not None:
+            self._compiler.join()
+
+    def _shape(self, out: SchedulerOutput, exact: bool = False) -> StepShape:
+        """The bucketed shape of a scheduled step; unless exact, the compiled shape it runs as."""
+        shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
+        return shape if exact else self.runner.covering(shape) or shape
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -239,14 +275,16 @@ class Engine:
                 return outputs
             if not out.burst:
                 return outputs + self._step(out, start)
-            shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
+            shape = self._shape(out)
             self._inflight = _Burst(out, shape, self.runner.dispatch_burst(out, shape), start)
         current = self._inflight
         with jax.profiler.TraceAnnotation("schedule"):
             out = self.scheduler.chain_burst(current.out)
         self._inflight = None
-        if out is not None:
-            shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
+        # the chained burst takes the rows of the one before: a compiled shape with as many
+        # (none yet, during a background warm-up: the chain ends; its pages stay with the rows)
+        shape = out and self.runner.covering(self._shape(out, exact=True), rows=current.shape.num_decode)
+        if shape:
             self._inflight = _Burst(out, shape, self.runner.dispatch_burst(out, shape, after=current.handle),
                                     time.perf_counter())
         return outputs + self._collect(current)
@@ -288,7 +326,7 @@ class Engine:
         outputs = self._speculate(out.decodes) if speculate else None
         if outputs is None:
             speculate = False
-            shape = step_shape(out, self.scheduler_config, self.sparse_prefill.unisparse.block_size)
+            shape = self._shape(out)
             result = self.runner.execute(out, shape)
             with jax.profiler.TraceAnnotation("detokenize"):
                 outputs = self._postprocess(out, result, shape.num_decode)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -173,6 +174,28 @@ def _decode_burst(graphdef, num_top: int, max_steps: int, state, kv: KVPages, sa
     return ((*outputs, counts), Chain(tokens, alive)), kv, sampler
 
 
+def _kind(shape: StepShape) -> tuple[bool, bool, bool]:
+    return shape.num_decode > 0, shape.num_prefill_tokens > 0, shape.blocked
+
+
+def _dominates(big: StepShape, small: StepShape) -> bool:
+    return (big.num_decode >= small.num_decode and big.decode_kv_tokens >= small.decode_kv_tokens
+            and big.num_prefill_tokens >= small.num_prefill_tokens and big.prefill_kv_tokens >= small.prefill_kv_tokens)
+
+
+def _size(shape: StepShape) -> int:
+    """A step's work, roughly: what padding a smaller step up to it costs."""
+    return shape.num_decode * shape.decode_kv_tokens + shape.num_prefill_tokens * max(shape.prefill_kv_tokens, 1)
+
+
+def _abstract(leaf):
+    """An array's shape and dtype, and its sharding if it is committed to one (a step's inputs are not:
+    they follow the weights onto a replica group's devices)."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding if leaf.committed else None)
+    return leaf
+
+
 class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, scheduler_config: SchedulerConfig,
                  num_pages: int, page_size: int, *, attention_impl: str = "auto", max_logprobs: int = 20,
@@ -222,13 +245,36 @@ class ModelRunner:
         self.compile_seconds = 0.0
         self.last_shape: StepShape | None = None
 
-    def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Compile every step shape the scheduler can produce."""
-        shapes = all_step_shapes(self.scheduler_config, self.sparse_prefill)
+    def warm_up(self, progress: Callable[[int, int], None] | None = None,
+                shapes: list[StepShape] | None = None, stop: threading.Event | None = None) -> None:
+        """Compile every step shape the scheduler can produce (or ``shapes``; until ``stop`` is set)."""
+        shapes = all_step_shapes(self.scheduler_config, self.sparse_prefill) if shapes is None else shapes
         for done, shape in enumerate(shapes, 1):
+            if stop is not None and stop.is_set():
+                return
             self._executable(shape)
             if progress is not None:
                 progress(done, len(shapes))
+
+    def largest_shapes(self) -> list[StepShape]:
+        """The largest step shape of each kind (decode only, prompt only, mixed, blocked): with these
+        compiled every step can run, padded to one of them."""
+        largest: dict[tuple, StepShape] = {}
+        for shape in all_step_shapes(self.scheduler_config, self.sparse_prefill):
+            kind = _kind(shape)
+            if kind not in largest or _dominates(shape, largest[kind]):
+                largest[kind] = shape
+        return list(largest.values())
+
+    def covering(self, shape: StepShape, rows: int | None = None) -> StepShape | None:
+        """The compiled shape a step of ``shape`` runs as: the shape itself once compiled, else (while
+        the rest compiles in the background) the smallest compiled shape of its kind that holds it;
+        rows: only shapes with exactly that many decode rows. None: no such shape is compiled."""
+        if shape in self._executables and rows in (None, shape.num_decode):
+            return shape
+        compiled = [key for key in list(self._executables) if isinstance(key, StepShape)
+                    and _kind(key) == _kind(shape) and _dominates(key, shape) and rows in (None, key.num_decode)]
+        return min(compiled, key=_size, default=None)
 
     def _executable(self, shape: StepShape) -> tuple[Callable, Callable | None]:
         """The compiled forward step of this shape and the compiled sampler of its row count; for a
@@ -244,13 +290,13 @@ class ModelRunner:
                                            chain)
             return executable, None
         forward = self._executables.get(shape)
-        if forward is None:
+        if forward is None:  # the sampler first: a compiled forward step always finds its sampler
             example = self.builder.build(SchedulerOutput([], [], []), shape, impl=self.impl, interpret=self.interpret)
-            forward = self._compile(shape, self._forward, self.state, self.kv, self.sampler, example)
             rows = self.builder.num_rows(shape)
             if rows not in self._executables:
                 logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
                 self._compile(rows, self._sample, logits, self.sampler, example.sample)
+            forward = self._compile(shape, self._forward, self.state, self.kv, self.sampler, example)
         return forward, self._executables[self.builder.num_rows(shape)]
 
     def _flat(self, function: Callable) -> Callable:
@@ -264,8 +310,10 @@ class ModelRunner:
         return self.burst_steps > 1 and shape.num_decode > 0 and not shape.num_prefill_tokens
 
     def _compile(self, key, function, *args) -> Callable:
+        """Compile function for these arguments' shapes (only their shapes, dtypes and shardings are
+        read: a compile on a background thread never touches arrays the engine donates meanwhile)."""
         start = time.perf_counter()
-        executable = function.lower(*args).compile()
+        executable = function.lower(*jax.tree.map(_abstract, args)).compile()
         self._executables[key] = executable
         self.num_compiles += 1
         self.compile_seconds += time.perf_counter() - start

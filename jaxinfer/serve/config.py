@@ -93,6 +93,9 @@ class ServeConfig:
         "help": "prompts one /v1/completions request may batch"})
     warm_up: bool = dataclasses.field(default=True, metadata={
         "help": "compile every step shape before serving (otherwise on first use)"})
+    background_compile: bool = dataclasses.field(default=True, metadata={
+        "help": "with warm_up: compile the largest step shape of each kind before serving and the rest while "
+                "serving (steps run padded to a compiled shape meanwhile)"})
     cluster: ClusterConfig = ClusterConfig()  # flags and the [cluster] table
 
     def __post_init__(self) -> None:

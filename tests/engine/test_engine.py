@@ -2,6 +2,7 @@
 sampling reproducibility, stops, logprobs, validation and the compile budget."""
 
 import random
+import threading
 
 import jax
 import numpy as np
@@ -200,3 +201,47 @@ def test_metrics_snapshot(base):
     assert metrics.last_step_tokens == 3 and metrics.last_step_seconds > 0
     while base.has_unfinished:
         base.step()
+
+
+def test_background_warm_up_serves_at_once_on_padded_shapes_and_never_compiles_on_the_request_path(alone):
+    eng = tiny_engine.engine(decode_buckets=(1, 2, 4), prefill_buckets=(8, 16), kv_buckets=(16, 64))
+    compiled_on = []
+    compile_ = eng.runner._compile
+
+    def record(key, *args):
+        compiled_on.append(threading.current_thread().name)
+        return compile_(key, *args)
+    eng.runner._compile = record
+    gate = threading.Event()
+    warm_up_rest = eng.runner.warm_up
+
+    def held_back(progress=None, shapes=None, stop=None):  # the background part waits for the requests
+        if threading.current_thread().name == "jaxinfer-compile":
+            gate.wait(60)
+        warm_up_rest(progress, shapes, stop)
+    eng.runner.warm_up = held_back
+    thread = eng.warm_up(background=True)
+    assert len(eng.runner.largest_shapes()) == 3  # decode, prompt, mixed
+    results = []
+    worker = threading.Thread(target=lambda: results.extend(eng.generate(PROMPTS, GREEDY)), name="requests")
+    worker.start()
+    worker.join(120)
+    gate.set()
+    thread.join(120)
+    assert [r.output_ids for r in results] == alone  # padded shapes give the very same tokens
+    assert "requests" not in compiled_on and "jaxinfer-compile" in compiled_on
+    full = tiny_engine.engine(decode_buckets=(1, 2, 4), prefill_buckets=(8, 16), kv_buckets=(16, 64))
+    full.warm_up()
+    assert eng.runner.num_compiles == full.runner.num_compiles  # then every shape is compiled once
+    tiny_engine.assert_no_leaks(eng)
+
+
+def test_close_stops_a_background_warm_up_after_the_shape_it_compiles():
+    eng = tiny_engine.engine(decode_buckets=(1, 2, 4), prefill_buckets=(8, 16), kv_buckets=(16, 64))
+    thread = eng.warm_up(background=True)
+    compiled = eng.runner.num_compiles
+    eng.close()
+    assert not thread.is_alive()
+    # at most the shape (and its sampler) being compiled when close came
+    assert eng.runner.num_compiles <= compiled + 2
+    assert eng.generate([[5, 6, 7]], GREEDY)[0].finish_reason == "length"  # still serves, padded

@@ -142,16 +142,9 @@ class Scheduler:
         gets the pages for that now. Not enough free pages: an ordinary step."""
         if self.waiting and self._free_slots:
             return
-        config, blocks = self.config, self.block_manager
-        steps = [min(config.decode_steps, seq.params.max_tokens - len(seq.output_ids),
-                     config.max_model_len - seq.num_tokens) for seq in out.decodes]
-        extra = sum(blocks.pages_needed(seq.num_computed + n) - len(seq.pages)
-                    for seq, n in zip(out.decodes, steps, strict=True))
-        if max(steps) <= 1 or extra > blocks.num_free:
-            return
-        for seq, n in zip(out.decodes, steps, strict=True):
-            blocks.append(seq, n)
-        out.steps = steps
+        steps = [self._burst_steps(seq) for seq in out.decodes]
+        if max(steps) > 1 and self._reserve(out.decodes, [0] * len(steps), steps):
+            out.steps = steps
 
     def chain_burst(self, previous: SchedulerOutput) -> SchedulerOutput | None:
         """The burst that continues ``previous``, a burst still running on the device whose tokens the
@@ -161,22 +154,32 @@ class Scheduler:
         ``previous`` (one that stops early stays stopped on the device)."""
         if self.config.decode_steps <= 1 or (self.waiting and self._free_slots):
             return None
-        config, blocks = self.config, self.block_manager
         live = [seq.status is SequenceStatus.RUNNING for seq in previous.decodes]
         if sum(live) != len(self.running):
             return None
         ahead = [n if alive else 0 for n, alive in zip(previous.steps, live, strict=True)]
-        steps = [max(0, min(config.decode_steps, seq.params.max_tokens - len(seq.output_ids) - a,
-                            config.max_model_len - seq.num_tokens - a)) if alive else 0
+        steps = [self._burst_steps(seq, a) if alive else 0
                  for seq, a, alive in zip(previous.decodes, ahead, live, strict=True)]
-        extra = sum(blocks.pages_needed(seq.num_computed + a + n) - len(seq.pages)
-                    for seq, a, n in zip(previous.decodes, ahead, steps, strict=True) if n)
-        if not any(steps) or extra > blocks.num_free:
+        if not any(steps) or not self._reserve(previous.decodes, ahead, steps):
             return None
-        for seq, a, n in zip(previous.decodes, ahead, steps, strict=True):
-            if n:
-                blocks.append(seq, a + n)
         return SchedulerOutput(list(previous.decodes), [], [], steps=steps, ahead=ahead)
+
+    def _burst_steps(self, seq: Sequence, ahead: int = 0) -> int:
+        """Steps a decoding row may run in a burst once ``ahead`` more tokens are in: up to decode_steps,
+        within max_tokens and the context limit."""
+        config = self.config
+        return max(0, min(config.decode_steps, seq.params.max_tokens - len(seq.output_ids) - ahead,
+                          config.max_model_len - seq.num_tokens - ahead))
+
+    def _reserve(self, seqs: list[Sequence], ahead: list[int], steps: list[int]) -> bool:
+        """Give each row with steps the pages for its ``ahead + steps`` next tokens, if all are free."""
+        blocks = self.block_manager
+        rows = [(seq, a, n) for seq, a, n in zip(seqs, ahead, steps, strict=True) if n]
+        if sum(blocks.pages_needed(seq.num_computed + a + n) - len(seq.pages) for seq, a, n in rows) > blocks.num_free:
+            return False
+        for seq, a, n in rows:
+            blocks.append(seq, a + n)
+        return True
 
     def _schedule(self) -> SchedulerOutput:
         if not self.long_prompt_len:

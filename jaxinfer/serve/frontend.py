@@ -48,13 +48,18 @@ def invalid(message: str) -> RequestError:
 
 
 class Frontend:
-    def __init__(self, engine: AsyncEngine | Cluster, model_name: str, drain_timeout: float = 30.0):
-        self.engine = engine
+    """Built when the server starts listening, before the engine exists: until ``attach`` every request
+    is refused as UNAVAILABLE with ``warming`` (what the server is doing: loading, compiling) in the
+    message, so clients and health checks get an answer during warm-up instead of a refused connection."""
+
+    def __init__(self, model_name: str, drain_timeout: float = 30.0):
+        self.engine: AsyncEngine | Cluster | None = None
         self.drain_timeout = drain_timeout
-        self.tokenizer = engine.engine.tokenizer
         self.model_name = model_name
-        self.max_model_len = engine.engine.scheduler_config.max_model_len
-        self.vocab_size = engine.engine.model_config.vocab_size
+        self.tokenizer = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self.warming = "starting"
         self.draining = False
         self.started = time.monotonic()
         self._in_flight: dict[str, str] = {}  # request id -> api
@@ -62,11 +67,40 @@ class Frontend:
         self._idle.set()
         self.metrics = ServingMetrics(self.engine_metrics, lambda: self.num_in_flight, lambda: self.cluster)
 
+    def attach(self, engine: AsyncEngine | Cluster) -> None:
+        """Serve ``engine`` (loaded and warmed up) from now on."""
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.scheduler_config.max_model_len
+        self.vocab_size = engine.engine.model_config.vocab_size
+        self.engine = engine
+
     # -- requests -------------------------------------------------------------------------------
 
     @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    @property
+    def alive(self) -> bool:
+        """Warmed up and the engine loop running."""
+        return self.ready and self.engine.alive
+
+    @property
     def accepting(self) -> bool:
-        return not self.draining and self.engine.alive
+        return not self.draining and self.alive
+
+    def unavailable(self) -> RequestError:
+        """Why requests are refused now (warming up, draining or a dead engine)."""
+        if not self.ready:
+            return RequestError(ErrorKind.UNAVAILABLE, f"server is warming up ({self.warming}); retry shortly")
+        if self.draining:
+            return RequestError(ErrorKind.UNAVAILABLE, "server is draining; retry elsewhere")
+        return RequestError(ErrorKind.UNAVAILABLE, "engine is not running")
+
+    def require_ready(self) -> None:
+        """Raise UNAVAILABLE while warming up (the tokenizer and the engine do not exist yet)."""
+        if not self.ready:
+            raise self.unavailable()
 
     @property
     def num_in_flight(self) -> int:
@@ -76,8 +110,8 @@ class Frontend:
     def uptime_seconds(self) -> float:
         return time.monotonic() - self.started
 
-    def engine_metrics(self) -> EngineMetrics:
-        return self.engine.metrics
+    def engine_metrics(self) -> EngineMetrics | None:
+        return self.engine.metrics if self.ready else None
 
     @property
     def cluster(self) -> Cluster | None:
@@ -95,6 +129,7 @@ class Frontend:
         return error
 
     async def encode_chat(self, messages: Seq[Mapping[str, Any]]) -> list[int]:
+        self.require_ready()
         if not messages:
             raise invalid("messages must not be empty")
         try:
@@ -105,9 +140,11 @@ class Frontend:
             raise invalid(f"messages do not fit the chat template: {type(exc).__name__}: {exc}") from None
 
     async def encode(self, text: str) -> list[int]:
+        self.require_ready()
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
     def decode(self, ids: Seq[int], skip_special_tokens: bool = True) -> str:
+        self.require_ready()
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise invalid(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
@@ -117,10 +154,8 @@ class Frontend:
                      request_id: str | None = None) -> Submission:
         """Admit one request (raises RequestError when refused); iterate ``outputs()`` for its results."""
         received = time.perf_counter()
-        if self.draining:
-            raise self.refuse(api, RequestError(ErrorKind.UNAVAILABLE, "server is draining; retry elsewhere"))
-        if not self.engine.alive:
-            raise self.refuse(api, RequestError(ErrorKind.UNAVAILABLE, "engine is not running"))
+        if not self.accepting:
+            raise self.refuse(api, self.unavailable())
         if isinstance(prompt, str):  # tokenized here, off the engine thread; the engine validates the ids
             prompt = await self.encode(prompt)
         request_id = request_id or f"{api}-{uuid.uuid4().hex}"  # never collides with a client-chosen id

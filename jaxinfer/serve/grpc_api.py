@@ -179,6 +179,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         frontend = self.frontend
+        if not frontend.ready:
+            await _abort(context, frontend.unavailable())
         total = engine_stats(frontend.engine_metrics())
         cluster = frontend.cluster
         if cluster is None:
@@ -219,6 +221,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.DrainResponse(finished=finished, cancelled=cancelled, remaining=remaining)
 
     async def SetStageRanges(self, request: pb.SetStageRangesRequest, context) -> pb.SetStageRangesResponse:
+        if not self.frontend.ready:
+            await _abort(context, self.frontend.unavailable())
         cluster = self.frontend.cluster
         if cluster is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -232,10 +236,12 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.SetStageRangesResponse(replica_groups=replica_groups(cluster))
 
     async def Resume(self, request: pb.ResumeRequest, context) -> pb.ResumeResponse:
-        if not self.frontend.engine.alive:
+        frontend = self.frontend
+        if frontend.ready and not frontend.engine.alive:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is not running")
-        self.frontend.resume()
-        await self.set_serving(True)
+        frontend.resume()
+        if frontend.ready:  # while warming up, health turns SERVING when the engine is ready
+            await self.set_serving(True)
         return pb.ResumeResponse()
 
 
@@ -271,7 +277,7 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
                 yield js.DecodeResponse(stream_content=js.DecodeResponse.StreamContent(samples=[sample]))
 
     async def HealthCheck(self, request: js.HealthCheckRequest, context) -> js.HealthCheckResponse:
-        return js.HealthCheckResponse(is_live=self.frontend.engine.alive)
+        return js.HealthCheckResponse(is_live=self.frontend.accepting)
 
 
 class _Undecodable:
@@ -339,8 +345,9 @@ class GrpcServer:
             raise OSError(f"cannot bind gRPC to {address}")
 
     async def start(self) -> None:
+        """Listen, with health NOT_SERVING until ``set_serving(True)`` (the server is warming up)."""
+        await self.set_serving(False)
         await self.server.start()
-        await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

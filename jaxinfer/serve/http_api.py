@@ -62,6 +62,7 @@ class HttpApi:
     # -- simple endpoints -----------------------------------------------------------------------
 
     async def models(self) -> dict[str, Any]:
+        self.frontend.require_ready()
         return {"object": "list", "data": [{"id": self.frontend.model_name, "object": "model", "created": self.created,
                                             "owned_by": "jaxinfer", "max_model_len": self.frontend.max_model_len}]}
 
@@ -69,8 +70,7 @@ class HttpApi:
         frontend = self.frontend
         if frontend.accepting:
             return JSONResponse({"status": "ok"})
-        reason = "draining" if frontend.draining else "engine is not running"
-        return error_response(RequestError(ErrorKind.UNAVAILABLE, reason))
+        return error_response(frontend.unavailable())
 
     async def metrics(self) -> Response:
         return Response(self.frontend.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -21,9 +21,10 @@ THROUGHPUT_WINDOW_S = 10.0
 class ServingMetrics:
     """Counters and histograms per API; ``status`` is a finish reason or an error kind."""
 
-    def __init__(self, engine_metrics: Callable[[], EngineMetrics], in_flight: Callable[[], int],
+    def __init__(self, engine_metrics: Callable[[], EngineMetrics | None], in_flight: Callable[[], int],
                  cluster: Callable[[], object] = lambda: None):
-        """cluster: returns the Cluster of replica groups (None with one engine)."""
+        """engine_metrics: the engine's snapshot, None while the server warms up; cluster: returns the
+        Cluster of replica groups (None with one engine)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("jaxinfer_requests", "Requests by API and final status", ("api", "status"),
                                 registry=self.registry)
@@ -49,7 +50,7 @@ class _EngineCollector(Collector):
     """Gauges and token counters from the engine's latest metrics snapshot, plus tokens/s over the
     last ``THROUGHPUT_WINDOW_S`` seconds of samples."""
 
-    def __init__(self, engine_metrics: Callable[[], EngineMetrics], in_flight: Callable[[], int]):
+    def __init__(self, engine_metrics: Callable[[], EngineMetrics | None], in_flight: Callable[[], int]):
         self._engine_metrics = engine_metrics
         self._in_flight = in_flight
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque()
@@ -59,6 +60,10 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         m = self._engine_metrics()
+        yield GaugeMetricFamily("jaxinfer_engine_ready", "1 once the model is loaded and compiled, 0 while warming up",
+                                value=float(m is not None))
+        if m is None:
+            return
         gauges = {
             "jaxinfer_requests_running": ("Requests being generated", m.num_running),
             "jaxinfer_requests_waiting": ("Requests queued for admission (queue depth)", m.num_waiting),
@@ -92,6 +97,8 @@ class _EngineCollector(Collector):
 
     def sample(self) -> None:
         m = self._engine_metrics()
+        if m is None:
+            return
         now = time.monotonic()
         self._samples.append((now, m.prompt_tokens_total, m.generated_tokens_total))
         while len(self._samples) > 2 and now - self._samples[1][0] >= THROUGHPUT_WINDOW_S:

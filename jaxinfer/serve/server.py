@@ -108,45 +108,70 @@ class Server:
         self._watcher: asyncio.Task | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self.listening = asyncio.Event()
 
     @property
     def grpc_port(self) -> int:
         return self.grpc.port if self.grpc else 0
 
     async def start(self) -> None:
-        config, say = self.config, self._progress
-        http_socket = _bind(config.host, config.http_port, "HTTP")  # fail before minutes of warm-up
+        """Listen at once (health NOT_SERVING, requests refused as warming up), then load and warm up
+        the engines on a thread and serve; returns when serving. ``listening`` is set once the ports
+        answer."""
+        config = self.config
+        http_socket = _bind(config.host, config.http_port, "HTTP")
         if config.grpc_port:
             _bind(config.host, config.grpc_port, "gRPC").close()
+        self.frontend = Frontend(config.model_name, config.drain_timeout)
         try:
-            if config.profiler_port:
-                jax.profiler.start_server(config.profiler_port)
-                say(f"jax profiler server on port {config.profiler_port} (XProf: capture from localhost:"
-                    f"{config.profiler_port})")
-            engines = await asyncio.to_thread(self._build_engines)
-            self.async_engine = self._front(engines)
-            self.frontend = Frontend(self.async_engine, config.model_name, config.drain_timeout)
             self.grpc = GrpcServer(self.frontend, TraceCapture(), config.host, config.grpc_port,
                                    config.max_request_bytes)
             await self.grpc.start()
+            await self._start_http(http_socket)
         except BaseException:
             http_socket.close()
+            if self.grpc is not None:
+                await self.grpc.stop(0)
+            raise
+        self.listening.set()
+        self._progress(f"listening while warming up: gRPC {config.host}:{self.grpc_port} | "
+                       f"HTTP http://{config.host}:{self.http_port} (health: NOT_SERVING / 503 until ready)")
+        try:
+            if config.profiler_port:
+                jax.profiler.start_server(config.profiler_port)
+                self._progress(f"jax profiler server on port {config.profiler_port} (XProf: capture from "
+                               f"localhost:{config.profiler_port})")
+            engines = await asyncio.to_thread(self._build_engines)
+            self.async_engine = self._front(engines)
+        except BaseException:
+            await self._close_listeners()
             if self.async_engine is not None:
                 self.async_engine.shutdown()
             raise
-        api = HttpApi(self.frontend, config.max_request_bytes, config.max_prompts_per_request)
+        self.frontend.attach(self.async_engine)
+        if self.frontend.accepting:  # a Drain during warm-up keeps it NOT_SERVING
+            await self.grpc.set_serving(True)
+        self._watcher = asyncio.create_task(self._watch())
+        self._progress(f"jaxinfer ready: model {config.model_name} | gRPC {config.host}:{self.grpc_port} | "
+                       f"HTTP http://{config.host}:{self.http_port}")
+
+    async def _start_http(self, sock: socket.socket) -> None:
+        api = HttpApi(self.frontend, self.config.max_request_bytes, self.config.max_prompts_per_request)
         self.http = _Uvicorn(uvicorn.Config(api.app, log_level="warning", access_log=False,
                                             timeout_graceful_shutdown=5, lifespan="off"))
-        self.http_port = http_socket.getsockname()[1]
-        self._http_task = asyncio.create_task(self.http.serve(sockets=[http_socket]))
-        self._watcher = asyncio.create_task(self._watch())
+        self.http_port = sock.getsockname()[1]
+        self._http_task = asyncio.create_task(self.http.serve(sockets=[sock]))
         while not self.http.started:
             if self._http_task.done():
                 self._http_task.result()  # raises why uvicorn could not start
                 raise RuntimeError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
-        say(f"jaxinfer ready: model {config.model_name} | gRPC {config.host}:{self.grpc_port} | "
-            f"HTTP http://{config.host}:{self.http_port}")
+
+    def _say(self, message: str) -> None:
+        """Report start-up progress, and answer it to requests refused while warming up."""
+        self._progress(message)
+        if self.frontend is not None:
+            self.frontend.warming = message
 
     def _front(self, engines: list[Engine]) -> AsyncEngine | Cluster:
         """One engine: its AsyncEngine; replica groups: a Cluster behind the configured router."""
@@ -161,7 +186,7 @@ class Server:
         return Cluster(engines, router, migration=cluster.migration, cost_model=cost_model)
 
     def _build_engines(self) -> list[Engine]:
-        config, say = self.config, self._progress
+        config, say = self.config, self._say
         enable_compilation_cache()
         loaded = self._loaded
         if loaded is None:
@@ -198,6 +223,15 @@ class Server:
                 await self.grpc.set_serving(False)
             await asyncio.sleep(1.0)
 
+    async def _close_listeners(self) -> None:
+        if self.http is not None:
+            self.http.should_exit = True
+            if self._http_task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._http_task, 10)
+        if self.grpc is not None:
+            await self.grpc.stop(1.0)
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -218,13 +252,7 @@ class Server:
                 finished, cancelled, _ = await self.frontend.drain(timeout, cancel_remaining=True)
                 if in_flight:
                     self._progress(f"drained: {finished} finished, {cancelled} cancelled")
-            if self.http is not None:
-                self.http.should_exit = True
-                if self._http_task is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self._http_task, 10)
-            if self.grpc is not None:
-                await self.grpc.stop(1.0)
+            await self._close_listeners()
             if self._watcher is not None:
                 self._watcher.cancel()
             if self.async_engine is not None:

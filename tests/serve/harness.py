@@ -63,9 +63,12 @@ def offline_engine(path: str, engine_config: EngineConfig = ENGINE) -> Engine:
 
 
 class ServerThread:
-    """``Server`` on its own event loop thread; ``call(coro)`` runs a coroutine there."""
+    """``Server`` on its own event loop thread; ``call(coro)`` runs a coroutine there. The constructor
+    returns once the server is ready, or with ``wait_ready=False`` once it listens (``starting`` is the
+    start-up's future)."""
 
-    def __init__(self, model_path: str, engine_config: EngineConfig = ENGINE, loaded=None, **serve):
+    def __init__(self, model_path: str, engine_config: EngineConfig = ENGINE, loaded=None, *, wait_ready=True,
+                 **serve):
         serve.setdefault("served_model_name", "tiny")
         config = ServeConfig(model=model_path, grpc_port=0, http_port=0, **serve)
         self.loop = asyncio.new_event_loop()
@@ -73,7 +76,11 @@ class ServerThread:
         self.thread.start()
         loaded = loaded or tiny_model(model_path)
         self.server = Server(config, engine_config, loaded=loaded, progress=lambda message: None)
-        self.call(self.server.start(), timeout=300)
+        self.starting = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop)
+        if wait_ready:
+            self.starting.result(300)
+        else:
+            self.call(self.server.listening.wait(), timeout=60)
         self.http = f"http://127.0.0.1:{self.server.http_port}"
         self.grpc = f"127.0.0.1:{self.server.grpc_port}"
 

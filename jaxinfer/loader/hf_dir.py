@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.loader.sampling_defaults import from_generation_config, read_generation_config
 from jaxinfer.tokenizer import Tokenizer
 
 
@@ -33,18 +35,14 @@ class HFDirectory:
         return Tokenizer.from_dir(self.path, eos_ids=eos)
 
     def _generation_eos(self) -> list[int]:
-        sources = [self.hf_config]
-        gen_path = self.path / "generation_config.json"
-        if gen_path.is_file():
-            try:
-                sources.insert(0, json.loads(gen_path.read_text()))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"cannot parse {gen_path}: {exc}") from None
-        for source in sources:
+        for source in (read_generation_config(self.path), self.hf_config):
             eos = source.get("eos_token_id")
             if eos is not None:
                 return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
         return []
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        return from_generation_config(read_generation_config(self.path), str(self.path / "generation_config.json"))
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (name, float32 array) per tensor; the flax framework reads bfloat16 too."""

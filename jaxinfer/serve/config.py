@@ -40,6 +40,7 @@ from pallas_kernels.unisparse.config import UniSparseConfig
 
 ROUTERS = ("cascade", "round-robin", "least-loaded", "llumnix")
 MIGRATIONS = ("auto", "live", "recompute")
+SAMPLING_DEFAULTS = ("model", "api")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +97,16 @@ class ServeConfig:
     background_compile: bool = dataclasses.field(default=True, metadata={
         "help": "with warm_up: compile the largest step shape of each kind before serving and the rest while "
                 "serving (steps run padded to a compiled shape meanwhile)"})
+    sampling_defaults: str = dataclasses.field(default="model", metadata={
+        "help": "what a request's unset sampling fields take: model (the model's generation_config.json, GGUF "
+                "general.sampling.* or model card, then the API's convention) or api (the API's convention only: "
+                "OpenAI temperature 1.0, gRPC and JetStream greedy)"})
     cluster: ClusterConfig = ClusterConfig()  # flags and the [cluster] table
 
     def __post_init__(self) -> None:
+        if self.sampling_defaults not in SAMPLING_DEFAULTS:
+            raise ValueError(f"sampling_defaults must be one of {', '.join(SAMPLING_DEFAULTS)}, "
+                             f"got {self.sampling_defaults!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("grpc_port", "http_port", "profiler_port"):

@@ -59,6 +59,7 @@ class Frontend:
         self.tokenizer = None
         self.max_model_len = 0
         self.vocab_size = 0
+        self.sampling_defaults: dict[str, Any] = {}  # applied to the fields a request leaves unset
         self.warming = "starting"
         self.draining = False
         self.started = time.monotonic()
@@ -67,8 +68,9 @@ class Frontend:
         self._idle.set()
         self.metrics = ServingMetrics(self.engine_metrics, lambda: self.num_in_flight, lambda: self.cluster)
 
-    def attach(self, engine: AsyncEngine | Cluster) -> None:
-        """Serve ``engine`` (loaded and warmed up) from now on."""
+    def attach(self, engine: AsyncEngine | Cluster, sampling_defaults: Mapping[str, Any] | None = None) -> None:
+        """Serve ``engine`` (loaded and warmed up) from now on; ``sampling_defaults``: the model's own."""
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.scheduler_config.max_model_len
         self.vocab_size = engine.engine.model_config.vocab_size

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -44,9 +45,10 @@ OPTIONAL_PARAMS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 JETSTREAM_DEFAULT_MAX_TOKENS = 256
 
 
-def sampling_params(message: pb.SamplingParams) -> SamplingParams:
-    """Proto fields that are set, over SamplingParams' defaults (raises RequestError on bad values)."""
-    values = {name: getattr(message, name) for name in OPTIONAL_PARAMS if message.HasField(name)}
+def sampling_params(message: pb.SamplingParams, defaults: Mapping[str, Any]) -> SamplingParams:
+    """Proto fields that are set, over ``defaults`` (the model's own), over SamplingParams' defaults
+    (raises RequestError on bad values)."""
+    values = {**defaults, **{name: getattr(message, name) for name in OPTIONAL_PARAMS if message.HasField(name)}}
     try:
         return SamplingParams(**values, stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids))
     except ValueError as exc:
@@ -139,7 +141,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             if _deadline_passed(context):
                 raise RequestError(ErrorKind.DEADLINE, "deadline passed before admission")
-            params = sampling_params(request.params)
+            params = sampling_params(request.params, frontend.sampling_defaults)
             which = request.WhichOneof("prompt")
             if which == "text":
                 prompt = request.text
@@ -263,7 +265,8 @@ class OrchestratorServicer(js_grpc.OrchestratorServicer):
                 prompt = request.text_content.text
             else:
                 prompt = list(request.token_content.token_ids)
-            params = SamplingParams(max_tokens=request.max_tokens or JETSTREAM_DEFAULT_MAX_TOKENS)
+            params = SamplingParams(**frontend.sampling_defaults,
+                                    max_tokens=request.max_tokens or JETSTREAM_DEFAULT_MAX_TOKENS)
         except RequestError as exc:
             await _abort(context, frontend.refuse("jetstream", exc))
             return

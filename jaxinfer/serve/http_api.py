@@ -86,7 +86,7 @@ class HttpApi:
             prompts = body.prompts()
             if len(prompts) > self.max_prompts:
                 raise invalid(f"at most {self.max_prompts} prompts per request, got {len(prompts)}")
-            params = body.to_params()
+            params = body.to_params(frontend.sampling_defaults)
         except RequestError as exc:
             raise frontend.refuse("completions", exc) from None
         submissions = await self._submit_all(prompts, [params] * len(prompts), "completions")
@@ -103,7 +103,7 @@ class HttpApi:
             body.check_supported()
             frontend.check_model(body.model)
             prompt = await frontend.encode_chat(body.chat_messages())
-            params = body.to_params(frontend.max_model_len - len(prompt))
+            params = body.to_params(frontend.max_model_len - len(prompt), frontend.sampling_defaults)
         except RequestError as exc:
             raise frontend.refuse("chat", exc) from None
         submissions = await self._submit_all([prompt], [params], "chat")

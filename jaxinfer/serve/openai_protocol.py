@@ -8,6 +8,7 @@ min_p, repetition_penalty, ignore_eos, stop_token_ids, sparse_prefill (false: de
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,8 +56,10 @@ class _SamplingRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        values: dict[str, Any] = {"temperature": OPENAI_DEFAULT_TEMPERATURE}
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: Mapping[str, Any]) -> SamplingParams:
+        """The request's fields over ``defaults`` (the model's own) over OpenAI's convention."""
+        values: dict[str, Any] = {"temperature": OPENAI_DEFAULT_TEMPERATURE, **defaults}
         for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                      "repetition_penalty"):
             value = getattr(self, name)
@@ -103,9 +106,9 @@ class CompletionRequest(_SamplingRequest):
             return [list(prompt)]
         return list(prompt)
 
-    def to_params(self) -> SamplingParams:
+    def to_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
-        return self.sampling_params(max_tokens, self.logprobs)
+        return self.sampling_params(max_tokens, self.logprobs, defaults)
 
 
 class ContentPart(BaseModel):
@@ -151,8 +154,8 @@ class ChatCompletionRequest(_SamplingRequest):
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
-    def to_params(self, context_room: int) -> SamplingParams:
+    def to_params(self, context_room: int, defaults: Mapping[str, Any]) -> SamplingParams:
         """``context_room``: tokens left in the context after the prompt (the default max_tokens)."""
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max(1, context_room) if max_tokens is None else max_tokens, logprobs)
+        return self.sampling_params(max(1, context_room) if max_tokens is None else max_tokens, logprobs, defaults)

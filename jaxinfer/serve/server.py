@@ -25,6 +25,7 @@ from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.placement import parse_mesh_spec, replica_meshes
 from jaxinfer.loader import LoadedModel, load_model
 from jaxinfer.loader.embedded import cache_dir
+from jaxinfer.loader.sampling_defaults import describe
 from jaxinfer.router.baselines import make_router
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.serve.config import ServeConfig
@@ -109,6 +110,7 @@ class Server:
         self._stopped = asyncio.Event()
         self._stopping = False
         self.listening = asyncio.Event()
+        self._sampling_defaults: dict = {}
 
     @property
     def grpc_port(self) -> int:
@@ -148,7 +150,7 @@ class Server:
             if self.async_engine is not None:
                 self.async_engine.shutdown()
             raise
-        self.frontend.attach(self.async_engine)
+        self.frontend.attach(self.async_engine, self._sampling_defaults)
         if self.frontend.accepting:  # a Drain during warm-up keeps it NOT_SERVING
             await self.grpc.set_serving(True)
         self._watcher = asyncio.create_task(self._watch())
@@ -194,6 +196,10 @@ class Server:
             start = time.perf_counter()
             loaded = load_model(config.model, config.dtype)
             say(f"loaded weights in {time.perf_counter() - start:.1f} s")
+        if config.sampling_defaults == "model":
+            self._sampling_defaults = loaded.sampling_defaults
+            say(f"sampling defaults of the model: {describe(loaded.sampling_defaults)} (unset fields: OpenAI "
+                "temperature 1.0, gRPC greedy)")
         speculative, draft_head = prepare_speculative(self.engine_config.speculative, config.model)
         engine_config = dataclasses.replace(self.engine_config, speculative=speculative)
         meshes = [None]

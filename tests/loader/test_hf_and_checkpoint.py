@@ -93,3 +93,51 @@ def test_convert_cli_then_generate_from_checkpoint(tmp_path):
     proc = subprocess.run(run[:-1] + [str(tmp_path / "keep")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "refusing to overwrite" in proc.stderr
     assert (tmp_path / "keep" / "file.txt").exists()
+
+
+def test_sampling_defaults_from_gguf_survive_conversion(tmp_path):
+    cfg = tiny_config(vocab_size=VOCAB)
+    tiny_files.write_gguf(tmp_path / "m.gguf", cfg, numpy_llama.random_tensors(cfg, seed=11),
+                          sampling={"temp": 0.7, "top_k": 40, "top_p": 0.8, "penalty_repeat": 1.1})
+    loaded = load_model(str(tmp_path / "m.gguf"), "float32")
+    assert loaded.sampling_defaults == pytest.approx({"temperature": 0.7, "top_k": 40, "top_p": 0.8,
+                                                      "repetition_penalty": 1.1})
+    save_checkpoint(tmp_path / "ckpt", loaded.model, loaded.tokenizer, source="t", sampling=loaded.sampling_defaults)
+    assert load_model(str(tmp_path / "ckpt")).sampling_defaults == loaded.sampling_defaults
+    tiny_files.write_gguf(tmp_path / "plain.gguf", cfg, numpy_llama.random_tensors(cfg, seed=11))
+    assert load_model(str(tmp_path / "plain.gguf"), "float32").sampling_defaults == {}
+
+
+@pytest.mark.parametrize("generation_config, expected", [
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": 2}, {"temperature": 0.6, "top_p": 0.9}),
+    ({"temperature": 0.6, "top_k": 20, "bos_token_id": 1}, {"temperature": 0.6, "top_k": 20}),
+    ({"do_sample": False, "temperature": 0.6, "repetition_penalty": 1.2}, {"temperature": 0.0,
+                                                                           "repetition_penalty": 1.2}),
+    ({"bos_token_id": 1, "eos_token_id": 2}, {}),
+    (None, {}),
+])
+def test_sampling_defaults_from_hf_generation_config(tmp_path, generation_config, expected):
+    cfg = tiny_config(vocab_size=VOCAB)
+    tiny_files.write_hf_dir(tmp_path, cfg, numpy_llama.random_tensors(cfg, seed=12))
+    if generation_config is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
+    assert load_model(str(tmp_path), "float32").sampling_defaults == expected
+
+
+def test_bad_sampling_defaults_name_the_file(tmp_path):
+    cfg = tiny_config(vocab_size=VOCAB)
+    tiny_files.write_hf_dir(tmp_path, cfg, numpy_llama.random_tensors(cfg, seed=12))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": -1.0}))
+    with pytest.raises(ValueError, match=r"generation_config.json: bad sampling default: temperature must be"):
+        load_model(str(tmp_path), "float32")
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not a JSON object"):
+        load_model(str(tmp_path), "float32")
+
+
+def test_embedded_models_ship_valid_sampling_defaults():
+    from jaxinfer.loader.embedded import EMBEDDED_MODELS
+    from jaxinfer.loader.sampling_defaults import checked
+
+    for name, model in EMBEDDED_MODELS.items():
+        assert checked(dict(model.sampling), name) == dict(model.sampling)

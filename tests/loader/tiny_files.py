@@ -48,8 +48,9 @@ def gguf_name(hf):
     return f"blk.{layer}.{GGUF_NAMES[rest]}"
 
 
-def write_gguf(path, cfg, tensors, qtype_name="F32", arch="llama", extra_tensor=None):
-    """Write ``tensors`` (HF names, HF layout) as a GGUF file; matrices in ``qtype_name``.
+def write_gguf(path, cfg, tensors, qtype_name="F32", arch="llama", extra_tensor=None, sampling=None):
+    """Write ``tensors`` (HF names, HF layout) as a GGUF file; matrices in ``qtype_name``; ``sampling``:
+    general.sampling.* keys (float values, except top_k).
 
     Returns the tensors as the file holds them after quantization (HF layout), for comparison.
     """
@@ -76,6 +77,8 @@ def write_gguf(path, cfg, tensors, qtype_name="F32", arch="llama", extra_tensor=
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
+    for key, value in (sampling or {}).items():
+        (writer.add_int32 if key.endswith("top_k") else writer.add_float32)(f"general.sampling.{key}", value)
     stored = {}
     for name, value in tensors.items():
         value = np.asarray(value, np.float32)

@@ -92,6 +92,7 @@ def test_sigint_with_short_drain_cancels_and_exits_zero(tiny_gguf, tmp_path):
     (["--model", "/nonexistent/model.gguf"], "nonexistent"),
     (["--config", "/nonexistent.toml"], "does not exist"),
     (["--max-num-seqs", "0"], "max_num_seqs"),
+    (["--sampling-defaults", "mine"], "sampling_defaults"),
 ])
 def test_bad_flags_are_one_line_errors(args, needle):
     result = subprocess.run([sys.executable, "-m", "jaxinfer.serve", "--grpc-port", "0", "--http-port", "0", *args],

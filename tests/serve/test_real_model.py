@@ -71,7 +71,7 @@ def test_served_as_a_process(tmp_path, real_model, reference_data):
         assert completion.choices[0].text == real_model.tokenizer.decode(case["greedy_new_ids"][:n])
         with grpc.insecure_channel(proc.grpc) as channel:
             responses = list(pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
-                text=case["prompt"], params=pb.SamplingParams(max_tokens=n, ignore_eos=True))))
+                text=case["prompt"], params=pb.SamplingParams(max_tokens=n, ignore_eos=True, temperature=0))))
         assert [t for r in responses for t in r.token_ids] == case["greedy_new_ids"][:n]
         assert proc.finish() == 0
     finally:

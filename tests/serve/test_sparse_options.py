@@ -27,9 +27,9 @@ def test_cli_and_toml_set_the_sparse_prefill_config(tmp_path):
 
 def test_http_and_grpc_requests_carry_the_opt_out():
     request = CompletionRequest(model="m", prompt="hi", sparse_prefill=False)
-    assert request.sampling_params(4, None).sparse_prefill is False
-    assert CompletionRequest(model="m", prompt="hi").sampling_params(4, None).sparse_prefill is True
+    assert request.sampling_params(4, None, {}).sparse_prefill is False
+    assert CompletionRequest(model="m", prompt="hi").sampling_params(4, None, {}).sparse_prefill is True
     with pytest.raises(pydantic.ValidationError):
         CompletionRequest(model="m", prompt="hi", sparse_prefill="sometimes")
-    assert sampling_params(pb.SamplingParams(sparse_prefill=False)).sparse_prefill is False
-    assert sampling_params(pb.SamplingParams()).sparse_prefill is True
+    assert sampling_params(pb.SamplingParams(sparse_prefill=False), {}).sparse_prefill is False
+    assert sampling_params(pb.SamplingParams(), {}).sparse_prefill is True

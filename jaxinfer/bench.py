@@ -30,10 +30,7 @@ from pathlib import Path
 
 from jaxinfer.cli import add_model_arguments, run_main
 from jaxinfer.config import SchedulerConfig
-
-SHARED = Path(os.environ.get("JAXINFER_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
-TEXT_DIR = SHARED / "data" / "longtext" / "PaulGrahamEssays"
-AZURE_TRACE = SHARED / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+from jaxinfer.datasets import ESSAYS, shared_file, shared_root, trace_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,11 +63,12 @@ def text_tokens(tokenizer) -> list[int]:
     """The benchmark prompts' source: the essays of the shared data folder when present, else (a pip
     install) a fixed pseudo-random stream of ordinary vocabulary ids. Speed does not depend on which
     tokens a prompt holds; only the prefix cache would, and slices of either never repeat."""
-    files = sorted(TEXT_DIR.glob("*.txt")) if TEXT_DIR.is_dir() else []
+    essays = shared_file(*ESSAYS)
+    files = sorted(essays.glob("*.txt")) if essays is not None else []
     if files:
         return tokenizer.encode("\n\n".join(f.read_text() for f in files))
-    print(f"note: no benchmark text under {TEXT_DIR} (set JAXINFER_SHARED); using synthetic prompts",
-          file=sys.stderr)
+    print(f"note: no benchmark text under {shared_root().joinpath('data', *ESSAYS)} (set JAXINFER_SHARED); "
+          "using synthetic prompts", file=sys.stderr)
     vocab = tokenizer.vocab_size
     rng = random.Random(0)
     return [rng.randrange(min(256, vocab // 2), vocab) for _ in range(SYNTHETIC_TOKENS)]
@@ -88,7 +86,7 @@ def slices(tokens: list[int], lengths: Sequence[int], rng: random.Random) -> lis
 
 def azure_lengths(num: int, max_len: int, rng: random.Random) -> tuple[list[int], list[int], float]:
     """(prompt lengths, output lengths, scale) of num trace rows, scaled so every request fits."""
-    with open(AZURE_TRACE, newline="") as f:
+    with open(trace_file("azure_conv"), newline="") as f:
         rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
     picked = rng.sample(rows, num)
     scale = min(1.0, (max_len - 1) / max(c + g for c, g in picked))
@@ -220,8 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("output_len", "input_len", "batch", "num_prompts", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.dataset == "azure" and not AZURE_TRACE.is_file():
-        raise ValueError(f"--dataset azure needs the Azure trace at {AZURE_TRACE} (set JAXINFER_SHARED)")
+    if args.dataset == "azure":
+        trace_file("azure_conv")  # FileNotFoundError naming the missing trace, before the model loads
     import jax
 
     from jaxinfer.compile_cache import enable_compilation_cache

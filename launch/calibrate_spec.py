@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import EngineConfig, SchedulerConfig, SpeculativeConfig
+from jaxinfer.datasets import shared_root
 from jaxinfer.engine.engine import Engine
 from jaxinfer.loader import DEFAULT_MODEL, load_model
 from jaxinfer.sampling_params import SamplingParams
@@ -32,7 +32,7 @@ from jaxinfer.spec.draft_head import CALIBRATION, default_draft_head_path, load_
 from jaxinfer.spec.policy import fit_bins
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("JAXINFER_SHARED", REPO.parent / "shared")) / "data" / "prompts"
+DATA = shared_root() / "data" / "prompts"  # training and calibration need the real prompt sets
 
 
 def calibration_prompts(count: int) -> list[str]:

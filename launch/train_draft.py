@@ -50,6 +50,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from jaxinfer.datasets import shared_root
 from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.layers.attention import AttentionMeta
 from jaxinfer.spec.draft_head import (
@@ -63,7 +64,7 @@ from jaxinfer.spec.draft_head import (
 
 logger = logging.getLogger("train_draft")
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS = Path(os.environ.get("JAXINFER_SHARED", REPO.parent / "shared")) / "data"
+PROMPTS = shared_root() / "data"  # training needs the real prompt sets and texts
 GSM8K_TRAIN = (0, 660)
 PAGE = 16
 

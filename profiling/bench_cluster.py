@@ -48,8 +48,6 @@ from jaxinfer.router.trace import load_azure  # noqa: E402
 from jaxinfer.sampling_params import SamplingParams  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("JAXINFER_SHARED", REPO.parent / "shared"))
-TRACE = SHARED / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 PAGE_SIZE = 16
 
 
@@ -65,7 +63,7 @@ def workload(count: int, rate: float, max_len: int, scale: int, seed: int = 0, o
     """``count`` requests of the trace from its ``offset``-th, lengths divided by ``scale`` (prompt +
     output fits max_len), arrivals rescaled to ``rate`` requests/s on average; prompts are seeded random
     token ids."""
-    rows = load_azure(TRACE, limit=offset + count)[offset:]
+    rows = load_azure(limit=offset + count)[offset:]
     span = rows[-1].arrival - rows[0].arrival or 1.0
     stretch = (count - 1) / rate / span
     rng = np.random.default_rng(seed)

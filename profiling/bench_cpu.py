@@ -21,8 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from jaxinfer.datasets import shared_root
+
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = Path(os.environ.get("JAXINFER_SHARED", ROOT.parent / "shared")) / "peers" / "bench_peers.py"
+PEERS = shared_root() / "peers" / "bench_peers.py"
 ROWS = ("prefill 128", "prefill 512", "prefill 2048", "decode b1", "decode b8 aggregate", "decode b32 aggregate")
 
 

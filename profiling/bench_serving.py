@@ -39,10 +39,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from jaxinfer.datasets import prompt_set, trace_file
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("JAXINFER_SHARED", REPO.parent / "shared"))  # as in jaxinfer.bench
-MT_BENCH = SHARED / "data" / "prompts" / "mt_bench_question.jsonl"
-AZURE_TRACE = SHARED / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 WORKLOADS = ("streams8", "poisson", "azure")
 MAX_ERRORS = 5  # error texts kept per workload
 
@@ -126,11 +125,6 @@ def chat_body(model: str, prompt: str, max_tokens: int) -> dict:
 def completion_body(model: str, prompt: list[int], max_tokens: int) -> dict:
     return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
-
-
-def mt_bench_prompts() -> list[str]:
-    with open(MT_BENCH) as f:
-        return [json.loads(line)["turns"][0] for line in f if line.strip()]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -232,7 +226,7 @@ async def run_poisson(client, args, model: str, prompts: list[str]) -> dict:
 def azure_requests(args) -> tuple[list[tuple[float, int, int]], float]:
     """[(arrival offset s, prompt tokens, output tokens)] of the trace's first minutes, and the length scale."""
     rows = []
-    with open(AZURE_TRACE, newline="") as f:
+    with open(trace_file("azure_conv"), newline="") as f:
         for row in csv.DictReader(f):
             stamp = datetime.datetime.fromisoformat(row["TIMESTAMP"]).timestamp()
             rows.append((stamp, int(row["ContextTokens"]), int(row["GeneratedTokens"])))
@@ -278,7 +272,8 @@ async def bench(args) -> dict:
         resp = await client.get("/v1/models")
         resp.raise_for_status()
         model = resp.json()["data"][0]["id"]
-        prompts = mt_bench_prompts()
+        prompt_source = prompt_set("mt_bench")
+        prompts = prompt_source.prompts
         warm = await stream_request(client, "/v1/chat/completions", chat_body(model, prompts[0], 16), args.timeout)
         if warm.status != "ok":
             raise RuntimeError(f"warm-up request failed: {warm.error}")
@@ -288,7 +283,7 @@ async def bench(args) -> dict:
         for name in args.workloads:
             print(f"running {name} ...", file=sys.stderr)
             out[name] = await runners[name](client, args, model, prompts)
-        return {"model": model, "warmup_e2e_s": warm.e2e, "workloads": out}
+        return {"model": model, "prompts": prompt_source.source, "warmup_e2e_s": warm.e2e, "workloads": out}
 
 
 def fmt(value: float | None, spec: str) -> str:

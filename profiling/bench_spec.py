@@ -25,21 +25,20 @@ from pathlib import Path
 
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from jaxinfer.datasets import PromptSet, prompt_set
 from jaxinfer.engine.engine import Engine
 from jaxinfer.loader import DEFAULT_MODEL, load_model
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.spec.draft_head import prepare_speculative
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "prompts"
+HELD_OUT_START = {"mt_bench": 0, "gsm8k": 660, "humaneval": 0}  # GSM8K test lines before 660 train draft heads
 
 
-def held_out_prompts(dataset: str, count: int) -> list[str]:
-    if dataset == "mt_bench":
-        return [json.loads(line)["turns"][0] for line in open(DATA / "mt_bench_question.jsonl")][:count]
-    if dataset == "gsm8k":
-        return [json.loads(line)["question"] for line in open(DATA / "gsm8k_test.jsonl")][660:660 + count]
-    raise ValueError(f"unknown dataset {dataset!r} (mt_bench or gsm8k)")
+def held_out_prompts(dataset: str, count: int) -> PromptSet:
+    """The held-out prompts of a set: the shared data folder's, else jaxinfer's builtin stand-ins."""
+    if dataset not in HELD_OUT_START:
+        raise ValueError(f"unknown dataset {dataset!r} (known: {', '.join(HELD_OUT_START)})")
+    return prompt_set(dataset, HELD_OUT_START[dataset], count)
 
 
 def run(engine: Engine, prompts: list[list[int]], batch: int, temperature: float, max_tokens: int) -> dict:
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     rows = []
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()} {os.cpu_count()} cores",
                 model=args.model, num_prompts=args.num_prompts, max_tokens=args.max_tokens, depth=args.depth,
-                top_k=args.top_k, nodes=args.nodes, adaptive=args.adaptive, python=sys.version.split()[0])
+                top_k=args.top_k, nodes=args.nodes, adaptive=args.adaptive, python=sys.version.split()[0], prompts={})
     header = (f"{'dataset':<9} {'B':>2} {'T':>3} {'method':<11} {'nodes':>5} {'tok/s':>7} {'speedup':>8} {'tau':>5} "
               f"{'calls':>6} {'verified':>9} {'equal':>6}")
     print(header)
@@ -127,8 +126,9 @@ def main(argv=None) -> int:
               f"{row['verified_tokens']:>9} {str(row.get('equal_to_plain', '')):>6}", flush=True)
 
     for dataset in ([] if args.no_grid else args.datasets.split(",")):
-        texts = held_out_prompts(dataset, args.num_prompts)
-        prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        held_out = held_out_prompts(dataset, args.num_prompts)
+        meta["prompts"][dataset] = held_out.source
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in held_out.prompts]
         for batch in (int(b) for b in args.batches.split(",")):
             for temperature in (float(t) for t in args.temperatures.split(",")):
                 engine_for("plain", args.nodes).generate(prompts[:1], SamplingParams(max_tokens=8))  # compile
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     if args.budgets:
         dataset = args.datasets.split(",")[0]
         prompts = [tokenizer.encode_chat([{"role": "user", "content": t}])
-                   for t in held_out_prompts(dataset, args.num_prompts)]
+                   for t in held_out_prompts(dataset, args.num_prompts).prompts]
         plain = run(engine_for("plain", args.nodes), prompts, 1, 0.0, args.max_tokens)
         for nodes in (int(n) for n in args.budgets.split(",")):
             for method in (m for m in methods if m != "plain"):

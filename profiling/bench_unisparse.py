@@ -27,20 +27,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SparsePrefillConfig
+from jaxinfer.datasets import long_texts
 from jaxinfer.layers.rotary import inverse_frequencies
 from jaxinfer.loader import load_model
 from pallas_kernels.unisparse import UniSparseConfig, dense_attention, select, sparse_attention
 
-LONGTEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "longtext"
 WINDOW = 8192
 
 
 def long_text_ids(tokenizer, count: int) -> list[int]:
-    """The first ``count`` tokens of the essays followed by the books."""
-    files = sorted((LONGTEXT / "PaulGrahamEssays").glob("*.txt")) + sorted(LONGTEXT.glob("pg*.txt"))
+    """The first ``count`` tokens of the long texts (the essays followed by the books of the shared data
+    folder, else jaxinfer's own sources)."""
+    texts, _ = long_texts()
     ids: list[int] = []
-    for path in files:
-        ids += tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+    for text in texts:
+        ids += tokenizer.encode(text)
         if len(ids) >= count:
             return ids[:count]
     raise ValueError(f"the long texts hold only {len(ids)} tokens, {count} asked")

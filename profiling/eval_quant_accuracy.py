@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.datasets import BOOKS, long_texts, shared_file
 from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.layers import quant
 from jaxinfer.layers.attention import AttentionMeta
@@ -37,19 +37,15 @@ from jaxinfer.loader import DEFAULT_MODEL, GGUFFile, resolve_source
 from jaxinfer.models import model_from_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
-BOOKS = Path(os.environ.get("JAXINFER_SHARED", ROOT.parent / "shared")) / "data" / "longtext"
-TEXTS = ("pg11_Alices_Adventures_in_Wonderland.txt", "pg43_Dr_Jekyll_and_Mr_Hyde.txt")
 PAGE = 16
 
 
 def text_tokens(tokenizer) -> list[int]:
-    files = [BOOKS / name for name in TEXTS if (BOOKS / name).is_file()]
-    if files:
+    """The two books of the shared data folder, else jaxinfer's own sources (datasets.long_texts)."""
+    files = [shared_file("longtext", name) for name in BOOKS]
+    if all(files):
         return tokenizer.encode("\n\n".join(f.read_text() for f in files))
-    import jaxinfer  # no shared folder: the package's own sources are text too
-
-    sources = sorted(Path(jaxinfer.__file__).parent.rglob("*.py"))
-    return tokenizer.encode("\n\n".join(p.read_text() for p in sources))
+    return tokenizer.encode("\n\n".join(long_texts()[0]))
 
 
 def windows(tokens: list[int], count: int, length: int) -> list[list[int]]:

@@ -9,8 +9,8 @@ differs: ``dense_attention(impl="xla")`` or ``sparse_attention(impl="xla")`` (se
 q/k, as the engine's prefill does).
 
 1. Perplexity: non-overlapping windows of each length from the Paul Graham essays followed by the two books
-   (/work/shared/data/longtext), evenly spaced over the token stream; dense vs sparse perplexity and the
-   relative increase (goal: <= 1% at every length).
+   (data/longtext of the shared data folder; without it jaxinfer's own sources), evenly spaced over the
+   stream; dense vs sparse perplexity and the relative increase (goal: <= 1% at every length).
 2. Attention fidelity per layer (first window of 8192 and of 4096 tokens): with the dense model's hidden
    states as the layer input, the relative L2 error of the sparse attention output (before and after
    o_proj), the share of the dense softmax mass on the kept blocks (on a subsample of query rows per block)
@@ -41,12 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinfer.datasets import long_texts
 from jaxinfer.layers.rotary import inverse_frequencies
 from jaxinfer.loader import DEFAULT_MODEL, load_model
 from pallas_kernels.unisparse import UniSparseConfig, dense_attention, select, sparse_attention
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path("/work/shared/data/longtext")
 NLL_CHUNK = 512  # LM-head rows per step of the NLL loop: [512, V] f32 logits at a time
 START = time.perf_counter()
 
@@ -56,21 +56,6 @@ def log(message: str) -> None:
 
 
 # -- data -----------------------------------------------------------------------------------------------------
-
-
-def essay_texts() -> list[str]:
-    """The essays in name order (rss.txt is a stub)."""
-    paths = sorted((DATA / "PaulGrahamEssays").glob("*.txt"))
-    return [p.read_text(encoding="utf-8").strip() for p in paths if p.name != "rss.txt"]
-
-
-def book_texts() -> list[str]:
-    """The two books, without the Project Gutenberg marker lines."""
-    texts = []
-    for name in ("pg11_Alices_Adventures_in_Wonderland.txt", "pg43_Dr_Jekyll_and_Mr_Hyde.txt"):
-        lines = (DATA / name).read_text(encoding="utf-8").splitlines()
-        texts.append("\n".join(line for line in lines if not line.startswith("*** ")).strip())
-    return texts
 
 
 def token_stream(tokenizer, texts: list[str]) -> list[int]:
@@ -441,17 +426,17 @@ def main() -> None:
     tokenizer = loaded.tokenizer
     log(f"loaded {args.model} ({loaded.load_seconds:.1f} s); {cfg}")
     prefix = tokenizer.encode("")  # what the tokenizer adds in front of a text (BOS or nothing)
-    essays = token_stream(tokenizer, essay_texts())
-    stream = essays + token_stream(tokenizer, book_texts())
-    log(f"text: {len(essays)} essay tokens, {len(stream)} in all; tokenizer prefix {prefix}")
+    texts, source = long_texts()
+    stream = token_stream(tokenizer, texts)
+    log(f"text: {len(stream)} tokens of {source}; tokenizer prefix {prefix}")
     window_lengths = sorted(set(lengths) | set(fidelity_lengths))
     windows = {n: windows_of(stream, prefix, n, args.windows if n in lengths else 1) for n in window_lengths}
     runner = Runner(loaded, cfg, args.mass_rows)
 
     report: dict = {"model": args.model, "config": dataclasses.asdict(cfg),
                     "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "data": "PaulGrahamEssays (name order) + Alice + Jekyll, windows evenly spaced over "
-                            f"{len(stream)} tokens; tokenizer prefix {prefix}"}
+                    "data": f"{source} (essays in name order, then Alice and Jekyll), windows evenly spaced "
+                            f"over {len(stream)} tokens; tokenizer prefix {prefix}"}
     if not args.skip_ppl:
         ppl, fidelity = run_perplexity(runner, {n: windows[n] for n in lengths}, set(fidelity_lengths))
         report["perplexity"] = {str(n): r for n, r in ppl.items()}
@@ -464,7 +449,7 @@ def main() -> None:
         report["fidelity_mass_rows_per_block"] = args.mass_rows
     if not args.skip_passkey:
         depths = [float(x) for x in args.passkey_depths.split(",") if x]
-        report["passkey"] = run_passkey(runner, tokenizer, essays, prefix, passkey_lengths, depths,
+        report["passkey"] = run_passkey(runner, tokenizer, stream, prefix, passkey_lengths, depths,
                                         args.new_tokens, args.seed)
     report["wall_s"] = time.perf_counter() - START
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

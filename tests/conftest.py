@@ -11,9 +11,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxinfer.config import ModelConfig  # noqa: E402
+from jaxinfer.datasets import shared_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("JAXINFER_SHARED", REPO.parent / "shared"))
+SHARED = shared_root()
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -31,14 +31,14 @@ class FakeTokenizer:
 
 
 def test_without_the_shared_folder_prompts_are_synthetic_and_the_trace_is_asked_for(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "TEXT_DIR", tmp_path / "missing")
+    monkeypatch.setenv("JAXINFER_SHARED", str(tmp_path / "missing"))
     tokens = bench.text_tokens(FakeTokenizer())
     assert len(tokens) == bench.SYNTHETIC_TOKENS and 256 <= min(tokens) and max(tokens) < 1000
     assert tokens == bench.text_tokens(FakeTokenizer())  # the same prompts every run
-    (tmp_path / "essays").mkdir()
-    (tmp_path / "essays" / "a.txt").write_text("abc")
-    monkeypatch.setattr(bench, "TEXT_DIR", tmp_path / "essays")
-    assert bench.text_tokens(FakeTokenizer()) == [97, 98, 99]
-    monkeypatch.setattr(bench, "AZURE_TRACE", tmp_path / "missing.csv")
-    with pytest.raises(ValueError, match="Azure trace"):
+    with pytest.raises(FileNotFoundError, match="AzureLLMInferenceTrace_conv.csv not found"):
         bench.main(["throughput", "--dataset", "azure"])
+    essays = tmp_path / "shared" / "data" / "longtext" / "PaulGrahamEssays"
+    essays.mkdir(parents=True)
+    (essays / "a.txt").write_text("abc")
+    monkeypatch.setenv("JAXINFER_SHARED", str(tmp_path / "shared"))
+    assert bench.text_tokens(FakeTokenizer()) == [97, 98, 99]

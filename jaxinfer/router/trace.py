@@ -10,15 +10,13 @@ from __future__ import annotations
 import csv
 import datetime
 import math
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-# the shared data directory beside the repository (or $JAXINFER_SHARED)
-SHARED = Path(os.environ.get("JAXINFER_SHARED", Path(__file__).resolve().parents[3] / "shared"))
-AZURE_CONV = SHARED / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+from jaxinfer.datasets import trace_file
+
 _AZURE_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
 
 
@@ -28,10 +26,11 @@ class TraceRequest(NamedTuple):
     output_len: int
 
 
-def load_azure(path: str | Path = AZURE_CONV, limit: int | None = None) -> list[TraceRequest]:
+def load_azure(path: str | Path | None = None, limit: int | None = None) -> list[TraceRequest]:
     """The Azure trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens; timestamps like
-    ``2023-11-16 18:15:46.6805900``). Outputs of 0 tokens become 1 (every request emits a token)."""
-    path = Path(path)
+    ``2023-11-16 18:15:46.6805900``), by default the shared folder's conversation trace. Outputs of 0
+    tokens become 1 (every request emits a token)."""
+    path = trace_file("azure_conv") if path is None else Path(path)
     if not path.is_file():
         raise ValueError(f"trace file not found: {path}")
     rows: list[tuple[float, int, int]] = []

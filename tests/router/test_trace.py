@@ -2,8 +2,8 @@
 
 import pytest
 
+from jaxinfer.datasets import TRACES, shared_file
 from jaxinfer.router.trace import (
-    AZURE_CONV,
     TraceRequest,
     cap_lengths,
     load_azure,
@@ -16,8 +16,8 @@ from jaxinfer.router.trace import (
 
 
 def test_load_azure_conv():
-    if not AZURE_CONV.is_file():
-        pytest.skip(f"trace not found at {AZURE_CONV}")
+    if shared_file("traces", TRACES["azure_conv"]) is None:
+        pytest.skip("Azure trace not found in the shared data folder")
     trace = load_azure()
     assert len(trace) == 19366
     assert trace[0] == TraceRequest(0.0, 374, 44)

@@ -11,16 +11,16 @@ import grpc
 import httpx
 import pytest
 
+from jaxinfer.datasets import TRACES, shared_file
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.router.trace import load_azure
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.serve.config import ClusterConfig
 from jaxinfer.serve.proto import inference_pb2 as pb
 from jaxinfer.serve.proto import inference_pb2_grpc as pb_grpc
-from tests.conftest import SHARED
 from tests.serve import harness
 
-TRACE = SHARED / "data" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+TRACE = shared_file("traces", TRACES["azure_conv"])
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def cluster_server(tiny_gguf, cost_model_path):
 def trace_slice(count=24, vocab=40):
     """The first requests of the Azure trace, lengths scaled 1/40 (to fit the tiny model's 256-token
     context) and arrivals compressed 20x; prompts are deterministic token ids."""
-    if not TRACE.is_file():
-        pytest.skip(f"trace not found at {TRACE}")
+    if TRACE is None:
+        pytest.skip("Azure trace not found in the shared data folder")
     requests = []
     for index, r in enumerate(load_azure(TRACE, limit=count)):
         prompt_len = min(max(r.prompt_len // 40, 2), 120)

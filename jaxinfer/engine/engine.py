@@ -147,16 +147,20 @@ class Engine:
 
     def warm_up(self, progress: Callable[[int, int], None] | None = None, background: bool = False,
                 on_done: Callable[[int, float], None] | None = None) -> threading.Thread | None:
-        """Compile every step shape. background: compile only the largest shape of each kind now (any
-        step fits one of them, padded) and the rest on a thread, returned (on_done(shapes, seconds)
-        when it ends); until a step's own shape is compiled, the step runs padded to the smallest
-        compiled shape that holds it, so nothing compiles on the request path either way.
-        Speculation's shapes always compile before this returns."""
+        """Compile every step shape. background: compile only the largest shape of each unblocked kind
+        now (decode, prompt, mixed: any such step fits one of them, padded) and the rest on a thread,
+        returned (on_done(shapes, seconds) when it ends), the largest blocked (long-prompt) shape
+        first; until a step's own shape is compiled, the step runs padded to the smallest compiled
+        shape that holds it, or waits for the one being compiled (a long prompt in the first seconds),
+        so nothing compiles on the request path either way. Speculation's shapes always compile
+        before this returns."""
         thread = None
         if background:
             largest = self.runner.largest_shapes()
-            self.runner.warm_up(progress, largest)
-            rest = [s for s in all_step_shapes(self.scheduler_config, self.sparse_prefill) if s not in largest]
+            now = [s for s in largest if not s.blocked]
+            self.runner.warm_up(progress, now)
+            rest = [s for s in largest if s.blocked] + \
+                [s for s in all_step_shapes(self.scheduler_config, self.sparse_prefill) if s not in largest]
 
             def compile_rest() -> None:
                 start = time.perf_counter()

@@ -7,6 +7,7 @@ pages and the sampler state are donated to every step and rebound to its results
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -188,6 +189,19 @@ def _size(shape: StepShape) -> int:
     return shape.num_decode * shape.decode_kv_tokens + shape.num_prefill_tokens * max(shape.prefill_kv_tokens, 1)
 
 
+def _start_thread(function: Callable, name: str) -> concurrent.futures.Future:
+    """Run ``function`` on a new thread now; the future holds its result or its exception."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function())
+        except BaseException as exc:  # noqa: BLE001 - delivered to whoever waits for the result
+            future.set_exception(exc)
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
 def _abstract(leaf):
     """An array's shape and dtype, and its sharding if it is committed to one (a step's inputs are not:
     they follow the weights onto a replica group's devices)."""
@@ -213,7 +227,15 @@ class ModelRunner:
         self.mesh = mesh
         self.draft_config = draft_head.config if draft_head is not None else None
         dtype = model.dtype
-        self.kv = KVPages.init(model_config, num_pages, page_size, dtype, extra_layers=int(draft_head is not None))
+        kv_init = functools.partial(KVPages.init, model_config, num_pages, page_size, dtype,
+                                    extra_layers=int(draft_head is not None))
+        # the pool's first write faults in gigabytes of fresh pages (seconds on a small CPU host): it runs on
+        # a thread while the step shapes compile, which read only the pool's shapes (_kv_abstract)
+        self._kv: KVPages | None = None
+        self._kv_pending = _start_thread(kv_init, "jaxinfer-kv-init") if mesh is None else None
+        self._kv_abstract = jax.eval_shape(kv_init)
+        if mesh is not None:
+            self._kv = kv_init()
         features = 3 * model_config.hidden_size if draft_head is not None else 0
         self.sampler = SamplerState.init(scheduler_config.max_num_seqs, model_config.vocab_size, features)
         self.impl = resolve_impl(attention_impl)
@@ -223,6 +245,7 @@ class ModelRunner:
                                  "kernels are not wrapped in shard_map yet); use one device per replica")
             self.state = place_state(self.state, mesh)
             self.kv, self.sampler = replicate((self.kv, self.sampler), mesh)
+            self._kv_abstract = jax.tree.map(_abstract, self.kv)
         # every step passes the weights as a flat list: flattening the nnx State visits each Variable
         # in Python (~0.8 ms a call for the embedded model), a list of arrays is flattened natively
         self.state, self._state_tree = jax.tree.flatten(self.state)
@@ -241,9 +264,23 @@ class ModelRunner:
         self._burst = jax.jit(self._flat(functools.partial(_decode_burst, self.graphdef, max_logprobs,
                                                            self.burst_steps)), donate_argnums=(1, 2))
         self._executables: dict[StepShape | TreeShape | DraftShape | int | tuple | str, Callable] = {}
+        self._compiling: dict[object, concurrent.futures.Future] = {}  # key -> its compile in progress
+        self._compile_lock = threading.Lock()
         self.num_compiles = 0
         self.compile_seconds = 0.0
         self.last_shape: StepShape | None = None
+
+    @property
+    def kv(self) -> KVPages:
+        """The KV page pool (waits for its allocation the first time)."""
+        if self._kv is None:
+            self._kv = self._kv_pending.result()
+            self._kv_pending = None
+        return self._kv
+
+    @kv.setter
+    def kv(self, value: KVPages) -> None:
+        self._kv = value
 
     def warm_up(self, progress: Callable[[int, int], None] | None = None,
                 shapes: list[StepShape] | None = None, stop: threading.Event | None = None) -> None:
@@ -272,7 +309,9 @@ class ModelRunner:
         rows: only shapes with exactly that many decode rows. None: no such shape is compiled."""
         if shape in self._executables and rows in (None, shape.num_decode):
             return shape
-        compiled = [key for key in list(self._executables) if isinstance(key, StepShape)
+        with self._compile_lock:  # compiled, or being compiled on the background thread (then waited for)
+            keys = [*self._executables, *self._compiling]
+        compiled = [key for key in keys if isinstance(key, StepShape)
                     and _kind(key) == _kind(shape) and _dominates(key, shape) and rows in (None, key.num_decode)]
         return min(compiled, key=_size, default=None)
 
@@ -286,8 +325,8 @@ class ModelRunner:
                                              interpret=self.interpret)
                 burst = self.builder.build_burst(SchedulerOutput([], [], []), shape, self.eos_ids)
                 chain = Chain(example.tokens, jnp.zeros(shape.num_decode, bool))
-                executable = self._compile(shape, self._burst, self.state, self.kv, self.sampler, example, burst,
-                                           chain)
+                executable = self._compile(shape, self._burst, self.state, self._kv_abstract, self.sampler, example,
+                                           burst, chain)
             return executable, None
         forward = self._executables.get(shape)
         if forward is None:  # the sampler first: a compiled forward step always finds its sampler
@@ -296,7 +335,7 @@ class ModelRunner:
             if rows not in self._executables:
                 logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
                 self._compile(rows, self._sample, logits, self.sampler, example.sample)
-            forward = self._compile(shape, self._forward, self.state, self.kv, self.sampler, example)
+            forward = self._compile(shape, self._forward, self.state, self._kv_abstract, self.sampler, example)
         return forward, self._executables[self.builder.num_rows(shape)]
 
     def _flat(self, function: Callable) -> Callable:
@@ -311,10 +350,24 @@ class ModelRunner:
 
     def _compile(self, key, function, *args) -> Callable:
         """Compile function for these arguments' shapes (only their shapes, dtypes and shardings are
-        read: a compile on a background thread never touches arrays the engine donates meanwhile)."""
+        read: a compile on a background thread never touches arrays the engine donates meanwhile). A key
+        another thread is compiling is waited for, not compiled twice."""
+        with self._compile_lock:
+            pending = self._compiling.get(key)
+            if pending is None:
+                mine = self._compiling[key] = concurrent.futures.Future()
+        if pending is not None:
+            return pending.result()
         start = time.perf_counter()
-        executable = function.lower(*jax.tree.map(_abstract, args)).compile()
-        self._executables[key] = executable
+        try:
+            executable = self._executables[key] = function.lower(*jax.tree.map(_abstract, args)).compile()
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._compile_lock:
+                del self._compiling[key]
+        mine.set_result(executable)
         self.num_compiles += 1
         self.compile_seconds += time.perf_counter() - start
         logger.debug("compiled %s in %.2f s", key, time.perf_counter() - start)

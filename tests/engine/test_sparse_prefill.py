@@ -1,6 +1,9 @@
 """Blocked prefill of long prompts: scheduling of blocked steps, and the engine's outputs with the
 UniSparse and dense blocked backends against the ordinary paged prefill."""
 
+import threading
+
+import jax
 import pytest
 
 from jaxinfer.config import SchedulerConfig, SparsePrefillConfig
@@ -126,3 +129,50 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="at least the sparse prefill block size"):
         Scheduler(SchedulerConfig(max_num_batched_tokens=32).resolve(256), BlockManager(64, 4),
                   long_prompt_len=100, block_size=64)
+
+
+def test_a_long_prompt_during_background_warm_up_waits_for_the_blocked_compile(paged_outputs, monkeypatch):
+    from jaxinfer.engine import model_runner
+
+    eng = _engine("dense_blocked")
+    lowered_on = []  # (thread, key) of every compile actually run
+    abstract = model_runner._abstract
+    compile_ = eng.runner._compile
+    current = threading.local()
+
+    def record(key, *args):
+        current.key = key
+        return compile_(key, *args)
+
+    def traced(leaf):
+        if getattr(current, "key", None) is not None:
+            lowered_on.append((threading.current_thread().name, current.key))
+            current.key = None
+        return abstract(leaf)
+    monkeypatch.setattr(model_runner, "_abstract", traced)
+    eng.runner._compile = record
+    blocked_started, release = threading.Event(), threading.Event()
+    lower = jax.stages.Traced.lower
+
+    def held_lower(self, *args, **kwargs):  # the background thread's blocked compile waits for the request
+        if threading.current_thread().name == "jaxinfer-compile" and not blocked_started.is_set():
+            blocked_started.set()
+            assert release.wait(60)
+        return lower(self, *args, **kwargs)
+    monkeypatch.setattr(jax.stages.Traced, "lower", held_lower)
+    thread = eng.warm_up(background=True)
+    assert all(not shape.blocked for _, shape in lowered_on if not isinstance(shape, int))  # ready without it
+    assert blocked_started.wait(60)
+    results = []
+    worker = threading.Thread(target=lambda: results.extend(eng.generate([LONG], GREEDY)), name="requests")
+    worker.start()
+    worker.join(2)
+    assert worker.is_alive() and not results  # waiting for the compile in progress
+    release.set()
+    worker.join(120)
+    thread.join(120)
+    assert [r.output_ids for r in results] == paged_outputs[:1]
+    assert not [key for name, key in lowered_on if name == "requests"]  # nothing compiled on the request path
+    keys = [key for _, key in lowered_on]
+    assert len(keys) == len(set(keys))  # and nothing twice
+    tiny_engine.assert_no_leaks(eng)

@@ -56,7 +56,8 @@ def test_generate_over_grpc_matches_reference(real_server, reference_data):
     n = must_match(case)
     with grpc.insecure_channel(real_server.grpc) as channel:
         responses = list(pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
-            token_ids=pb.TokenIds(ids=case["prompt_ids"]), params=pb.SamplingParams(max_tokens=n, ignore_eos=True))))
+            token_ids=pb.TokenIds(ids=case["prompt_ids"]),
+            params=pb.SamplingParams(max_tokens=n, ignore_eos=True, temperature=0))))
     assert [t for r in responses for t in r.token_ids] == case["greedy_new_ids"][:n]
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from jaxinfer.cpu import paged_attention as pa
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from tests.lowering import lowered_text
 
 needs_kernels = pytest.mark.skipif(not pa.kernels_available(), reason="CPU kernels unavailable (no compiler?)")
 ISAS = [isa for isa in pa.supported_isas() if isa != "auto"]
@@ -203,13 +204,13 @@ def _abstract_decode(dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 def test_gpu_and_tpu_lowering_has_no_custom_call(platform, dtype):
     decode = jax.jit(functools.partial(pa.paged_decode_attention, page_offset=32))
-    text = decode.trace(*_abstract_decode(dtype)).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered_text(lambda: decode.trace(*_abstract_decode(dtype)), platform)
     assert "jaxinfer_" not in text
     pages, i32 = _abstract_decode(dtype)[1], functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
     ragged = jax.jit(functools.partial(pa.ragged_paged_attention, page_offset=32))
     abstract = (jax.ShapeDtypeStruct((40, 9, 64), jnp.float32), pages, pages, i32((4,)), i32((4, 16)), i32((5,)),
                 i32((1,)))
-    assert "jaxinfer_" not in ragged.trace(*abstract).lower(lowering_platforms=(platform,)).as_text()
+    assert "jaxinfer_" not in lowered_text(lambda: ragged.trace(*abstract), platform)
 
 
 def test_validation():

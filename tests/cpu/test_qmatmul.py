@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from jaxinfer.layers import quant
+from tests.lowering import lowered_text
 
 QTYPES = tuple(quant.QTYPES)
 needs_kernels = pytest.mark.skipif(not quant.kernels_available(), reason="CPU kernels unavailable (no compiler?)")
@@ -181,7 +182,7 @@ def test_gpu_tpu_lowering_has_no_custom_call(platform):
     x = jax.ShapeDtypeStruct((3, 576), jnp.float32)
     w = jax.ShapeDtypeStruct((37, quant.row_bytes("q4_1", 576)), jnp.uint8)
     fn = jax.jit(lambda x, w: quant.qmatmul(x, w, "q4_1"))
-    text = fn.trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered_text(lambda: fn.trace(x, w), platform)
     assert "jaxinfer" not in text and "custom_call" not in text
 
 

@@ -13,6 +13,7 @@ from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention,
     ragged_paged_attention_reference,
 )
+from tests.lowering import lowered_text
 
 PAGE = 8  # page size of the interpret-mode cases
 NUM_KV_HEADS = 2
@@ -151,7 +152,7 @@ def _abstract_inputs(num_tokens, max_num_seqs, dtype):
 def test_kernel_lowers_for_gpu_and_tpu(platform, target, dtype, num_tokens, max_q_len):
     block_sizes = BlockSizes.get_default(page_size=16, max_q_len=max_q_len)
     fn = jax.jit(functools.partial(ragged_paged_attention, block_sizes=block_sizes, interpret=False))
-    text = fn.trace(*_abstract_inputs(num_tokens, 32, dtype)).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered_text(lambda: fn.trace(*_abstract_inputs(num_tokens, 32, dtype)), platform)
     assert target in text
     assert f"ragged_paged_attention_bq{block_sizes.block_q}_ppb{block_sizes.pages_per_block}" in text
 

@@ -9,6 +9,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
+from tests.lowering import lowered_text
 
 NUM_NODES = 6
 NUM_KV_HEADS = 2
@@ -187,7 +188,7 @@ def _abstract_inputs(num_reqs, num_nodes, dtype):
 @pytest.mark.parametrize("dtype,num_nodes", [(jnp.float32, 16), (jnp.bfloat16, 40)])
 def test_kernel_lowers_for_gpu_and_tpu(platform, target, dtype, num_nodes):
     fn = jax.jit(functools.partial(tree_attention, interpret=False))
-    text = fn.trace(*_abstract_inputs(8, num_nodes, dtype)).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered_text(lambda: fn.trace(*_abstract_inputs(8, num_nodes, dtype)), platform)
     assert target in text
     assert f"tree_attention_n{num_nodes}_ppb4" in text
 

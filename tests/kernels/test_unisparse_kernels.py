@@ -17,6 +17,7 @@ from pallas_kernels.unisparse.reference import (
     block_sparse_attention_reference,
     select_blocks,
 )
+from tests.lowering import lowered_text
 
 HEAD_DIM = 16
 
@@ -177,12 +178,11 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target, dtype):
     q, k = _abstract(256, 9, dtype), _abstract(1536, 3, dtype)
     lists = (jax.ShapeDtypeStruct((9, 4, 24), jnp.int32), jax.ShapeDtypeStruct((9, 4), jnp.int32))
     attention = jax.jit(functools.partial(block_sparse_attention, block_size=64, interpret=False))
-    text = attention.trace(q, k, k, *lists, q_start=scalar, kv_len=scalar).lower(
-        lowering_platforms=(platform,)).as_text()
+    text = lowered_text(lambda: attention.trace(q, k, k, *lists, q_start=scalar, kv_len=scalar), platform)
     assert target in text and "block_sparse_attention_s64" in text
     config = UniSparseConfig(local_blocks=1, c_h=1, block_size=64, c_q=8, c_k=8)
     scores = jax.jit(functools.partial(block_scores_pallas, config=config, interpret=False))
-    text = scores.trace(q, k, q_start=scalar, kv_len=scalar).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered_text(lambda: scores.trace(q, k, q_start=scalar, kv_len=scalar), platform)
     assert target in text and "block_scores_s64_cq8_ck8" in text
 
 

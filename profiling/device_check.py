@@ -14,7 +14,8 @@ check failed):
 3. speed: measured memory bandwidth (a device copy); decode tokens/s at batch 1/8/64 and prefill
    tokens/s of random-weight models of real shapes (Llama-3.2-1B and Llama-3.1-8B, bfloat16; the tiny
    model with --tiny) against the bandwidth roofline (weights plus KV read once per step); UniSparse
-   against dense blocked attention (both Pallas) at 32K/64K/128K tokens (1K/2K with --tiny, XLA path).
+   against dense blocked attention (both Pallas) at 32K/64K/128K tokens, and against jax's own
+   FlashAttention-3 for Hopper where it runs (1K/2K with --tiny, XLA path, no FA3).
 """
 
 from __future__ import annotations
@@ -287,8 +288,26 @@ def unisparse_speed(sizes: Sizes) -> list[dict]:
         dense = functools.partial(jax.jit(lambda q, k, v: dense_attention(q, k, v, block, impl=impl)), q, k, v)
         sparse = functools.partial(jax.jit(lambda q, k, v: sparse_attention(q, k, v, config, impl=impl)), q, k, v)
         dense_s, sparse_s = timed(dense, 3), timed(sparse, 3)
-        rows.append(dict(tokens=tokens, impl=impl, dense_s=dense_s, sparse_s=sparse_s, speedup=dense_s / sparse_s))
+        row = dict(tokens=tokens, impl=impl, dense_s=dense_s, sparse_s=sparse_s, speedup=dense_s / sparse_s)
+        if not sizes.tiny:
+            row.update(hopper_flash_attention(q, k, v, sparse_s))
+        rows.append(row)
     return rows
+
+
+def hopper_flash_attention(q, k, v, sparse_s: float) -> dict:
+    """jax's own FlashAttention-3 for Hopper (Mosaic GPU, causal) on the same q/k/v: the strongest dense
+    baseline there is on an H100/H200 (jax >= 0.11 with CUDA; recorded as an error elsewhere)."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+        config = attention_mgpu.TuningConfig(block_q=128, block_kv=128, max_concurrent_steps=2, causal=True)
+        flash = functools.partial(jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, config)),
+                                  q[None], k[None], v[None])
+        flash_s = timed(flash, 3)
+        return dict(flash3_s=flash_s, speedup_vs_flash3=flash_s / sparse_s)
+    except Exception as exc:  # noqa: BLE001 - an optional baseline
+        return dict(flash3_error=f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 # -- driver -------------------------------------------------------------------------------------------------------
@@ -342,8 +361,9 @@ def print_table(report: dict) -> None:
                 print(f"{name[6:]:<20} {row['what']:<14} {row['tok_s']:>10.1f} tok/s{roof}")
         elif name == "unisparse":
             for row in result:
+                flash = f", FA3 {row['flash3_s'] * 1e3:.1f} ms" if "flash3_s" in row else ""
                 print(f"{'unisparse':<20} {row['tokens']:>7} tokens dense {row['dense_s'] * 1e3:.1f} ms sparse "
-                      f"{row['sparse_s'] * 1e3:.1f} ms ({row['speedup']:.2f}x, {row['impl']})")
+                      f"{row['sparse_s'] * 1e3:.1f} ms ({row['speedup']:.2f}x, {row['impl']}){flash}")
 
 
 def main(argv=None) -> int:

@@ -186,14 +186,16 @@ def random_model(config: ModelConfig, dtype, seed: int = 0):
     return model_from_values(config, values, dtype)
 
 
-def engine_for(model, impl: str, max_num_seqs: int, prompt_len: int, max_len: int, page: int,
+def engine_for(model, impl: str, decode_buckets: tuple[int, ...], prompt_len: int, max_len: int, page: int,
                kv_memory_gib: float) -> Engine:
-    buckets = tuple(sorted({1, max_num_seqs}))
+    """An engine with few step shapes (each compiles once on first use: on a GPU a real-size model's
+    compiles dominate the check's time) and no prefix cache (repeated prompts are timed again)."""
+    max_num_seqs = max(decode_buckets)
     scheduler = SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_len,
-                                max_num_batched_tokens=max(prompt_len, max_num_seqs), decode_buckets=buckets,
+                                max_num_batched_tokens=max(prompt_len, max_num_seqs), decode_buckets=decode_buckets,
                                 prefill_buckets=(prompt_len,), kv_buckets=(max_len,), max_waiting=4096)
-    config = EngineConfig(cache=CacheConfig(page_size=page, kv_memory_gib=kv_memory_gib), scheduler=scheduler,
-                          attention_impl=impl, sparse_prefill=SparsePrefillConfig(mode="off"))
+    config = EngineConfig(cache=CacheConfig(page_size=page, kv_memory_gib=kv_memory_gib, enable_prefix_caching=False),
+                          scheduler=scheduler, attention_impl=impl, sparse_prefill=SparsePrefillConfig(mode="off"))
     return Engine(model, IdTokenizer(), config)
 
 
@@ -206,7 +208,7 @@ def check_engine(sizes: Sizes) -> dict:
     params = SamplingParams(max_tokens=sizes.pick(8, 32), ignore_eos=True)
     outputs = {}
     for impl in ("pallas", "reference"):
-        engine = engine_for(model, impl, 4, sizes.pick(32, 512), sizes.pick(64, 1024), sizes.pick(8, 16), 0.5)
+        engine = engine_for(model, impl, (4,), sizes.pick(32, 512), sizes.pick(64, 1024), sizes.pick(8, 16), 0.5)
         outputs[impl] = [o.output_ids for o in engine.generate(prompts, params)]
     same = [a == b for a, b in zip(outputs["pallas"], outputs["reference"], strict=True)]
     return dict(model="tiny" if sizes.tiny else "llama-3.2-1b (random weights, bfloat16)", requests=len(prompts),
@@ -241,15 +243,16 @@ def model_speed(name: str, sizes: Sizes, bytes_per_s: float) -> list[dict]:
     dtype = jnp.float32 if sizes.tiny else jnp.bfloat16
     model = random_model(config, dtype)
     weight_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(nnx_state(model)))
-    prompt_len, output_len = sizes.pick(16, 128), sizes.pick(16, 128)
+    prompt_len, output_len, long_prompt = sizes.pick(16, 128), sizes.pick(16, 128), sizes.pick(64, 2048)
+    batches = sizes.pick((1, 8), (1, 8, 64))
+    engine = engine_for(model, "auto", batches, long_prompt, long_prompt + 16, sizes.pick(8, 16),
+                        sizes.pick(0.25, 16.0))
     rows = []
     rng = np.random.default_rng(2)
-    for batch in sizes.pick((1, 8), (1, 8, 64)):
-        engine = engine_for(model, "auto", batch, prompt_len, prompt_len + output_len + 16, sizes.pick(8, 16),
-                            sizes.pick(0.25, 16.0))
-        prompts = [rng.integers(3, config.vocab_size, size=prompt_len).tolist() for _ in range(batch)]
+    for batch in batches:
         params = [SamplingParams(max_tokens=output_len, ignore_eos=True)] * batch
-        run(engine, prompts, params)  # compiles
+        prompts = [rng.integers(3, config.vocab_size, size=prompt_len).tolist() for _ in range(batch)]
+        run(engine, prompts, params)  # compiles this batch's shapes
         stats = run(engine, prompts, params)
         context = prompt_len + output_len / 2  # the mean context of a decode step
         kv_bytes = batch * context * config.num_layers * 2 * config.num_kv_heads * config.head_dim * \
@@ -258,11 +261,9 @@ def model_speed(name: str, sizes: Sizes, bytes_per_s: float) -> list[dict]:
         measured = stats.decode_tokens / stats.decode_seconds if stats.decode_seconds else float("nan")
         rows.append(dict(model=name, what=f"decode b{batch}", tok_s=measured, roofline_tok_s=roofline,
                          share_of_roofline=measured / roofline))
-    long_prompt = sizes.pick(64, 2048)
-    engine = engine_for(model, "auto", 1, long_prompt, long_prompt + 16, sizes.pick(8, 16), sizes.pick(0.25, 8.0))
-    prompt = rng.integers(3, config.vocab_size, size=long_prompt).tolist()
     one = SamplingParams(max_tokens=1)
-    engine.generate([prompt], one)
+    engine.generate([rng.integers(3, config.vocab_size, size=long_prompt).tolist()], one)  # compiles
+    prompt = rng.integers(3, config.vocab_size, size=long_prompt).tolist()
     start = time.perf_counter()
     engine.generate([prompt], one)
     rows.append(dict(model=name, what=f"prefill {long_prompt}", tok_s=long_prompt / (time.perf_counter() - start)))

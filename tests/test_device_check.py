@@ -19,7 +19,7 @@ def _module():
 def test_device_check_runs_every_stage_on_cpu_and_writes_its_report(tmp_path, capsys):
     assert _module().main(["--tiny", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "device_check.json").read_text())
-    assert report["tiny"] and report["interpret"] and report["failed"] == []
+    assert report["tiny"] and report["interpret"] and report["failed"] == [] and report["skipped"] == []
     kernels = report["kernels"]["result"]
     assert {row["kernel"] for row in kernels} == {"ragged_paged_attention", "tree_attention", "unisparse_block_scores",
                                                   "unisparse_block_sparse_attention"}
@@ -41,3 +41,10 @@ def test_a_failing_check_fails_the_run():
     bad = {"result": [{"kernel": "k", "dtype": "float32", "max_abs_error": 1.0, "ok": False}]}
     assert module.failed({"kernels": bad, "engine": {"result": {"ok": False}}, "unisparse": {"error": "x"}}) == \
         ["kernels", "engine", "unisparse"]
+
+
+def test_stages_past_the_time_budget_are_skipped_and_reported(tmp_path, capsys):
+    assert _module().main(["--tiny", "--stages", "speed,unisparse", "--budget-s", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert report["skipped"] == ["bandwidth", "speed_tiny", "unisparse"] and report["failed"] == []
+    assert "3 stages skipped" in capsys.readouterr().out

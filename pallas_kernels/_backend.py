@@ -40,13 +40,40 @@ def resolve_impl(impl: str = "auto") -> str:
     return "reference" if jax.default_backend() == "cpu" else "pallas"
 
 
-def run_kernel(mosaic_call, triton_call, interpret):
-    """Run a kernel built both ways: the Mosaic body in the TPU interpreter for InterpretParams, the
-    Triton body in the generic interpreter for True, else compiled for whichever platform runs it."""
+GPU_BODIES = ("triton", "mosaic")
+
+
+def resolve_gpu_body(body: str | None = None) -> str:
+    """Which body a kernel that has both runs on a GPU: ``body``, else JAXINFER_GPU_BODY, else triton
+    (the Mosaic GPU bodies have not run compiled on a GPU yet)."""
+    body = body or os.environ.get("JAXINFER_GPU_BODY") or "triton"
+    if body not in GPU_BODIES:
+        raise ValueError(f"GPU kernel body must be one of {', '.join(GPU_BODIES)}, got {body!r}")
+    return body
+
+
+def is_mosaic_gpu_interpret(interpret) -> bool:
+    """``interpret`` asks for the Mosaic GPU interpreter (jax >= 0.11)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    return params is not None and isinstance(interpret, params)
+
+
+def run_kernel(mosaic_call, triton_call, interpret, mosaic_gpu_call=None):
+    """Run a kernel built several ways: the Mosaic body in the TPU interpreter for InterpretParams, the
+    Mosaic GPU body in its interpreter for InterpretGPUParams, the Triton body in the generic
+    interpreter for True, else compiled for whichever platform runs it (on cuda the Mosaic GPU body
+    when one is given, else Triton)."""
     if isinstance(interpret, pltpu.InterpretParams):
         return mosaic_call(interpret)
+    if is_mosaic_gpu_interpret(interpret):
+        return mosaic_gpu_call(interpret)
     if interpret:
         return triton_call(True)
+    if mosaic_gpu_call is not None:
+        return lax.platform_dependent(tpu=lambda: mosaic_call(False), cuda=lambda: mosaic_gpu_call(None),
+                                      default=lambda: triton_call(False))
     return lax.platform_dependent(tpu=lambda: mosaic_call(False), default=lambda: triton_call(False))
 
 

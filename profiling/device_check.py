@@ -8,7 +8,9 @@ speeds that matter, with the roofline they are held to. It writes one JSON and p
 Stages (each timed; a failing stage is recorded and the rest still run; the exit code is 1 if any
 check failed):
 1. kernels: ragged paged attention, tree attention, UniSparse block scores and block-sparse
-   attention, compiled (interpret mode on CPU) against the jnp references, float32 and bfloat16.
+   attention, compiled (interpret mode on CPU) against the jnp references, float32 and bfloat16; and
+   the Mosaic GPU body of block-sparse attention (bfloat16; on CPU in the Mosaic GPU interpreter of
+   jax >= 0.11, skipped under older jax).
 2. engine: greedy tokens of a random-weight model with attention_impl=pallas equal those with
    attention_impl=reference.
 3. speed: measured memory bandwidth (a device copy); decode tokens/s at batch 1/8/64 and prefill
@@ -45,6 +47,7 @@ from pallas_kernels.tree_attention import tree_attention, tree_attention_referen
 from pallas_kernels.unisparse import UniSparseConfig, dense_attention, sparse_attention
 from pallas_kernels.unisparse.block_scores_kernel import block_scores_pallas
 from pallas_kernels.unisparse.block_sparse_attention import block_sparse_attention
+from pallas_kernels.unisparse.block_sparse_attention_mgpu import interpret_params
 from pallas_kernels.unisparse.reference import block_scores, block_sparse_attention_reference, select_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,11 +139,27 @@ def _unisparse_cases(rng, sizes: Sizes, head_dim: int, dtype, interpret: bool) -
     k = jnp.asarray(rng.normal(size=(tokens, 2, head_dim)), dtype)
     v = jnp.asarray(rng.normal(size=(tokens, 2, head_dim)), dtype)
     mask, indices, counts = select_blocks(block_scores(q, k, config), config)
-    return [("unisparse_block_scores", lambda: block_scores_pallas(q, k, config, interpret=interpret),
-             lambda: block_scores(q, k, config)),
-            ("unisparse_block_sparse_attention",
-             lambda: block_sparse_attention(q, k, v, indices, counts, block_size=block, interpret=interpret),
-             lambda: block_sparse_attention_reference(q, k, v, mask, block))]
+    cases = [("unisparse_block_scores", lambda: block_scores_pallas(q, k, config, interpret=interpret),
+              lambda: block_scores(q, k, config)),
+             ("unisparse_block_sparse_attention",
+              lambda: block_sparse_attention(q, k, v, indices, counts, block_size=block, interpret=interpret),
+              lambda: block_sparse_attention_reference(q, k, v, mask, block))]
+    mosaic = interpret_params() if interpret else False  # compiled on a GPU; its interpreter on CPU (jax >= 0.11)
+    if jnp.dtype(dtype) == jnp.bfloat16 and mosaic is not None:
+        cases.append(_mosaic_gpu_case(rng, sizes, mosaic))
+    return cases
+
+
+def _mosaic_gpu_case(rng, sizes: Sizes, interpret) -> tuple:
+    """The Mosaic GPU body of block-sparse attention (opt-in until this check passes on a GPU): tiles of 64."""
+    tokens, head_dim = sizes.pick(128, 4096), sizes.pick(64, 128)
+    config = UniSparseConfig(local_blocks=1, c_h=1, block_size=64, c_q=4, c_k=4, tau=0.6)
+    q, k, v = (jnp.asarray(rng.normal(size=(tokens, heads, head_dim)), jnp.bfloat16) for heads in (8, 2, 2))
+    mask, indices, counts = select_blocks(block_scores(q, k, config), config)
+    return ("unisparse_block_sparse_attention_mosaic_gpu",
+            lambda: block_sparse_attention(q, k, v, indices, counts, block_size=64, interpret=interpret,
+                                           gpu_body="mosaic"),
+            lambda: block_sparse_attention_reference(q, k, v, mask, 64))
 
 
 def check_kernels(sizes: Sizes, interpret: bool) -> list[dict]:

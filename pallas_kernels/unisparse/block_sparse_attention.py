@@ -22,7 +22,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import online_softmax_step, resolve_interpret, run_kernel
+from pallas_kernels._backend import (
+    is_mosaic_gpu_interpret,
+    online_softmax_step,
+    resolve_gpu_body,
+    resolve_interpret,
+    run_kernel,
+)
+from pallas_kernels.unisparse import block_sparse_attention_mgpu as mgpu
 
 MASK_VALUE = -1e30
 
@@ -101,7 +108,8 @@ def _block_sparse_attention_kernel(
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array, counts: jax.Array, *,
                            block_size: int, q_start: jax.Array | int = 0, kv_len: jax.Array | int | None = None,
                            sm_scale: float | None = None,
-                           interpret: bool | pltpu.InterpretParams | None = None) -> jax.Array:
+                           interpret: bool | pltpu.InterpretParams | None = None,
+                           gpu_body: str | None = None) -> jax.Array:
     """Pallas block-sparse attention (module docstring gives the contract). Returns [Tq, H, D] in q.dtype.
 
     q [Tq, H, D] float; k, v [Tk, K, D] of one float dtype; indices [H, Tq/S, Tk/S] and counts
@@ -110,7 +118,9 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, indices: ja
 
     ``interpret``: None resolves via ``_backend.resolve_interpret``; True runs the Triton-style body in
     the generic interpreter; a ``pltpu.InterpretParams`` runs the Mosaic body (DMAs, SMEM) in the TPU
-    interpreter; False compiles, picking the Mosaic body when lowered for TPU and Triton otherwise.
+    interpreter; a ``plgpu.InterpretGPUParams`` runs the Mosaic GPU body in its interpreter (jax >= 0.11);
+    False compiles, picking the Mosaic body when lowered for TPU and on a GPU the Triton body, or the
+    Mosaic GPU body where ``gpu_body`` (default JAXINFER_GPU_BODY) is "mosaic" and it serves the shapes.
     """
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
         raise ValueError(f"expected q [Tq, H, D], k and v [Tk, K, D] with K dividing H, got {q.shape=}, "
@@ -126,7 +136,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, indices: ja
                          f"counts [H, Nq], got {indices.shape=}, {counts.shape=}")
     if indices.dtype != jnp.int32 or counts.dtype != jnp.int32:
         raise ValueError(f"indices and counts must be int32, got {indices.dtype=}, {counts.dtype=}")
-    interpret = interpret if isinstance(interpret, pltpu.InterpretParams) else resolve_interpret(interpret)
+    if not isinstance(interpret, pltpu.InterpretParams) and not is_mosaic_gpu_interpret(interpret):
+        interpret = resolve_interpret(interpret)
+    mosaic_gpu = (resolve_gpu_body(gpu_body) == "mosaic" or is_mosaic_gpu_interpret(interpret)) and \
+        mgpu.supported(q.dtype, k.dtype, block_size, q.shape[2])
+    if is_mosaic_gpu_interpret(interpret) and not mosaic_gpu:
+        raise ValueError(f"the Mosaic GPU body needs 16-bit q, k, v of one dtype and block_size and head_dim "
+                         f"multiples of {mgpu.TILE}, got {q.dtype=}, {k.dtype=}, {block_size=}, {q.shape=}")
     if interpret is False and not all(n >= 16 and n & (n - 1) == 0 for n in (block_size, q.shape[2])):
         raise ValueError(f"compiled kernels need block_size and head_dim to be powers of two >= 16 (Triton dots), "
                          f"got {block_size=}, {q.shape=}")
@@ -134,11 +150,12 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, indices: ja
     kv_len = k.shape[0] if kv_len is None else kv_len
     return _block_sparse_attention(q, k, v, indices, counts, jnp.asarray(q_start, jnp.int32),
                                    jnp.asarray(kv_len, jnp.int32), block_size=block_size, sm_scale=scale,
-                                   interpret=interpret)
+                                   interpret=interpret, mosaic_gpu=mosaic_gpu)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "interpret"))
-def _block_sparse_attention(q, k, v, indices, counts, q_start, kv_len, *, block_size, sm_scale, interpret):
+@functools.partial(jax.jit, static_argnames=("block_size", "sm_scale", "interpret", "mosaic_gpu"))
+def _block_sparse_attention(q, k, v, indices, counts, q_start, kv_len, *, block_size, sm_scale, interpret,
+                            mosaic_gpu):
     num_q_tokens, num_heads, head_dim = q.shape
     num_k_tokens, num_kv_heads, _ = k.shape
     num_q_blocks, num_k_blocks = num_q_tokens // block_size, num_k_tokens // block_size
@@ -190,6 +207,13 @@ def _block_sparse_attention(q, k, v, indices, counts, q_start, kv_len, *, block_
             compiler_params=None if interpret_flag else pltriton.CompilerParams(num_warps=4, num_stages=2),
         )(*scalars, q_heads, k_heads, v_heads)
 
+    def mosaic_gpu_call(interpret_params):
+        return mgpu.block_sparse_attention_mgpu(q, k, v, *scalars, block_size=block_size, sm_scale=sm_scale,
+                                                interpret=interpret_params)
+
+    if mosaic_gpu:  # its own layout: [Tq, H, D] in and out
+        return run_kernel(lambda p: mosaic_call(p).transpose(1, 0, 2), lambda p: triton_call(p).transpose(1, 0, 2),
+                          interpret, mosaic_gpu_call)
     out = run_kernel(mosaic_call, triton_call, interpret)
     return out.transpose(1, 0, 2)
 

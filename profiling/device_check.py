@@ -37,10 +37,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.engine import Engine
-from jaxinfer.models import init_random, model_from_values, param_shapes
+from jaxinfer.models import init_random, model_from_values, param_shapes, random_value
 from jaxinfer.sampling_params import SamplingParams
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
@@ -189,19 +190,12 @@ def check_kernels(sizes: Sizes, interpret: bool) -> list[dict]:
 
 
 def random_model(config: ModelConfig, dtype, seed: int = 0):
-    """Random weights made on the device (an 8B model's would take minutes in numpy): normal(0,
-    0.5/sqrt(fan_in)), norms near 1."""
+    """``init_random``'s weights drawn on the device instead (an 8B model's would take minutes in numpy)."""
     key = jax.random.key(seed)
     values = {}
     for index, (path, leaf) in enumerate(param_shapes(config, dtype).items()):
         noise = jax.random.normal(jax.random.fold_in(key, index), leaf.shape, jnp.float32)
-        if path[-1] == "weight":
-            value = 1.0 + 0.1 * noise
-        elif path[-1] == "bias":
-            value = 0.1 * noise
-        else:
-            value = 0.5 * noise / np.sqrt(leaf.shape[0] if path[-1] == "kernel" else leaf.shape[1])
-        values[path] = value.astype(leaf.dtype)
+        values[path] = random_value(path, leaf.shape, noise).astype(leaf.dtype)
     return model_from_values(config, values, dtype)
 
 
@@ -263,7 +257,7 @@ def model_speed(name: str, sizes: Sizes, bytes_per_s: float) -> list[dict]:
     config = ModelConfig.from_hf(TINY if name == "tiny" else REAL_MODELS[name])
     dtype = jnp.float32 if sizes.tiny else jnp.bfloat16
     model = random_model(config, dtype)
-    weight_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(nnx_state(model)))
+    weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
     prompt_len, output_len, long_prompt = sizes.pick(16, 128), sizes.pick(16, 128), sizes.pick(64, 2048)
     batches = sizes.pick((1, 8), (1, 8, 64))
     engine = engine_for(model, "auto", batches, long_prompt, long_prompt + 16, sizes.pick(8, 16),
@@ -291,12 +285,6 @@ def model_speed(name: str, sizes: Sizes, bytes_per_s: float) -> list[dict]:
     return rows
 
 
-def nnx_state(model):
-    from flax import nnx
-
-    return nnx.state(model)
-
-
 def unisparse_speed(sizes: Sizes) -> list[dict]:
     impl = sizes.pick("xla", "pallas")
     block = sizes.pick(16, 64)
@@ -305,7 +293,7 @@ def unisparse_speed(sizes: Sizes) -> list[dict]:
     rng = jax.random.key(5)
     for tokens in sizes.pick((1024, 2048), (32768, 65536, 131072)):
         dtype = sizes.pick(jnp.float32, jnp.bfloat16)
-        q, k, v = (jax.random.normal(jax.random.fold_in(rng, i), (tokens, heads, 128 if not sizes.tiny else 16), dtype)
+        q, k, v = (jax.random.normal(jax.random.fold_in(rng, i), (tokens, heads, sizes.pick(16, 128)), dtype)
                    for i, heads in enumerate((32, 8, 8)))
         dense = functools.partial(jax.jit(lambda q, k, v: dense_attention(q, k, v, block, impl=impl)), q, k, v)
         sparse = functools.partial(jax.jit(lambda q, k, v: sparse_attention(q, k, v, config, impl=impl)), q, k, v)

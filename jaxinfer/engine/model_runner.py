@@ -189,19 +189,6 @@ def _size(shape: StepShape) -> int:
     return shape.num_decode * shape.decode_kv_tokens + shape.num_prefill_tokens * max(shape.prefill_kv_tokens, 1)
 
 
-def _start_thread(function: Callable, name: str) -> concurrent.futures.Future:
-    """Run ``function`` on a new thread now; the future holds its result or its exception."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(function())
-        except BaseException as exc:  # noqa: BLE001 - delivered to whoever waits for the result
-            future.set_exception(exc)
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
-
-
 def _abstract(leaf):
     """An array's shape and dtype, and its sharding if it is committed to one (a step's inputs are not:
     they follow the weights onto a replica group's devices)."""
@@ -232,9 +219,13 @@ class ModelRunner:
         # the pool's first write faults in gigabytes of fresh pages (seconds on a small CPU host): it runs on
         # a thread while the step shapes compile, which read only the pool's shapes (_kv_abstract)
         self._kv: KVPages | None = None
-        self._kv_pending = _start_thread(kv_init, "jaxinfer-kv-init") if mesh is None else None
-        self._kv_abstract = jax.eval_shape(kv_init)
-        if mesh is not None:
+        self._kv_pending: concurrent.futures.Future | None = None
+        if mesh is None:
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-kv-init")
+            self._kv_pending = pool.submit(kv_init)
+            pool.shutdown(wait=False)  # the allocation runs on; the pool's thread ends with it
+            self._kv_abstract = jax.eval_shape(kv_init)
+        else:  # placed on the group's devices below, its abstract shapes taken from there
             self._kv = kv_init()
         features = 3 * model_config.hidden_size if draft_head is not None else 0
         self.sampler = SamplerState.init(scheduler_config.max_num_seqs, model_config.vocab_size, features)

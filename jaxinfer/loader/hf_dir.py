@@ -29,20 +29,21 @@ class HFDirectory:
         self.files = sorted(self.path.glob("*.safetensors"))
         if not self.files:
             raise ValueError(f"{self.path} has no *.safetensors weights")
+        self.generation_config = read_generation_config(self.path)  # end-of-sequence ids, sampling defaults
 
     def tokenizer(self) -> Tokenizer:
         eos = self._generation_eos()
         return Tokenizer.from_dir(self.path, eos_ids=eos)
 
     def _generation_eos(self) -> list[int]:
-        for source in (read_generation_config(self.path), self.hf_config):
+        for source in (self.generation_config, self.hf_config):
             eos = source.get("eos_token_id")
             if eos is not None:
                 return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
         return []
 
     def sampling_defaults(self) -> dict[str, Any]:
-        return from_generation_config(read_generation_config(self.path), str(self.path / "generation_config.json"))
+        return from_generation_config(self.generation_config, str(self.path / "generation_config.json"))
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (name, float32 array) per tensor; the flax framework reads bfloat16 too."""

@@ -118,20 +118,24 @@ def model_from_tensors(config: ModelConfig, tensors, dtype=jnp.float32,
     return model_from_values(config, values, dtype, quant_spec)
 
 
+def random_value(path: ParamPath, shape: tuple[int, ...], noise, scale: float = 0.5):
+    """The random-weight rule, for standard-normal ``noise`` of ``shape`` (numpy or jax): RMSNorm weights
+    near 1, small biases, other parameters normal(0, scale/sqrt(fan_in))."""
+    if path[-1] == "weight":  # RMSNorm
+        return 1.0 + 0.1 * noise
+    if path[-1] == "bias":
+        return 0.1 * noise
+    return scale * noise / np.sqrt(shape[0] if path[-1] == "kernel" else shape[1])
+
+
 def init_random(config: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.5,
                 quant_spec: QuantSpec | None = None) -> nnx.Module:
-    """A model with random weights (tests, benchmarks): normal(0, scale/sqrt(fan_in)), norms ~1.
+    """A model with random weights (tests, benchmarks; ``random_value``'s rule, drawn in numpy).
     With ``quant_spec`` the same random weights (same seed) quantized to its block types."""
     rng = np.random.default_rng(seed)
     values = {}
     for path, leaf in param_shapes(config, dtype).items():
-        shape = leaf.shape
-        if path[-1] == "weight":  # RMSNorm
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif path[-1] == "bias":
-            value = 0.1 * rng.standard_normal(shape)
-        else:
-            value = scale * rng.standard_normal(shape) / np.sqrt(shape[0] if path[-1] == "kernel" else shape[1])
+        value = random_value(path, leaf.shape, rng.standard_normal(leaf.shape), scale)
         if quant_spec is not None and path[-1] == "kernel":
             path, value = path[:-1] + ("qweight",), quant.quantize(value.T.astype(np.float32),
                                                                    _target_qtype(path, quant_spec))

@@ -25,7 +25,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import online_softmax_step, paged_kv_loader, resolve_interpret, run_kernel
+from pallas_kernels import paged_attention_mgpu as mgpu
+from pallas_kernels._backend import (
+    is_mosaic_gpu_interpret,
+    online_softmax_step,
+    paged_kv_loader,
+    resolve_gpu_body,
+    resolve_interpret,
+    run_kernel,
+)
 
 MASK_VALUE = -1e30
 
@@ -98,7 +106,8 @@ def _ragged_paged_attention_kernel(
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
                            page_indices: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array, *,
                            sm_scale: float | None = None, block_sizes: BlockSizes | None = None,
-                           interpret: bool | pltpu.InterpretParams | None = None) -> jax.Array:
+                           interpret: bool | pltpu.InterpretParams | None = None,
+                           gpu_body: str | None = None) -> jax.Array:
     """Pallas ragged paged attention (module docstring gives the contract). Returns [T, H, D] q.dtype.
 
     q [T, H, D] float; k_pages, v_pages [K, P, L, D] of one float dtype; kv_lens [B],
@@ -113,8 +122,10 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
     ``interpret``: None resolves via ``_backend.resolve_interpret``; True runs the Triton-style
     body in the generic interpreter; a ``pltpu.InterpretParams`` runs the Mosaic body (DMAs, SMEM)
-    in the TPU interpreter; False compiles, picking the Mosaic body when lowered for TPU and the
-    Triton body otherwise.
+    in the TPU interpreter; a ``plgpu.InterpretGPUParams`` runs the Mosaic GPU body in its interpreter
+    (jax >= 0.11); False compiles, picking the Mosaic body when lowered for TPU and on a GPU the Triton
+    body, or the Mosaic GPU body (``paged_attention_mgpu``) where ``gpu_body`` (default
+    JAXINFER_GPU_BODY) is "mosaic" and it serves the shapes.
     """
     _check_shapes(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     if not jnp.issubdtype(q.dtype, jnp.floating) or k_pages.dtype != v_pages.dtype \
@@ -123,25 +134,36 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                          f"{k_pages.dtype=}, {v_pages.dtype=}")
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(page_size=k_pages.shape[2])
-    interpret = interpret if isinstance(interpret, pltpu.InterpretParams) else resolve_interpret(interpret)
+    if not isinstance(interpret, pltpu.InterpretParams) and not is_mosaic_gpu_interpret(interpret):
+        interpret = resolve_interpret(interpret)
     kv_block = block_sizes.pages_per_block * k_pages.shape[2]
+    group = q.shape[1] // k_pages.shape[0]
+    mosaic_gpu = (resolve_gpu_body(gpu_body) == "mosaic" or is_mosaic_gpu_interpret(interpret)) and \
+        mgpu.supported(q.dtype, k_pages.dtype, head_dim=q.shape[2], page_size=k_pages.shape[2],
+                       pages_per_block=block_sizes.pages_per_block, rows=group * block_sizes.block_q)
+    if is_mosaic_gpu_interpret(interpret) and not mosaic_gpu:
+        raise ValueError(f"the Mosaic GPU body needs 16-bit q and pages of one dtype, head_dim and "
+                         f"pages_per_block * page_size multiples of {mgpu.TILE}, page_size a multiple of 8 and "
+                         f"G * block_q <= {mgpu.MAX_ROWS}, got {q.shape=}, {k_pages.shape=}, {q.dtype=}, "
+                         f"{k_pages.dtype=}, {block_sizes=}")
     if interpret is False and not all(n >= 16 and n & (n - 1) == 0 for n in (q.shape[2], kv_block)):
         raise ValueError(f"compiled kernels need head_dim and pages_per_block * page_size to be powers of two "
                          f">= 16 (Triton dots), got {q.shape=}, {k_pages.shape=}, {block_sizes=}")
     scale = q.shape[2] ** -0.5 if sm_scale is None else float(sm_scale)
     return _ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                                   sm_scale=scale, block_sizes=block_sizes, interpret=interpret)
+                                   sm_scale=scale, block_sizes=block_sizes, interpret=interpret,
+                                   mosaic_gpu=mosaic_gpu)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_sizes", "interpret", "mosaic_gpu"))
 def _ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
-                            block_sizes, interpret):
+                            block_sizes, interpret, mosaic_gpu):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     max_num_seqs, pages_per_seq = page_indices.shape
     group = num_heads // num_kv_heads
     block_q, pages_per_block = block_sizes.block_q, block_sizes.pages_per_block
-    rows = max(16, _next_power_of_two(group * block_q))
+    rows = mgpu.tile_rows(group * block_q) if mosaic_gpu else max(16, _next_power_of_two(group * block_q))
 
     # Query blocks: sequence b gets ceil(q_len_b / block_q) consecutive blocks. With at most
     # min(B, T) non-empty sequences, sum_b ceil(q_len_b / block_q) <= num_blocks; the rest are unused.
@@ -211,7 +233,15 @@ def _ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_len
             compiler_params=None if interpret_flag else pltriton.CompilerParams(num_warps=4, num_stages=2),
         )(*scalars, q_blocks, k_pages, v_pages)
 
-    out_blocks = run_kernel(mosaic_call, triton_call, interpret)
+    def mosaic_gpu_call(interpret_params):
+        # each block's own page table (its sequence's row), and its queries' positions for the causal mask
+        block_pages = flat_pages[block_seq].reshape(-1)
+        causal = mgpu.Visibility(inputs=(scalars[1],), rule=functools.partial(_causal_rule, block_q=block_q))
+        return mgpu.paged_attention_mgpu(q_blocks, k_pages, v_pages, block_pages, scalars[2], causal,
+                                         pages_per_block=pages_per_block, pages_per_item=padded_pages,
+                                         sm_scale=sm_scale, out_dtype=q.dtype, interpret=interpret_params)
+
+    out_blocks = run_kernel(mosaic_call, triton_call, interpret, mosaic_gpu_call if mosaic_gpu else None)
 
     # Back to token order: token t of sequence b (offset o) is row o % block_q of block cu_blocks[b] + o // block_q.
     out_blocks = out_blocks[:, :, :group * block_q].reshape(num_blocks, num_kv_heads, group, block_q, head_dim)
@@ -224,6 +254,13 @@ def _ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_len
     out = out_blocks[jnp.clip(index, 0, num_blocks * block_q - 1)]
     valid = (token_ids >= cu_q[0]) & (token_ids < cu_q[-1])
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
+
+
+def _causal_rule(refs, block, slots, rows, *, block_q: int):
+    """Row g * block_q + i of a block holds its query i, at position block_pos[block] + i: it sees the slots
+    at or before that position (the Mosaic GPU body's visibility rule)."""
+    (block_pos_ref,) = refs
+    return slots <= block_pos_ref[block] + lax.rem(rows, block_q)
 
 
 _DECODE_ROW_CHUNK = 8

@@ -24,10 +24,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import online_softmax_step, paged_kv_loader, resolve_interpret, run_kernel
+from pallas_kernels import paged_attention_mgpu as mgpu
+from pallas_kernels._backend import (
+    is_mosaic_gpu_interpret,
+    online_softmax_step,
+    paged_kv_loader,
+    resolve_gpu_body,
+    resolve_interpret,
+    run_kernel,
+)
+from pallas_kernels._mgpu import load_rows
 
 MASK_VALUE = -1e30
 _WORD_BITS = 32  # ancestor bits per int32 word of the kernel's packed tree mask
@@ -112,7 +122,8 @@ def _tree_attention_kernel(
 def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
                    page_indices: jax.Array, tree_mask: jax.Array, *, sm_scale: float | None = None,
                    pages_per_block: int | None = None,
-                   interpret: bool | pltpu.InterpretParams | None = None) -> jax.Array:
+                   interpret: bool | pltpu.InterpretParams | None = None,
+                   gpu_body: str | None = None) -> jax.Array:
     """Pallas tree attention (module docstring gives the contract). Returns [B, N, H, D] float32.
 
     q [B, N, H, D] float; k_pages, v_pages [K, P, L, D] of one float dtype; kv_lens [B] and
@@ -126,8 +137,11 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens
 
     ``interpret``: None resolves via ``_backend.resolve_interpret``; True runs the Triton-style body
     in the generic interpreter; a ``pltpu.InterpretParams`` runs the Mosaic body (DMAs, SMEM) in the
-    TPU interpreter; False compiles, picking the Mosaic body when lowered for TPU and the Triton body
-    otherwise. Compiled, head_dim and pages_per_block * L must be powers of two >= 16 (Triton dots).
+    TPU interpreter; a ``plgpu.InterpretGPUParams`` runs the Mosaic GPU body in its interpreter (jax >=
+    0.11); False compiles, picking the Mosaic body when lowered for TPU and on a GPU the Triton body, or
+    the Mosaic GPU body (``paged_attention_mgpu``) where ``gpu_body`` (default JAXINFER_GPU_BODY) is
+    "mosaic" and it serves the shapes. Compiled, head_dim and pages_per_block * L must be powers of two
+    >= 16 (Triton dots).
     """
     _check_shapes(q, k_pages, v_pages, kv_lens, page_indices, tree_mask)
     page_size = k_pages.shape[2]
@@ -135,24 +149,34 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens
         pages_per_block = 1 << (max(1, 64 // page_size).bit_length() - 1)
     if pages_per_block < 1 or pages_per_block & (pages_per_block - 1):
         raise ValueError(f"pages_per_block must be a positive power of two, got {pages_per_block}")
-    interpret = interpret if isinstance(interpret, pltpu.InterpretParams) else resolve_interpret(interpret)
+    if not isinstance(interpret, pltpu.InterpretParams) and not is_mosaic_gpu_interpret(interpret):
+        interpret = resolve_interpret(interpret)
     kv_block = pages_per_block * page_size
+    rows = q.shape[1] * q.shape[2] // k_pages.shape[0]  # G * N
+    mosaic_gpu = (resolve_gpu_body(gpu_body) == "mosaic" or is_mosaic_gpu_interpret(interpret)) and \
+        mgpu.supported(q.dtype, k_pages.dtype, head_dim=q.shape[3], page_size=page_size,
+                       pages_per_block=pages_per_block, rows=rows)
+    if is_mosaic_gpu_interpret(interpret) and not mosaic_gpu:
+        raise ValueError(f"the Mosaic GPU body needs 16-bit q and pages of one dtype, head_dim and "
+                         f"pages_per_block * page_size multiples of {mgpu.TILE}, page_size a multiple of 8 and "
+                         f"G * N <= {mgpu.MAX_ROWS}, got {q.shape=}, {k_pages.shape=}, {q.dtype=}, "
+                         f"{k_pages.dtype=}, {pages_per_block=}")
     if interpret is False and not all(n >= 16 and n & (n - 1) == 0 for n in (q.shape[3], kv_block)):
         raise ValueError(f"compiled kernels need head_dim and pages_per_block * page_size to be powers of two "
                          f">= 16 (Triton dots), got {q.shape=}, {k_pages.shape=}, {pages_per_block=}")
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     return _tree_attention(q, k_pages, v_pages, kv_lens, page_indices, tree_mask, sm_scale=scale,
-                           pages_per_block=pages_per_block, interpret=interpret)
+                           pages_per_block=pages_per_block, interpret=interpret, mosaic_gpu=mosaic_gpu)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block", "interpret", "mosaic_gpu"))
 def _tree_attention(q, k_pages, v_pages, kv_lens, page_indices, tree_mask, *, sm_scale, pages_per_block,
-                    interpret):
+                    interpret, mosaic_gpu):
     num_reqs, num_nodes, num_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     max_pages = page_indices.shape[1]
     group = num_heads // num_kv_heads
-    rows = max(16, _next_power_of_two(group * num_nodes))
+    rows = mgpu.tile_rows(group * num_nodes) if mosaic_gpu else max(16, _next_power_of_two(group * num_nodes))
     num_words = _next_power_of_two(-(-num_nodes // _WORD_BITS))
 
     # Queries in the kernel's [R, D] layout: row g * N + i holds head g of the KV head, node i.
@@ -219,9 +243,34 @@ def _tree_attention(q, k_pages, v_pages, kv_lens, page_indices, tree_mask, *, sm
             compiler_params=None if interpret_flag else pltriton.CompilerParams(num_warps=4, num_stages=2),
         )(*scalars, q_rows, tree_bits, k_pages, v_pages)
 
-    out = run_kernel(mosaic_call, triton_call, interpret)  # [B, K, R, D]
+    def mosaic_gpu_call(interpret_params):
+        ancestry = mgpu.Visibility(inputs=(kv_lens, tree_bits[..., 0]), rule=_tree_rule)
+        return mgpu.paged_attention_mgpu(q_rows, k_pages, v_pages, scalars[2], num_kv, ancestry,
+                                         pages_per_block=pages_per_block, pages_per_item=padded_pages,
+                                         sm_scale=sm_scale, out_dtype=jnp.float32, interpret=interpret_params)
+
+    out = run_kernel(mosaic_call, triton_call, interpret, mosaic_gpu_call if mosaic_gpu else None)  # [B, K, R, D]
     out = out[:, :, :group * num_nodes].reshape(num_reqs, num_kv_heads, group, num_nodes, head_dim)
     return out.transpose(0, 3, 1, 2, 4).reshape(num_reqs, num_nodes, num_heads, head_dim)
+
+
+def _tree_rule(refs, req, slots, rows):
+    """A row sees the committed slots and its node's ancestors' slots (the Mosaic GPU body's visibility
+    rule): ``refs`` = kv_lens [B] and the rows' ancestor words [B, W, R] in GMEM."""
+    del rows  # each row's words are loaded in the accumulator's row layout instead
+    kv_lens_ref, bits_ref = refs
+    kv_len = kv_lens_ref[req]
+    node = slots - kv_len  # tree node held by the slot (negative: committed)
+    visible = node < 0
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    for w in range(bits_ref.shape[1]):
+        bits = lax.broadcast_in_dim(load_rows(bits_ref.at[req, w], row_layout),
+                                    slots.shape, [0])
+        bit = node - w * _WORD_BITS
+        in_word = (bit >= 0) & (bit < _WORD_BITS)
+        ancestor = ((bits >> jnp.minimum(jnp.maximum(bit, 0), _WORD_BITS - 1)) & 1) != 0
+        visible = visible | (in_word & ancestor)
+    return visible
 
 
 def _request_attention(q, kv_len, pages, tree_pages, tree_offsets, tree_mask, k_pages, v_pages, scale):

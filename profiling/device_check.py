@@ -9,10 +9,10 @@ Stages (each timed; a failing stage is recorded and the rest still run; the exit
 check failed):
 1. kernels: ragged paged attention, tree attention, UniSparse block scores and block-sparse
    attention, compiled (interpret mode on CPU) against the jnp references, float32 and bfloat16; and
-   the Mosaic GPU body of block-sparse attention (bfloat16; on CPU in the Mosaic GPU interpreter of
-   jax >= 0.11, skipped under older jax).
+   the Mosaic GPU bodies of block-sparse, ragged paged and tree attention (bfloat16; on CPU in the
+   Mosaic GPU interpreter of jax >= 0.11, skipped under older jax).
 2. engine: greedy tokens of a random-weight model with attention_impl=pallas equal those with
-   attention_impl=reference.
+   attention_impl=reference; on a GPU also with the Mosaic GPU bodies (JAXINFER_GPU_BODY=mosaic).
 3. speed: measured memory bandwidth (a device copy); decode tokens/s at batch 1/8/64 and prefill
    tokens/s of random-weight models of real shapes (Llama-3.2-1B and Llama-3.1-8B, bfloat16; the tiny
    model with --tiny) against the bandwidth roofline (weights plus KV read once per step); UniSparse
@@ -23,6 +23,7 @@ check failed):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -43,12 +44,16 @@ from jaxinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerCon
 from jaxinfer.engine.engine import Engine
 from jaxinfer.models import init_random, model_from_values, param_shapes, random_value
 from jaxinfer.sampling_params import SamplingParams
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels._mgpu import interpret_params
+from pallas_kernels.ragged_paged_attention import (
+    BlockSizes,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
 from pallas_kernels.unisparse import UniSparseConfig, dense_attention, sparse_attention
 from pallas_kernels.unisparse.block_scores_kernel import block_scores_pallas
 from pallas_kernels.unisparse.block_sparse_attention import block_sparse_attention
-from pallas_kernels.unisparse.block_sparse_attention_mgpu import interpret_params
 from pallas_kernels.unisparse.reference import block_scores, block_sparse_attention_reference, select_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,20 +152,31 @@ def _unisparse_cases(rng, sizes: Sizes, head_dim: int, dtype, interpret: bool) -
               lambda: block_sparse_attention_reference(q, k, v, mask, block))]
     mosaic = interpret_params() if interpret else False  # compiled on a GPU; its interpreter on CPU (jax >= 0.11)
     if jnp.dtype(dtype) == jnp.bfloat16 and mosaic is not None:
-        cases.append(_mosaic_gpu_case(rng, sizes, mosaic))
+        cases += _mosaic_gpu_cases(rng, sizes, mosaic)
     return cases
 
 
-def _mosaic_gpu_case(rng, sizes: Sizes, interpret) -> tuple:
-    """The Mosaic GPU body of block-sparse attention (opt-in until this check passes on a GPU): tiles of 64."""
+def _mosaic_gpu_cases(rng, sizes: Sizes, interpret) -> list[tuple]:
+    """The Mosaic GPU bodies (opt-in until this check passes on a GPU): bfloat16, tiles of 64."""
     tokens, head_dim = sizes.pick(128, 4096), sizes.pick(64, 128)
     config = UniSparseConfig(local_blocks=1, c_h=1, block_size=64, c_q=4, c_k=4, tau=0.6)
     q, k, v = (jnp.asarray(rng.normal(size=(tokens, heads, head_dim)), jnp.bfloat16) for heads in (8, 2, 2))
     mask, indices, counts = select_blocks(block_scores(q, k, config), config)
-    return ("unisparse_block_sparse_attention_mosaic_gpu",
-            lambda: block_sparse_attention(q, k, v, indices, counts, block_size=64, interpret=interpret,
-                                           gpu_body="mosaic"),
-            lambda: block_sparse_attention_reference(q, k, v, mask, 64))
+    shape = dict(kv_heads=2, group=4, head_dim=head_dim, page=16, dtype=jnp.bfloat16)
+    paged = _paged_inputs(rng, sizes.pick([9, 1, 70, 33], [1000, 1, 4095, 257, 64, 2048, 17, 513]),
+                          sizes.pick([9, 1, 4, 1], [200, 1, 1, 64, 1, 128, 17, 1]), **shape)
+    tree = _tree_inputs(rng, sizes.pick([5, 70], [700, 3000, 64, 1]), nodes=16, **shape)
+    blocks = BlockSizes(block_q=16, pages_per_block=4)
+    return [("unisparse_block_sparse_attention_mosaic_gpu",
+             lambda: block_sparse_attention(q, k, v, indices, counts, block_size=64, interpret=interpret,
+                                            gpu_body="mosaic"),
+             lambda: block_sparse_attention_reference(q, k, v, mask, 64)),
+            ("ragged_paged_attention_mosaic_gpu",
+             lambda: ragged_paged_attention(*paged, block_sizes=blocks, interpret=interpret, gpu_body="mosaic"),
+             lambda: ragged_paged_attention_reference(*paged)),
+            ("tree_attention_mosaic_gpu",
+             lambda: tree_attention(*tree, pages_per_block=4, interpret=interpret, gpu_body="mosaic"),
+             lambda: tree_attention_reference(*tree))]
 
 
 def check_kernels(sizes: Sizes, interpret: bool) -> list[dict]:
@@ -221,13 +237,32 @@ def check_engine(sizes: Sizes) -> dict:
     prompts = [rng.integers(3, config.vocab_size, size=n).tolist() for n in sizes.pick((5, 17, 30), (100, 7, 300))]
     params = SamplingParams(max_tokens=sizes.pick(8, 32), ignore_eos=True)
     outputs = {}
-    for impl in ("pallas", "reference"):
-        engine = engine_for(model, impl, (4,), sizes.pick(32, 512), sizes.pick(64, 1024), sizes.pick(8, 16), 0.5)
-        outputs[impl] = [o.output_ids for o in engine.generate(prompts, params)]
-    same = [a == b for a, b in zip(outputs["pallas"], outputs["reference"], strict=True)]
+    # on a GPU also the Mosaic GPU bodies (JAXINFER_GPU_BODY is read when a step is traced); the tiny
+    # model's head_dim 16 is below their tiles of 64
+    runs = (("pallas", "triton"), ("reference", "triton")) + (() if sizes.tiny else (("pallas", "mosaic"),))
+    for impl, body in runs:
+        name = impl if body == "triton" else f"{impl} ({body} GPU bodies)"
+        with _gpu_body(body):
+            engine = engine_for(model, impl, (4,), sizes.pick(32, 512), sizes.pick(64, 1024), sizes.pick(8, 16), 0.5)
+            outputs[name] = [o.output_ids for o in engine.generate(prompts, params)]
+    same = {name: [a == b for a, b in zip(out, outputs["reference"], strict=True)]
+            for name, out in outputs.items() if name != "reference"}
     return dict(model="tiny" if sizes.tiny else "llama-3.2-1b shapes, 2 layers (random weights, bfloat16)",
-                requests=len(prompts),
-                equal=same, ok=all(same))
+                requests=len(prompts), equal=same["pallas"], equal_by_run=same,
+                ok=all(all(flags) for flags in same.values()))
+
+
+@contextlib.contextmanager
+def _gpu_body(body: str):
+    previous = os.environ.get("JAXINFER_GPU_BODY")
+    os.environ["JAXINFER_GPU_BODY"] = body
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["JAXINFER_GPU_BODY"]
+        else:
+            os.environ["JAXINFER_GPU_BODY"] = previous
 
 
 # -- 3. speed -----------------------------------------------------------------------------------------------------
@@ -366,10 +401,11 @@ def print_table(report: dict) -> None:
         result = entry["result"]
         if name == "kernels":
             for row in result:
-                print(f"{'kernel':<20} {row['kernel']:<34} {row['dtype']:<9} max err {row['max_abs_error']:.2e} "
+                print(f"{'kernel':<20} {row['kernel']:<44} {row['dtype']:<9} max err {row['max_abs_error']:.2e} "
                       f"{'ok' if row['ok'] else 'FAIL'}")
         elif name == "engine":
-            print(f"{'engine':<20} pallas == reference greedy: {result['ok']} ({result['model']})")
+            print(f"{'engine':<20} pallas == reference greedy: {result['ok']} ({result['model']}; runs: "
+                  f"{', '.join(result['equal_by_run'])})")
         elif name == "bandwidth":
             print(f"{'bandwidth':<20} {result / 1e9:.1f} GB/s (copy, read + write)")
         elif name.startswith("speed_"):

@@ -5,7 +5,7 @@ import importlib.util
 import json
 import sys
 
-from pallas_kernels.unisparse.block_sparse_attention_mgpu import interpret_params
+from pallas_kernels._mgpu import interpret_params
 from tests.conftest import REPO
 
 
@@ -24,7 +24,8 @@ def test_device_check_runs_every_stage_on_cpu_and_writes_its_report(tmp_path, ca
     kernels = report["kernels"]["result"]
     names = {"ragged_paged_attention", "tree_attention", "unisparse_block_scores", "unisparse_block_sparse_attention"}
     if interpret_params() is not None:  # jax >= 0.11 interprets the Mosaic GPU body on CPU
-        names.add("unisparse_block_sparse_attention_mosaic_gpu")
+        names |= {f"{kernel}_mosaic_gpu" for kernel in
+                  ("unisparse_block_sparse_attention", "ragged_paged_attention", "tree_attention")}
     assert {row["kernel"] for row in kernels} == names
     assert all(row["ok"] and row["max_abs_error"] < 0.03 for row in kernels)
     assert report["engine"]["result"]["ok"] and all(report["engine"]["result"]["equal"])

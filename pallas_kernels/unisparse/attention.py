@@ -22,7 +22,7 @@ from pallas_kernels.unisparse.reference import (
     block_sparse_attention_reference,
     select_blocks,
 )
-from pallas_kernels.unisparse.xla import block_sparse_attention_xla, dense_blocked_attention_xla
+from pallas_kernels.unisparse.xla import block_sparse_attention_xla, chunked_block_scores, dense_blocked_attention_xla
 
 IMPLS = ("xla", "pallas", "reference")
 
@@ -71,7 +71,7 @@ def select(q: jax.Array, k: jax.Array, config: UniSparseConfig, *, q_start: jax.
     if impl == "pallas":
         scores = block_scores_pallas(q, k, config, q_start, kv_len, interpret=interpret)
     elif impl == "xla":
-        scores = _chunked_block_scores(q, k, config, q_start, kv_len)
+        scores = chunked_block_scores(q, k, config, q_start, kv_len)
     else:
         scores = block_scores(q, k, config, q_start, kv_len)
     if config.share_kv_heads:  # one map per KV head: the mean of its (compressed) query heads' maps
@@ -79,24 +79,6 @@ def select(q: jax.Array, k: jax.Array, config: UniSparseConfig, *, q_start: jax.
     elif pooled_heads > 1:  # one list per query head: each head takes its compressed group's map
         scores = jnp.repeat(scores, pooled_heads, axis=0)
     return Selection(*select_blocks(scores, config, q_start))
-
-
-def _chunked_block_scores(q, k, config: UniSparseConfig, q_start, kv_len, max_logits: int = 1 << 25):
-    """``block_scores`` over chunks of query blocks, so the composite logits held at once stay under
-    ``max_logits`` floats (a 32K prompt at c_q = 1 would need gigabytes); each row's softmax is its own."""
-    tq, h, _ = q.shape
-    s = config.block_size
-    nq = tq // s
-    per_block = h * (s // config.c_q) * (k.shape[0] // config.c_k)
-    chunk = max(1, min(nq, max_logits // per_block))
-    while nq % chunk:
-        chunk -= 1
-    if chunk == nq:
-        return block_scores(q, k, config, q_start, kv_len)
-    starts = q_start + jnp.arange(0, tq, chunk * s)
-    chunks = q.reshape(nq // chunk, chunk * s, *q.shape[1:])
-    scores = jax.lax.map(lambda args: block_scores(args[0], k, config, args[1], kv_len), (chunks, starts))
-    return scores.transpose(1, 0, 2, 3).reshape(h, nq, -1)  # [H, Nq, Nk]
 
 
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, config: UniSparseConfig, *,

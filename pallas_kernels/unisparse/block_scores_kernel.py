@@ -10,6 +10,15 @@ visible key are skipped (their scores are 0). The result is divided by S / c_q.
 Triton needs power-of-two tiles of at least 16: the wrapper zero-pads the head dim, the composite rows
 and each key block's composite keys up to that (padded keys are masked, padded blocks sliced off), so
 any shape that ``reference.block_scores`` takes runs compiled too.
+
+No Mosaic GPU body: where the GPU kernels run on Mosaic GPU (``gpu_body`` "mosaic"), scoring runs as XLA
+(``xla.chunked_block_scores``, float32 GEMMs) instead of Triton, for three reasons. The products must be
+float32-exact (HIGHEST), as the block selection at tau follows small differences in the scores, and
+wgmma takes float32 operands only as tf32 (10-bit mantissa). A CUDA-core formulation needs what Mosaic
+GPU's register layouts do not offer: sums over groups of columns of a tile (the per-key-block mass; this
+kernel does it with a 0/1 membership matmul, which would again be a tf32 wgmma). And a query block has
+only S / c_q = 8-16 composite rows against wgmma's 64: three quarters of every tile would be padding.
+Scoring costs O((T / c)^2 * D), a small share next to the attention it prunes, which cuBLAS serves well.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._backend import resolve_interpret, run_kernel
+from pallas_kernels._backend import is_mosaic_gpu_interpret, resolve_gpu_body, resolve_interpret, run_kernel
 from pallas_kernels.unisparse.reference import UniSparseConfig, check_blocking
+from pallas_kernels.unisparse.xla import chunked_block_scores
 
 CHUNK_BLOCKS = 16  # key blocks per step of the kernel's loops (the N of Triton's membership dot)
 MASK_VALUE = -1e30
@@ -93,25 +103,30 @@ def _block_scores_kernel(
 
 def block_scores_pallas(q: jax.Array, k: jax.Array, config: UniSparseConfig, q_start: jax.Array | int = 0,
                         kv_len: jax.Array | int | None = None, *,
-                        interpret: bool | pltpu.InterpretParams | None = None) -> jax.Array:
+                        interpret: bool | pltpu.InterpretParams | None = None,
+                        gpu_body: str | None = None) -> jax.Array:
     """[H, Nq, Nk] float32 block scores, equal to ``reference.block_scores`` (same arguments).
 
     q [Tq, H, D], k [Tk, K, D] floating; q_start and kv_len (default Tk) may be traced int32 scalars.
     ``interpret``: None resolves via ``_backend.resolve_interpret``; True runs the kernel in the
     generic interpreter; a ``pltpu.InterpretParams`` runs the Mosaic call in the TPU interpreter; False
-    compiles (Mosaic when lowered for TPU, Triton otherwise).
+    compiles (Mosaic when lowered for TPU; on a GPU Triton, or XLA where ``gpu_body``, default
+    JAXINFER_GPU_BODY, is "mosaic": see the module docstring). A ``plgpu.InterpretGPUParams`` (the other
+    kernels' Mosaic GPU interpreter) runs the XLA scoring.
     """
     check_blocking(q, k, config.block_size)
     if not jnp.issubdtype(q.dtype, jnp.floating) or not jnp.issubdtype(k.dtype, jnp.floating):
         raise ValueError(f"expected floating q and k, got {q.dtype=}, {k.dtype=}")
-    interpret = interpret if isinstance(interpret, pltpu.InterpretParams) else resolve_interpret(interpret)
+    if not isinstance(interpret, pltpu.InterpretParams) and not is_mosaic_gpu_interpret(interpret):
+        interpret = resolve_interpret(interpret)
+    xla_on_gpu = resolve_gpu_body(gpu_body) == "mosaic" or is_mosaic_gpu_interpret(interpret)
     kv_len = k.shape[0] if kv_len is None else kv_len
     return _block_scores(q, k, jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32), config=config,
-                         interpret=interpret)
+                         interpret=interpret, xla_on_gpu=xla_on_gpu)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _block_scores(q, k, q_start, kv_len, *, config, interpret):
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "xla_on_gpu"))
+def _block_scores(q, k, q_start, kv_len, *, config, interpret, xla_on_gpu):
     num_q_tokens, num_heads, head_dim = q.shape
     num_k_tokens, num_kv_heads, _ = k.shape
     block_size, c_q, c_k = config.block_size, config.c_q, config.c_k
@@ -180,7 +195,12 @@ def _block_scores(q, k, q_start, kv_len, *, config, interpret):
             compiler_params=None if interpret_flag else pltriton.CompilerParams(num_warps=4, num_stages=1),
         )(bounds, qc, kc, key_start, member)
 
-    out = run_kernel(mosaic_call, triton_call, interpret)
+    def xla_call(_):  # [H, Nq, Nk], padded into the kernel's output layout (one type for every platform)
+        scores = chunked_block_scores(q, k, config, q_start, jnp.minimum(kv_len, num_k_tokens))
+        scores = jnp.pad(scores, ((0, 0), (0, 0), (0, num_chunks * CHUNK_BLOCKS - num_k_blocks)))
+        return scores.reshape(out_shape.shape)
+
+    out = run_kernel(mosaic_call, triton_call, interpret, xla_call if xla_on_gpu else None)
     return out.reshape(num_heads, num_q_blocks, num_chunks * CHUNK_BLOCKS)[:, :, :num_k_blocks]
 
 

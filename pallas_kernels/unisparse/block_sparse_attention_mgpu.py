@@ -23,8 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-MASK_VALUE = -1e30
-TILE = 64  # wgmma's tile edge for 16-bit operands
+from pallas_kernels._mgpu import TILE, flash_finish, flash_init, flash_step, smem_tile
 
 
 def supported(q_dtype, kv_dtype, block_size: int, head_dim: int) -> bool:
@@ -32,12 +31,6 @@ def supported(q_dtype, kv_dtype, block_size: int, head_dim: int) -> bool:
     return jnp.dtype(q_dtype) == jnp.dtype(kv_dtype) and \
         jnp.dtype(q_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and \
         block_size % TILE == 0 and head_dim % TILE == 0
-
-
-def interpret_params():
-    """The Mosaic GPU interpreter's parameters, or None where this jax has no such interpreter."""
-    params = getattr(plgpu, "InterpretGPUParams", None)
-    return params() if params is not None else None
 
 
 def block_sparse_attention_mgpu(q, k, v, steps, indices, bounds, *, block_size: int, sm_scale: float,
@@ -73,53 +66,23 @@ def block_sparse_attention_mgpu(q, k, v, steps, indices, bounds, *, block_size: 
         q_pos = q_start + q_block * size + rows
 
         def step(n, carry):
-            acc, m_prev, l_prev = carry
             slot = lax.rem(n, 2)
             # the next blocks stream into the other slot while this step computes; that slot's last
             # readers (step n - 1's products) have completed, their results having been read
             pl.when(n + 1 < count)(lambda: fetch(n + 1, 1 - slot))
-            keys, values = k_smem.at[slot], v_smem.at[slot]
-            plgpu.barrier_wait(k_barriers.at[slot])
-            if compiled:
-                def scores_on_tensor_cores(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, keys.T)
-                    return acc_ref[...]
-                scores = pl.run_scoped(scores_on_tensor_cores, plgpu.ACC((size, size), jnp.float32))
-            else:
-                scores = lax.dot_general(q_smem[...], keys[...], (((1,), (1,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
             key_pos = indices_ref[item * num_k_blocks + n] * size + cols
             visible = (key_pos <= q_pos) & (key_pos < kv_len)
-            scores = jnp.where(visible, scores * sm_scale, MASK_VALUE)
-            m_next = jnp.maximum(m_prev, scores.max(axis=1))
-            probs = jnp.where(visible, jnp.exp(scores - lax.broadcast_in_dim(m_next, scores.shape, [0])), 0.0)
-            alpha = jnp.exp(m_prev - m_next)
-            l_next = alpha * l_prev + probs.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            probs = probs.astype(values.dtype)
-            plgpu.barrier_wait(v_barriers.at[slot])
-            if compiled:
-                def values_on_tensor_cores(acc_ref):
-                    plgpu.wgmma(acc_ref, probs, values)
-                acc = pl.run_state(values_on_tensor_cores)(plgpu.ACC.init(acc))
-            else:
-                acc = acc + jnp.dot(probs, values[...], preferred_element_type=jnp.float32)
-            return acc, m_next, l_next
+            return flash_step(carry, q_smem, k_smem.at[slot], v_smem.at[slot], k_barriers.at[slot],
+                              v_barriers.at[slot], visible, sm_scale=sm_scale, compiled=compiled)
 
-        init = (plgpu.layout_cast(jnp.zeros((size, head_dim), jnp.float32), layout),
-                plgpu.layout_cast(jnp.full((size,), MASK_VALUE, jnp.float32), layout.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((size,), jnp.float32), layout.reduce(1)))
-        acc, _, total = lax.fori_loop(0, count, step, init)
-        out = acc / lax.broadcast_in_dim(jnp.where(total == 0.0, 1.0, total), acc.shape, [0])
+        out = flash_finish(lax.fori_loop(0, count, step, flash_init(size, head_dim)))
         q_smem[...] = out.astype(q_smem.dtype)  # the query tile is done with: it stages the output
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(q_block * size, size), head])
         plgpu.wait_smem_to_gmem(0)
 
-    # shared-memory tiles as wgmma reads them: 8 x 64 tiles, 128-byte swizzle
-    transforms = (plgpu.TilingTransform((8, TILE)), plgpu.SwizzleTransform(128))
-    tile = plgpu.SMEM((size, head_dim), q.dtype, transforms=transforms)
-    slots = plgpu.SMEM((2, size, head_dim), q.dtype, transforms=transforms)  # double buffer
+    tile = smem_tile((size, head_dim), q.dtype)
+    slots = smem_tile((2, size, head_dim), q.dtype)  # double buffer
     call = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(num_q_blocks, num_heads),
         grid_names=("q_block", "head"),

@@ -56,7 +56,8 @@ def block_scores(q: jax.Array, k: jax.Array, config: UniSparseConfig, q_start: j
     s = config.block_size
     qc = _pool(q, config.c_q)  # [Tq/cq, H, D]
     kc = jnp.repeat(_pool(k, config.c_k), h // kv_heads, axis=1)  # [Tk/ck, H, D]
-    logits = jnp.einsum("ahd,bhd->hab", qc, kc) / jnp.sqrt(jnp.float32(d))
+    # float32 products (a GPU's default would round them to tf32 and move blocks across tau)
+    logits = jnp.einsum("ahd,bhd->hab", qc, kc, precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d))
     visible = composite_visible(qc.shape[0], kc.shape[0], config, q_start, tk if kv_len is None else kv_len)
     probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)  # [H, Tq/cq, Tk/ck]
     per_q, per_k = s // config.c_q, s // config.c_k

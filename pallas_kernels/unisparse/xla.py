@@ -9,6 +9,9 @@ count is dynamic, so work is proportional to what each item really attends to:
   read or multiplied.
 - ``dense_blocked_attention_xla``: one item per (KV head, chunk); steps slice contiguous key ranges up
   to the chunk's last causal block, so only the causal triangle (rounded up to steps) is computed.
+
+``chunked_block_scores`` is the block scoring of ``reference`` in chunks of query blocks, so that long
+prompts' composite logits fit in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.unisparse.reference import check_blocking
+from pallas_kernels.unisparse.reference import UniSparseConfig, block_scores, check_blocking
 
 NEG_INF = -1e30
 
@@ -164,3 +167,21 @@ def dense_blocked_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, blo
     out = lax.map(attend, (q_items, item_kv, item_first))  # [I, G', C*S, D]
     out = out.reshape(kv_heads, nq // c, group, c * s, d).transpose(1, 3, 0, 2, 4)
     return out.reshape(tq, h, d).astype(jnp.asarray(q).dtype)
+
+
+def chunked_block_scores(q, k, config: UniSparseConfig, q_start, kv_len, max_logits: int = 1 << 25):
+    """``block_scores`` over chunks of query blocks, so the composite logits held at once stay under
+    ``max_logits`` floats (a 32K prompt at c_q = 1 would need gigabytes); each row's softmax is its own."""
+    tq, h, _ = q.shape
+    s = config.block_size
+    nq = tq // s
+    per_block = h * (s // config.c_q) * (k.shape[0] // config.c_k)
+    chunk = max(1, min(nq, max_logits // per_block))
+    while nq % chunk:
+        chunk -= 1
+    if chunk == nq:
+        return block_scores(q, k, config, q_start, kv_len)
+    starts = q_start + jnp.arange(0, tq, chunk * s)
+    chunks = q.reshape(nq // chunk, chunk * s, *q.shape[1:])
+    scores = jax.lax.map(lambda args: block_scores(args[0], k, config, args[1], kv_len), (chunks, starts))
+    return scores.transpose(1, 0, 2, 3).reshape(h, nq, -1)  # [H, Nq, Nk]

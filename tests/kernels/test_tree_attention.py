@@ -40,7 +40,7 @@ def _random_parents(rng, num_nodes):
 
 
 def _make_inputs(kv_lens, *, group, page_size, num_nodes=NUM_NODES, num_padding=1, parents=None,
-                 dtype=jnp.float32, seed=0):
+                 dtype=jnp.float32, seed=0, head_dim=HEAD_DIM):
     """Random trees, shuffled page tables (one spare column), padding requests whose page-table rows
     point outside the pool (they must never be read)."""
     rng = np.random.default_rng(seed)
@@ -48,9 +48,9 @@ def _make_inputs(kv_lens, *, group, page_size, num_nodes=NUM_NODES, num_padding=
     pages_per_req = -(-(max(kv_lens) + num_nodes) // page_size) + 1
     num_pages = num_reqs * pages_per_req + 3
     num_heads = NUM_KV_HEADS * group
-    q = rng.normal(size=(num_reqs, num_nodes, num_heads, HEAD_DIM)) / np.sqrt(HEAD_DIM)
-    k_pages = rng.normal(size=(NUM_KV_HEADS, num_pages, page_size, HEAD_DIM)) / np.sqrt(HEAD_DIM)
-    v_pages = rng.normal(size=(NUM_KV_HEADS, num_pages, page_size, HEAD_DIM))
+    q = rng.normal(size=(num_reqs, num_nodes, num_heads, head_dim)) / np.sqrt(head_dim)
+    k_pages = rng.normal(size=(NUM_KV_HEADS, num_pages, page_size, head_dim)) / np.sqrt(head_dim)
+    v_pages = rng.normal(size=(NUM_KV_HEADS, num_pages, page_size, head_dim))
     page_indices = rng.permutation(num_pages)[:num_reqs * pages_per_req].reshape(num_reqs, pages_per_req)
     page_indices[len(kv_lens):] = num_pages + 7
     lens = np.zeros(num_reqs, np.int32)

@@ -48,14 +48,14 @@ def test_unknown_impl_is_refused():
 
 def test_chunked_scores_equal_the_whole_score_map():
     from pallas_kernels.unisparse import block_scores
-    from pallas_kernels.unisparse.attention import _chunked_block_scores
+    from pallas_kernels.unisparse.xla import chunked_block_scores
 
     rng = np.random.default_rng(9)
     q = rng.normal(size=(256, 6, 16)).astype(np.float32)
     k = rng.normal(size=(384, 2, 16)).astype(np.float32)
     cfg = UniSparseConfig(local_blocks=1, c_h=1, block_size=16, c_q=2, c_k=4)
     whole = np.asarray(block_scores(q, k, cfg, 128, 300))
-    chunked = np.asarray(_chunked_block_scores(q, k, cfg, 128, 300, max_logits=6 * 8 * 96 * 3))  # 3 blocks a chunk
+    chunked = np.asarray(chunked_block_scores(q, k, cfg, 128, 300, max_logits=6 * 8 * 96 * 3))  # 3 blocks a chunk
     np.testing.assert_allclose(chunked, whole, atol=1e-6)
 
 

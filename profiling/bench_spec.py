@@ -72,6 +72,7 @@ def run(engine: Engine, prompts: list[list[int]], batch: int, temperature: float
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="auto", help="weight format (jaxinfer.loader DTYPES)")
     parser.add_argument("--methods", default="plain,ngram,eagle,heterospec")
     parser.add_argument("--datasets", default="mt_bench,gsm8k")
     parser.add_argument("--batches", default="1,4")
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     enable_compilation_cache()
-    loaded = load_model(args.model, "float32")
+    loaded = load_model(args.model, args.dtype)
     tokenizer = loaded.tokenizer
     # one KV bucket: prompts (< 400 tokens) plus outputs fit, and every method compiles few shapes
     scheduler = SchedulerConfig(max_num_seqs=4, max_model_len=1024, decode_buckets=(1, 2, 4),
@@ -110,8 +111,9 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     rows = []
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()} {os.cpu_count()} cores",
-                model=args.model, num_prompts=args.num_prompts, max_tokens=args.max_tokens, depth=args.depth,
-                top_k=args.top_k, nodes=args.nodes, adaptive=args.adaptive, python=sys.version.split()[0], prompts={})
+                model=args.model, dtype=args.dtype, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+                depth=args.depth, top_k=args.top_k, nodes=args.nodes, adaptive=args.adaptive,
+                python=sys.version.split()[0], prompts={})
     header = (f"{'dataset':<9} {'B':>2} {'T':>3} {'method':<11} {'nodes':>5} {'tok/s':>7} {'speedup':>8} {'tau':>5} "
               f"{'calls':>6} {'verified':>9} {'equal':>6}")
     print(header)

@@ -30,6 +30,7 @@ from jaxinfer.spec.tree import DraftTree, pack
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="auto", help="weight format (jaxinfer.loader DTYPES)")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--nodes", default="2,4,8,16,32")
     parser.add_argument("--context", type=int, default=256, help="committed tokens per request")
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     enable_compilation_cache()
-    loaded = load_model(args.model, "float32")
+    loaded = load_model(args.model, args.dtype)
     nodes_list = [int(n) for n in args.nodes.split(",")]
     scheduler = SchedulerConfig(max_num_seqs=4, max_model_len=2048, decode_buckets=(1, 4),
                                 prefill_buckets=(64, 128, 256), kv_buckets=(512, 2048))
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             engine.abort(seq.request_id)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(date=time.strftime("%Y-%m-%d"), context=args.context,
-                                                   model=args.model, rows=rows), indent=1))
+                                                   model=args.model, dtype=args.dtype, rows=rows), indent=1))
     return 0
 
 

@@ -14,6 +14,14 @@
 //       page_indices [B, Pmax], cu_q_lens [B+1], num_seqs [1], page_offset [1]) -> [T, H, D] f32;
 //       same attributes. Query row i of sequence b sits at position kv_lens[b] - q_len_b + i and
 //       sees the slots at or before it (prefill chunks). Rows at or after cu_q_lens[num_seqs] are zero.
+//   jaxinfer_tree_attention(q [B * N, H, D] f32, k_pages, v_pages, kv_lens [B], page_indices [B, Pmax],
+//       tree_mask [B, N, N] bool, page_offset [1]) -> [B * N, H, D] f32; same attributes. The contract
+//       is tree_attention_reference's (pallas_kernels/tree_attention.py): node i of request b sees the
+//       committed slots 0..kv_lens[b]-1 and the tree slots kv_lens[b] + j of its ancestors-or-self j
+//       (tree_mask[b, i, j]); a node that sees nothing is zero. It runs exactly as a decode row would
+//       once the node's path is committed: the path's tree slots are read as positions kv_lens[b],
+//       kv_lens[b] + 1, ... (ancestor j at its depth), so a verified node's output is bit for bit the
+//       decode step's that plain decoding runs for the same token (speculative decoding stays exact).
 // Page-table entries get page_offset added (the layer's first page) and are then clamped into
 // [0, P), kv_lens into [0, Pmax * L], like the reference's clipping gathers.
 //
@@ -28,9 +36,10 @@
 // one at run time (__builtin_cpu_supports). GCC will not inline target intrinsics into a template
 // defined without the same target, so the body is included once per ISA (#include __FILE__).
 //
-// Threads: the work is a list of items (decode: a (row, KV head) pair, or a span of its slots when
-// there are too few pairs to keep every thread busy, merged afterwards; prefill: a (sequence, KV
-// head, query block)). Items are claimed from an atomic counter by the calling thread and by tasks
+// Threads: the work is a list of items (decode and tree nodes: a (row, KV head) pair, or a span of
+// kSplitSlots of its slots when the row is longer, merged afterwards; prefill: a (sequence, KV head,
+// query block)). A row's split depends on its length alone, never on the batch: a decode row's
+// output is the same whatever else the step holds. Items are claimed from an atomic counter by the calling thread and by tasks
 // scheduled on XLA's intra-op pool (ffi::ThreadPool). The caller then waits only until every
 // claimed item is done (a short spin, then a condition variable, so that on a loaded machine it
 // yields its core to a helper still holding an item); the job lives in a std::shared_ptr, so a
@@ -67,7 +76,7 @@ struct F16 { uint16_t bits; };
 
 constexpr int kBlockSlots = 64;  // slots per softmax block (at least one page)
 constexpr int kMaxRows = 16;     // query vectors per tile (a ragged tile holds at least one token's G)
-constexpr int kMinSplitSlots = 256;  // a decode row's slots are split in spans of at least this
+constexpr int kSplitSlots = 512;  // decode rows longer than this are split into spans of this many slots
 constexpr int64_t kMinParallelSlots = 1024;  // below this many (slot, KV head) pairs: one thread
 
 enum Isa : int32_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
@@ -242,6 +251,8 @@ struct Avx512Ops {
 // One tile's work: rows query vectors (pre-scaled by sm_scale, [rows, D] contiguous) against slots
 // [0, end) of one sequence's pages in one KV head, row r seeing slots < limit[r], over the span
 // [begin, end) (page-aligned begin). Out: unnormalized acc [rows, D], running max m and sum l.
+// Positions at or after tail_begin are read from slot tail_slots[position - tail_begin] instead of
+// slot = position (a tree node's path; decode: no tail).
 struct Tile {
   const float* q;
   int rows;
@@ -256,6 +267,8 @@ struct Tile {
   float* acc;
   float* m;
   float* l;
+  int tail_begin = std::numeric_limits<int>::max();
+  const int32_t* tail_slots = nullptr;
 };
 
 using TileFn = void (*)(const Tile&);
@@ -420,11 +433,13 @@ struct Pool {  // the pool arguments shared by both targets
   int32_t page_offset;
 
   // The tile of ``rows`` query vectors in scratch against sequence ``seq``'s slots in one KV head.
-  Tile tile(int64_t seq, int64_t kv_head, Scratch& s, int rows, int begin, int end) const {
+  Tile tile(int64_t seq, int64_t kv_head, Scratch& s, int rows, int begin, int end,
+            int tail_begin = std::numeric_limits<int>::max(), const int32_t* tail_slots = nullptr) const {
     const size_t offset = size_t(kv_head * kv_head_stride) * kv_width;
     return Tile{s.q.data(), rows, s.limit.data(), static_cast<const char*>(k) + offset,
                 static_cast<const char*>(v) + offset, page_indices + seq * pages_per_seq, page_offset, num_pages,
-                int(page_size), int(head_dim), begin, end, s.acc.data(), s.m.data(), s.l.data()};
+                int(page_size), int(head_dim), begin, end, s.acc.data(), s.m.data(), s.l.data(), tail_begin,
+                tail_slots};
   }
 };
 
@@ -450,11 +465,20 @@ ffi::Error check_pool(ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode: one query per row.
+// Decode: one query per row. Tree nodes: one query per node, run as the decode row it becomes.
 
 struct DecodeItem {
   int32_t row, kv_head, begin, end;
   int64_t partial;  // -1: the item covers the whole row, write the output; else its slot in partials
+};
+
+// A row of the job: its query and output row, its sequence's page-table row, its length, and (tree
+// nodes) where its path starts and the path's tree slots.
+struct DecodeRow {
+  int64_t q_row, seq;
+  int32_t len;
+  int32_t tail_begin = std::numeric_limits<int32_t>::max();
+  int64_t tail = -1;  // offset of its path's slots in DecodeJob::tails
 };
 
 struct DecodeJob : Job {
@@ -464,24 +488,28 @@ struct DecodeJob : Job {
   float* out;
   int64_t group;
   float sm_scale;
+  std::vector<DecodeRow> rows;
+  std::vector<int32_t> tails;
   std::vector<DecodeItem> items;
   std::vector<float> partials;  // per split item: m, l, acc [G, D]
 
   void run_item(int64_t i) override {
     const DecodeItem& it = items[i];
+    const DecodeRow& row = rows[it.row];
+    const int32_t* tail = row.tail >= 0 ? tails.data() + row.tail : nullptr;
     const int64_t d = pool.head_dim, h0 = it.kv_head * group, num_heads = pool.num_kv_heads * group;
     Scratch& s = scratch();
     for (int64_t g0 = 0; g0 < group; g0 += kMaxRows) {
-      const int rows = int(std::min<int64_t>(kMaxRows, group - g0));
-      s.reserve(rows, int(d));
-      const float* qrow = q + (it.row * num_heads + h0 + g0) * d;
-      for (int64_t j = 0; j < rows * d; ++j) s.q[j] = qrow[j] * sm_scale;
-      std::fill(s.limit.begin(), s.limit.begin() + rows, it.end);
-      fn(pool.tile(it.row, it.kv_head, s, rows, it.begin, it.end));
-      for (int r = 0; r < rows; ++r) {
+      const int rows_g = int(std::min<int64_t>(kMaxRows, group - g0));
+      s.reserve(rows_g, int(d));
+      const float* qrow = q + (row.q_row * num_heads + h0 + g0) * d;
+      for (int64_t j = 0; j < rows_g * d; ++j) s.q[j] = qrow[j] * sm_scale;
+      std::fill(s.limit.begin(), s.limit.begin() + rows_g, it.end);
+      fn(pool.tile(row.seq, it.kv_head, s, rows_g, it.begin, it.end, row.tail_begin, tail));
+      for (int r = 0; r < rows_g; ++r) {
         const float* a = s.acc.data() + r * d;
         if (it.partial < 0) {
-          float* o = out + (it.row * num_heads + h0 + g0 + r) * d;
+          float* o = out + (row.q_row * num_heads + h0 + g0 + r) * d;
           const float inv = s.l[r] > 0.0f ? 1.0f / s.l[r] : 0.0f;
           for (int64_t j = 0; j < d; ++j) o[j] = a[j] * inv;
         } else {
@@ -494,97 +522,156 @@ struct DecodeJob : Job {
     }
   }
 
+  // Items for every row (rows of length 0 are zeroed), run them, merge the split rows.
+  void run(ffi::ThreadPool& thread_pool, int64_t num_heads) {
+    const int64_t head_dim = pool.head_dim;
+    int64_t total = 0;  // (slot, KV head) pairs read
+    struct SplitUnit {
+      int32_t row, kv_head;
+      int64_t first, last;  // its spans' partials first..last-1
+    };
+    std::vector<SplitUnit> splits;
+    int64_t num_partials = 0;
+    for (int64_t b = 0; b < int64_t(rows.size()); ++b) {
+      const int32_t len = rows[b].len;
+      if (len == 0) {
+        std::memset(out + rows[b].q_row * num_heads * head_dim, 0, sizeof(float) * num_heads * head_dim);
+        continue;
+      }
+      total += int64_t(len) * pool.num_kv_heads;
+      const bool split = len > kSplitSlots;
+      for (int64_t h = 0; h < pool.num_kv_heads; ++h) {
+        const int64_t first = num_partials;
+        for (int64_t begin = 0; begin < len; begin += kSplitSlots) {
+          const int32_t end = int32_t(std::min<int64_t>(len, begin + kSplitSlots));
+          items.push_back(DecodeItem{int32_t(b), int32_t(h), int32_t(begin), end, split ? num_partials++ : -1});
+        }
+        if (split) splits.push_back(SplitUnit{int32_t(b), int32_t(h), first, num_partials});
+      }
+    }
+    // Longest first, so that the last items claimed are short ones (ragged batches).
+    std::stable_sort(items.begin(), items.end(),
+                     [](const DecodeItem& a, const DecodeItem& b) { return a.end - a.begin > b.end - b.begin; });
+    num_items = int64_t(items.size());
+    partials.resize(size_t(num_partials * group * (head_dim + 2)));
+    run_job(thread_pool, owner.lock(), total >= kMinParallelSlots);
+
+    // Merge the spans of split rows: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
+    std::vector<float> merged(head_dim);
+    for (const SplitUnit& unit : splits) {
+      for (int64_t g = 0; g < group; ++g) {
+        auto partial = [&](int64_t index) { return partials.data() + (index * group + g) * (head_dim + 2); };
+        float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
+        for (int64_t t = unit.first; t < unit.last; ++t) m = std::max(m, partial(t)[0]);
+        std::fill(merged.begin(), merged.end(), 0.0f);
+        for (int64_t t = unit.first; t < unit.last; ++t) {
+          const float* p = partial(t);
+          const float w = std::exp(p[0] - m);
+          l += w * p[1];
+          for (int64_t e = 0; e < head_dim; ++e) merged[e] += w * p[2 + e];
+        }
+        float* o = out + (rows[unit.row].q_row * num_heads + unit.kv_head * group + g) * head_dim;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int64_t e = 0; e < head_dim; ++e) o[e] = merged[e] * inv;
+      }
+    }
+  }
+
+  std::weak_ptr<DecodeJob> owner;
 };
+
+// The job for q [rows, H, D] against the pool, or an error.
+ffi::Error make_decode_job(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages,
+                           ffi::Buffer<ffi::S32> page_indices, ffi::Buffer<ffi::S32> page_offset,
+                           ffi::ResultBuffer<ffi::F32>& out, float sm_scale, int32_t isa, const char* name,
+                           std::shared_ptr<DecodeJob>* made) {
+  auto qd = q.dimensions();
+  if (qd.size() != 3) return ffi::Error::InvalidArgument(std::string(name) + ": q must be [rows, H, D]");
+  auto job = std::make_shared<DecodeJob>();
+  job->owner = job;
+  if (ffi::Error e = check_pool(k_pages, v_pages, page_indices, page_offset, qd[1], qd[2], &job->pool); e.failure()) {
+    return e;
+  }
+  if (ffi::Error e = pick_kernel(isa, k_pages.element_type(), int(qd[2]), &job->fn); e.failure()) return e;
+  job->q = q.typed_data();
+  job->out = out->typed_data();
+  job->group = qd[1] / job->pool.num_kv_heads;
+  job->sm_scale = sm_scale;
+  *made = std::move(job);
+  return ffi::Error::Success();
+}
 
 ffi::Error DecodeImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
                       ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
                       ffi::Buffer<ffi::S32> num_seqs, ffi::Buffer<ffi::S32> page_offset,
                       ffi::ResultBuffer<ffi::F32> out, float sm_scale, int32_t isa) {
-  auto qd = q.dimensions();
-  if (qd.size() != 3) return ffi::Error::InvalidArgument("paged decode attention: q must be [B, H, D]");
-  const int64_t num_rows = qd[0], num_heads = qd[1], head_dim = qd[2];
-  auto job = std::make_shared<DecodeJob>();
-  if (ffi::Error e = check_pool(k_pages, v_pages, page_indices, page_offset, num_heads, head_dim, &job->pool);
+  std::shared_ptr<DecodeJob> job;
+  if (ffi::Error e = make_decode_job(q, k_pages, v_pages, page_indices, page_offset, out, sm_scale, isa,
+                                     "paged decode attention", &job);
       e.failure()) {
     return e;
   }
+  const int64_t num_rows = q.dimensions()[0];
   if (kv_lens.element_count() != size_t(num_rows) || page_indices.dimensions()[0] != num_rows ||
       num_seqs.element_count() != 1) {
     return ffi::Error::InvalidArgument("paged decode attention: expected kv_lens [B], page_indices [B, Pmax], num_seqs [1]");
   }
-  if (ffi::Error e = pick_kernel(isa, k_pages.element_type(), int(head_dim), &job->fn); e.failure()) return e;
-  const Pool& pool = job->pool;
-  job->q = q.typed_data();
-  job->out = out->typed_data();
-  job->group = num_heads / pool.num_kv_heads;
-  job->sm_scale = sm_scale;
-
-  const int64_t max_len = pool.pages_per_seq * pool.page_size;
+  const int64_t max_len = job->pool.pages_per_seq * job->pool.page_size;
   const int64_t valid_rows = std::clamp<int64_t>(num_seqs.typed_data()[0], 0, num_rows);
-  std::vector<int32_t> lens(num_rows, 0);
-  int64_t total = 0;  // (slot, KV head) pairs read
-  for (int64_t b = 0; b < valid_rows; ++b) {
-    lens[b] = int32_t(std::clamp<int64_t>(kv_lens.typed_data()[b], 0, max_len));
-    total += int64_t(lens[b]) * pool.num_kv_heads;
-  }
-  const bool parallel = total >= kMinParallelSlots;
-  // Split long rows into spans when the (row, KV head) pairs alone would leave threads idle; spans
-  // are whole softmax blocks, so each starts on a page boundary.
-  const int64_t block = std::max<int64_t>(1, kBlockSlots / pool.page_size) * pool.page_size;
-  int64_t span = max_len;
-  if (parallel) {
-    const int64_t threads = std::max<int64_t>(1, thread_pool.num_threads()) + 1;
-    span = std::max<int64_t>(kMinSplitSlots, (total + 4 * threads - 1) / (4 * threads));
-    span = (span + block - 1) / block * block;
-  }
-  struct SplitUnit {
-    int32_t row, kv_head;
-    int64_t first, last;  // its spans' partials first..last-1
-  };
-  std::vector<SplitUnit> splits;
-  int64_t num_partials = 0;
   for (int64_t b = 0; b < num_rows; ++b) {
-    if (lens[b] == 0) {
-      std::memset(job->out + b * num_heads * head_dim, 0, sizeof(float) * num_heads * head_dim);
-      continue;
-    }
-    const bool split = lens[b] > span;
-    for (int64_t h = 0; h < pool.num_kv_heads; ++h) {
-      const int64_t first = num_partials;
-      for (int64_t begin = 0; begin < lens[b]; begin += span) {
-        const int32_t end = int32_t(std::min<int64_t>(lens[b], begin + span));
-        job->items.push_back(DecodeItem{int32_t(b), int32_t(h), int32_t(begin), end, split ? num_partials++ : -1});
-      }
-      if (split) splits.push_back(SplitUnit{int32_t(b), int32_t(h), first, num_partials});
-    }
+    const int32_t len = b < valid_rows ? int32_t(std::clamp<int64_t>(kv_lens.typed_data()[b], 0, max_len)) : 0;
+    job->rows.push_back(DecodeRow{b, b, len});
   }
-  // Longest first, so that the last items claimed are short ones (ragged batches).
-  std::stable_sort(job->items.begin(), job->items.end(),
-                   [](const DecodeItem& a, const DecodeItem& b) { return a.end - a.begin > b.end - b.begin; });
-  job->num_items = int64_t(job->items.size());
-  job->partials.resize(size_t(num_partials * job->group * (head_dim + 2)));
-  run_job(thread_pool, job, parallel);
+  job->run(thread_pool, q.dimensions()[1]);
+  return ffi::Error::Success();
+}
 
-  // Merge the spans of split rows: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
-  const int64_t group = job->group;
-  std::vector<float> merged(head_dim);
-  for (const SplitUnit& unit : splits) {
-    for (int64_t g = 0; g < group; ++g) {
-      auto partial = [&](int64_t index) { return job->partials.data() + (index * group + g) * (head_dim + 2); };
-      float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
-      for (int64_t t = unit.first; t < unit.last; ++t) m = std::max(m, partial(t)[0]);
-      std::fill(merged.begin(), merged.end(), 0.0f);
-      for (int64_t t = unit.first; t < unit.last; ++t) {
-        const float* p = partial(t);
-        const float w = std::exp(p[0] - m);
-        l += w * p[1];
-        for (int64_t e = 0; e < head_dim; ++e) merged[e] += w * p[2 + e];
+ffi::Error TreeImpl(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages,
+                    ffi::AnyBuffer v_pages, ffi::Buffer<ffi::S32> kv_lens, ffi::Buffer<ffi::S32> page_indices,
+                    ffi::Buffer<ffi::PRED> tree_mask, ffi::Buffer<ffi::S32> page_offset,
+                    ffi::ResultBuffer<ffi::F32> out, float sm_scale, int32_t isa) {
+  std::shared_ptr<DecodeJob> job;
+  if (ffi::Error e = make_decode_job(q, k_pages, v_pages, page_indices, page_offset, out, sm_scale, isa,
+                                     "tree attention", &job);
+      e.failure()) {
+    return e;
+  }
+  const int64_t num_reqs = page_indices.dimensions()[0];
+  auto md = tree_mask.dimensions();
+  if (kv_lens.element_count() != size_t(num_reqs) || md.size() != 3 || md[0] != num_reqs || md[1] != md[2] ||
+      q.dimensions()[0] != num_reqs * md[1]) {
+    return ffi::Error::InvalidArgument("tree attention: expected q [B * N, H, D], kv_lens [B], page_indices [B, Pmax], "
+                                       "tree_mask [B, N, N]");
+  }
+  const int64_t num_nodes = md[1];
+  const int64_t max_len = job->pool.pages_per_seq * job->pool.page_size;
+  const bool* mask = tree_mask.typed_data();
+  std::vector<int32_t> depth(num_nodes);
+  for (int64_t b = 0; b < num_reqs; ++b) {
+    const bool* m = mask + b * num_nodes * num_nodes;
+    const int32_t committed = int32_t(std::clamp<int64_t>(kv_lens.typed_data()[b], 0, max_len));
+    for (int64_t i = 0; i < num_nodes; ++i) {  // depth: ancestors-or-self minus one (-1: no node)
+      depth[i] = -1;
+      for (int64_t j = 0; j < num_nodes; ++j) depth[i] += m[i * num_nodes + j];
+    }
+    for (int64_t i = 0; i < num_nodes; ++i) {
+      DecodeRow row{b * num_nodes + i, b, 0, committed, int64_t(job->tails.size())};
+      if (depth[i] >= 0) {  // its path by depth: the ancestor at depth t sits at position committed + t
+        const int64_t first = int64_t(job->tails.size());
+        job->tails.resize(size_t(first + depth[i] + 1), -1);
+        for (int64_t j = 0; j < num_nodes; ++j) {
+          if (m[i * num_nodes + j] && depth[j] >= 0 && depth[j] <= depth[i]) {
+            job->tails[first + depth[j]] = int32_t(std::min<int64_t>(committed + j, max_len - 1));
+          }
+        }
+        // a mask whose ancestors do not form one path (not a tree): such a node sees only the committed slots
+        const bool path = std::none_of(job->tails.begin() + first, job->tails.end(), [](int32_t t) { return t < 0; });
+        row.len = path ? int32_t(std::min<int64_t>(committed + depth[i] + 1, max_len)) : committed;
       }
-      float* o = job->out + (unit.row * num_heads + unit.kv_head * group + g) * head_dim;
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-      for (int64_t e = 0; e < head_dim; ++e) o[e] = merged[e] * inv;
+      job->rows.push_back(row);
     }
   }
+  job->run(thread_pool, q.dimensions()[1]);
   return ffi::Error::Success();
 }
 
@@ -715,6 +802,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_paged_decode_attention, jaxinfer_attentio
                                   .Arg<ffi::Buffer<ffi::S32>>()  // num_seqs [1]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // page_offset [1]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [B, H, D]
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_tree_attention, jaxinfer_attention::TreeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B * N, H, D]
+                                  .Arg<ffi::AnyBuffer>()          // k_pages [K, P, L, D]
+                                  .Arg<ffi::AnyBuffer>()          // v_pages [K, P, L, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_lens [B] committed
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // page_indices [B, Pmax]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // tree_mask [B, N, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // page_offset [1]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [B * N, H, D]
                                   .Attr<float>("sm_scale")
                                   .Attr<int32_t>("isa"));
 
@@ -881,10 +982,31 @@ JAXINFER_TARGET void attend(const Tile& t) {
     t.l[r] = 0.0f;
   }
   std::fill(t.acc, t.acc + size_t(rows) * head_dim, 0.0f);
-  auto page_start = [&](int slot) -> int64_t {  // element offset of the slot's page in the pool
+  auto page_start = [&](int position) -> int64_t {  // element offset of the position's slot in the pool
+    const int slot = position < t.tail_begin ? position : t.tail_slots[position - t.tail_begin];
     int64_t page = int64_t(t.pages[slot / page_size]) + t.page_offset;
     page = std::min<int64_t>(std::max<int64_t>(page, 0), t.num_pages - 1);
     return (page * page_size + slot % page_size) * head_dim;
+  };
+  // A run of positions within one page, as decode reads it: where it lies in the pool, or (a run
+  // reaching into a tree node's path, whose slots are not consecutive) copied into a buffer in
+  // position order, so that the scores and sums run exactly as over the committed run.
+  thread_local std::vector<T> run_k, run_v;
+  auto run_data = [&](int position, int count, const T** k, const T** v) {
+    if (position + count <= t.tail_begin) {
+      *k = k_pool + page_start(position);
+      *v = v_pool + page_start(position);
+      return;
+    }
+    run_k.resize(size_t(count) * head_dim);
+    run_v.resize(size_t(count) * head_dim);
+    for (int j = 0; j < count; ++j) {
+      const int64_t start = page_start(position + j);
+      std::memcpy(run_k.data() + size_t(j) * head_dim, k_pool + start, sizeof(T) * head_dim);
+      std::memcpy(run_v.data() + size_t(j) * head_dim, v_pool + start, sizeof(T) * head_dim);
+    }
+    *k = run_k.data();
+    *v = run_v.data();
   };
   // Pages lie anywhere in the pool, so the hardware prefetcher stops at every page end: fetch
   // the next block's keys and values while this block is computed.
@@ -907,7 +1029,10 @@ JAXINFER_TARGET void attend(const Tile& t) {
     if (b0 + block < t.end) prefetch_block(b0 + block);
     for (int off = 0; off < n;) {
       const int count = std::min(page_size - (b0 + off) % page_size, n - off);
-      scores_rows<T>(t.q, rows, head_dim, k_pool + page_start(b0 + off), count, s + off, block);
+      const T* k_run;
+      const T* v_run;
+      run_data(b0 + off, count, &k_run, &v_run);
+      scores_rows<T>(t.q, rows, head_dim, k_run, count, s + off, block);
       off += count;
     }
     for (int r = 0; r < rows; ++r) {
@@ -931,7 +1056,10 @@ JAXINFER_TARGET void attend(const Tile& t) {
     }
     for (int off = 0; off < n;) {
       const int count = std::min(page_size - (b0 + off) % page_size, n - off);
-      accumulate_rows<T>(s + off, block, rows, v_pool + page_start(b0 + off), count, head_dim, t.acc);
+      const T* k_run;
+      const T* v_run;
+      run_data(b0 + off, count, &k_run, &v_run);
+      accumulate_rows<T>(s + off, block, rows, v_run, count, head_dim, t.acc);
       off += count;
     }
   }

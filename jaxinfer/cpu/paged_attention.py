@@ -27,9 +27,11 @@ import numpy as np
 
 from jaxinfer.cpu import build
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from pallas_kernels.tree_attention import tree_attention_reference
 
 DECODE_TARGET = "jaxinfer_paged_decode_attention"
 RAGGED_TARGET = "jaxinfer_ragged_paged_attention"
+TREE_TARGET = "jaxinfer_tree_attention"
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 _KV_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -130,5 +132,46 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     def kernel(*args):
         call = jax.ffi.ffi_call(RAGGED_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
         return call(*args, sm_scale=np.float32(scale), isa=np.int32(ISAS[isa]))
+
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
+
+
+def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
+                   page_indices: jax.Array, tree_mask: jax.Array, page_offset: jax.Array | int = 0, *,
+                   sm_scale: float | None = None, max_kv_tokens: int | None = None,
+                   isa: str = "auto") -> jax.Array:
+    """Tree attention (speculative verification): q [B, N, H, D] -> [B, N, H, D] float32, the contract of
+    ``tree_attention_reference`` (pallas_kernels/tree_attention.py): node i of request b sees the committed
+    slots below kv_lens[b] and the tree slots kv_lens[b] + j of its ancestors-or-self (tree_mask [B, N, N]).
+
+    The kernel runs each node as the decode row it becomes once its path is committed, so its output is
+    bit for bit what ``paged_decode_attention`` gives for that token: verification accepts exactly the
+    tokens plain decoding would produce. ``max_kv_tokens`` only sizes the reference's gather; other
+    arguments as in ``paged_decode_attention``.
+    """
+    if q.ndim != 4:
+        raise ValueError(f"expected q [B, N, H, D], got {q.shape=}")
+    num_reqs, num_nodes = q.shape[:2]
+    _check(q.reshape(num_reqs * num_nodes, *q.shape[2:]), k_pages, v_pages, page_indices, isa)
+    if kv_lens.shape != (num_reqs,) or page_indices.shape[0] != num_reqs \
+            or tree_mask.shape != (num_reqs, num_nodes, num_nodes):
+        raise ValueError(f"expected kv_lens [B], page_indices [B, Pmax], tree_mask [B, N, N] for {q.shape=}, got "
+                         f"{kv_lens.shape=}, {page_indices.shape=}, {tree_mask.shape=}")
+    scale = float(q.shape[3] ** -0.5 if sm_scale is None else sm_scale)
+    offset = jnp.asarray(page_offset, jnp.int32).reshape(1)
+    args = (q.astype(jnp.float32), k_pages, v_pages, kv_lens, page_indices, tree_mask, offset)
+
+    def reference(q, k_pages, v_pages, kv_lens, page_indices, tree_mask, offset):
+        return tree_attention_reference(q, k_pages, v_pages, kv_lens, page_indices + offset[0], tree_mask,
+                                        sm_scale=scale, max_kv_tokens=max_kv_tokens)
+
+    if not _use_kernel(k_pages):
+        return reference(*args)
+
+    def kernel(q, *rest):
+        call = jax.ffi.ffi_call(TREE_TARGET, jax.ShapeDtypeStruct((num_reqs * num_nodes, *q.shape[2:]), jnp.float32))
+        out = call(q.reshape(num_reqs * num_nodes, *q.shape[2:]), *rest, sm_scale=np.float32(scale),
+                   isa=np.int32(ISAS[isa]))
+        return out.reshape(q.shape)
 
     return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)

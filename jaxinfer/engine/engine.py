@@ -27,8 +27,11 @@ from jaxinfer.engine.model_runner import BurstHandle, ModelRunner, StepResult
 from jaxinfer.engine.request_output import RequestOutput, TextStream, TokenLogprob, metrics_of
 from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput
 from jaxinfer.engine.sequence import FinishReason, Sequence, SequenceStatus
+from jaxinfer.layers import quant
+from jaxinfer.layers.linear import QuantSpec
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.spec.decoder import SpeculativeDecoder
+from jaxinfer.spec.draft_head import quantize_draft_head
 from jaxinfer.spec.drafter import EagleDrafter
 from jaxinfer.tokenizer import Tokenizer
 
@@ -119,6 +122,9 @@ class Engine:
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager,
                                    long_prompt_len=sparse.min_len if sparse.enabled else 0,
                                    block_size=sparse.unisparse.block_size)
+        if draft_head is not None and getattr(model, "quant_spec", None) is not None and quant.kernels_available():
+            # the CPU fast path drafts with Q8_0 projections: a draft level streams a quarter of the float weights
+            draft_head = quantize_draft_head(draft_head, QuantSpec("q8_0", "q8_0", model.quant_spec.activations))
         self.runner = ModelRunner(model, self.model_config, self.scheduler_config, num_pages, page_size,
                                   attention_impl=config.attention_impl, max_logprobs=config.max_logprobs,
                                   sparse_prefill=sparse, draft_head=draft_head, mesh=mesh,
@@ -174,9 +180,7 @@ class Engine:
         if self.spec is not None:
             shapes = self.spec.shapes()
             for done, shape in enumerate(shapes, 1):
-                compile_shape = self.runner.verify_executable if hasattr(shape, "num_nodes") else \
-                    self.runner.draft_executable
-                compile_shape(shape)
+                self.spec.compile(shape)
                 if progress is not None:
                     progress(done, len(shapes))
         return thread

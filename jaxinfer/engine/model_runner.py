@@ -28,6 +28,7 @@ from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.sampler import apply_penalties, logprobs, sample
 from jaxinfer.spec.batch import DraftShape, TreeInput, TreeShape, build_draft_input, build_tree_input
 from jaxinfer.spec.eagle import DraftInput, catch_up, draft_step
+from jaxinfer.spec.round import RoundInput, RoundResult, RoundShape, build_round_input, round_step
 from jaxinfer.spec.tree import pack
 from jaxinfer.spec.verify import VerifyResult, verify_step
 from pallas_kernels import resolve_impl, resolve_interpret
@@ -333,6 +334,9 @@ class ModelRunner:
         """function(state, ...) called with the state's flat leaves (``self.state``) instead."""
         def flat(leaves, *args):
             return function(jax.tree.unflatten(self._state_tree, leaves), *args)
+        # the program keeps the function's name (jit_verify_step, jit_draft_step...): profiles tell them apart
+        inner = function.func if isinstance(function, functools.partial) else function
+        flat.__name__ = flat.__qualname__ = getattr(inner, "__name__", "flat")
         return flat
 
     def bursts(self, shape: StepShape) -> bool:
@@ -385,6 +389,30 @@ class ModelRunner:
             example = build_draft_input([], shape.num_rows, self.builder.max_pages_per_seq)
             executable = self._compile(shape, function, self.state, self.kv, self.sampler.pending, example)
         return executable
+
+    def round_executable(self, shape: RoundShape, variants: tuple[tuple[int, int], ...],
+                         thresholds: tuple[float, ...]) -> Callable:
+        """The compiled draft-head round of this shape and policy (see jaxinfer.spec.round)."""
+        key = (shape, variants, thresholds)
+        executable = self._executables.get(key)
+        if executable is None:
+            function = jax.jit(self._flat(functools.partial(round_step, self.graphdef, self.head_graphdef,
+                                                            self.max_logprobs, shape, variants, thresholds,
+                                                            self.impl, self.interpret)), donate_argnums=(1, 2))
+            example = build_round_input([], [], shape.num_rows, self.builder.max_pages_per_seq,
+                                        self.scheduler_config.max_num_seqs)
+            executable = self._compile(key, function, self.state, self.kv, self.sampler, example)
+        return executable
+
+    def round(self, batch: RoundInput, shape: RoundShape, variants: tuple[tuple[int, int], ...],
+              thresholds: tuple[float, ...]) -> RoundResult:
+        """One draft-head round in one device call: drafting, the verified subtrees, verification and
+        the KV commit; returns the result as host arrays."""
+        executable = self.round_executable(shape, variants, thresholds)
+        self.last_shape = shape
+        with jax.profiler.TraceAnnotation("round", rows=shape.num_rows, nodes=shape.num_nodes):
+            result, self.kv, self.sampler = executable(self.state, self.kv, self.sampler, batch)
+        return jax.device_get(result)
 
     def draft(self, batch: DraftInput, shape: DraftShape) -> dict[str, np.ndarray]:
         """Run the draft head's tree expansion (reads the KV and pending features; writes nothing)."""

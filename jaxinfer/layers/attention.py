@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxinfer.cpu import paged_attention as cpu_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
+from pallas_kernels.tree_attention import tree_attention
 from pallas_kernels.unisparse import UniSparseConfig, dense_attention, sparse_attention
 
 
@@ -90,8 +90,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: 
                 meta.decode_page_indices + page_offset, meta.tree_mask)
         if meta.impl == "pallas":
             out = tree_attention(*args, interpret=meta.interpret)
-        else:
-            out = tree_attention_reference(*args, max_kv_tokens=meta.prefill_kv_tokens or None)
+        else:  # the CPU kernel (each node exactly as the decode step it stands for), the jnp reference elsewhere
+            out = cpu_attention.tree_attention(*args[:4], meta.decode_page_indices, meta.tree_mask, page_offset,
+                                               max_kv_tokens=meta.prefill_kv_tokens or None)
         return out.reshape(q.shape)
     num_decode = meta.num_decode
     parts = []

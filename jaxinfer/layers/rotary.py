@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import RopeScaling
+from jaxinfer.cpu import rows
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -33,11 +33,6 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 
 
 def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate ``x`` [..., T, N, D] by angles positions[..., T] * inv_freq[D/2]; float32 math."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [..., T, D/2]
-    cos = jnp.cos(angles)[..., None, :]
-    sin = jnp.sin(angles)[..., None, :]
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    x1, x2 = x32[..., :half], x32[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    """Rotate ``x`` [..., T, N, D] by angles positions[..., T] * inv_freq[D/2]; float32 math (on CPU a
+    kernel that gives every row the same bits whatever the batch: jaxinfer.cpu.rows)."""
+    return rows.rotary(x, positions, inv_freq)

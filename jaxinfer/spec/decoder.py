@@ -17,11 +17,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import jax
+
 from jaxinfer.config import SchedulerConfig, SpeculativeConfig
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.spec.batch import TreeShape, build_tree_input
 from jaxinfer.spec.ngram import NgramDrafter
+from jaxinfer.spec.round import RoundShape
 from jaxinfer.spec.tree import DraftTree, pack
 
 logger = logging.getLogger(__name__)
@@ -71,11 +74,28 @@ class SpeculativeDecoder:
         self.rates: dict[tuple[str, int], float] = {}  # (spec|plain, rows bucket) -> tokens/s, moving average
         self._decisions = 0
 
+    @property
+    def fused(self) -> bool:
+        return getattr(self.drafter, "fused", False)
+
     def shapes(self) -> list:
         """Every verification (and drafting) shape a round can take: what warm-up compiles."""
+        if self.fused:
+            return [self.drafter.round_shape(rows, nodes, self.path_len, kv) for rows in self.row_buckets
+                    for nodes in self.budgets for kv in self.kv_buckets]
         shapes = [TreeShape(rows, nodes, self.path_len, kv) for rows in self.row_buckets for nodes in self.budgets
                   for kv in self.kv_buckets]
         return shapes + (self.drafter.shapes() if hasattr(self.drafter, "shapes") else [])
+
+    def compile(self, shape) -> None:
+        """Compile one of ``shapes()``."""
+        runner = self.runner
+        if isinstance(shape, RoundShape):
+            runner.round_executable(shape, self.drafter.policy.variants, self.drafter.policy.thresholds)
+        elif isinstance(shape, TreeShape):
+            runner.verify_executable(shape)
+        else:
+            runner.draft_executable(shape)
 
     def eligible(self, decodes: list[Sequence], has_prefills: bool) -> bool:
         """Whether this step should be a round: it only decodes, few enough requests without
@@ -105,6 +125,15 @@ class SpeculativeDecoder:
         rate = tokens / seconds
         self.rates[key] = rate if key not in self.rates else 0.8 * self.rates[key] + 0.2 * rate
 
+    def _reserve(self, seq: Sequence, cap: int) -> int:
+        """Pages for up to cap nodes of seq's tree (fewer when the pool is short: at worst the root alone);
+        returns how many nodes they hold."""
+        limit = min(cap, self.max_model_len - seq.num_computed)
+        while limit > 1 and not self.block_manager.can_append(seq, limit):
+            limit = 1 if limit <= 2 else limit // 2
+        self.block_manager.append(seq, limit)
+        return limit
+
     def _fit(self, seq: Sequence, tree: DraftTree, cap: int) -> DraftTree:
         """Cut the tree to cap nodes, to what the free pages allow (at worst the root alone) and to
         the deepest path a verify step commits."""
@@ -121,12 +150,18 @@ class SpeculativeDecoder:
         None when nothing was drafted (or no budget fits the context): the caller decodes plainly.
         Each request's num_computed already counts the committed path; the caller appends the tokens
         to the outputs, then calls ``release``."""
+        with jax.profiler.TraceAnnotation("spec_round", rows=len(seqs)):
+            return self._round(seqs)
+
+    def _round(self, seqs: list[Sequence]) -> list[tuple[list[int], list | None]] | None:
         # near the context limit the batch takes a smaller budget: committed + nodes must fit a KV bucket
         longest = max(s.num_computed for s in seqs)
         fitting = [b for b in self.budgets if longest + b <= self.kv_buckets[-1]]
         if not fitting:
             return None
         cap = max(fitting)
+        if self.fused:
+            return self._fused_round(seqs, cap, longest)
         proposed = self.drafter.propose(seqs, cap)
         trees = [self._fit(seq, tree, cap) for seq, tree in zip(seqs, proposed, strict=True)]
         if max(tree.num_nodes for tree in trees) == 1:
@@ -141,8 +176,20 @@ class SpeculativeDecoder:
                                  impl=runner.impl, interpret=runner.interpret)
         result = runner.verify(batch, shape)
         self.drafter.observe(seqs, result)
+        return self._emit(seqs, result, [tree.num_nodes for tree in trees])
+
+    def _fused_round(self, seqs: list[Sequence], cap: int, longest: int) -> list[tuple[list[int], list | None]]:
+        """Draft, choose the subtrees, verify and commit in one device call (jaxinfer.spec.round)."""
+        limits = [self._reserve(seq, cap) for seq in seqs]
+        rows = next(r for r in self.row_buckets if r >= len(seqs))
+        kv_tokens = next(kv for kv in self.kv_buckets if kv >= longest + cap)
+        out = self.drafter.round(seqs, limits, self.drafter.round_shape(rows, cap, self.path_len, kv_tokens))
+        return self._emit(seqs, out.verify, [int(size) for size in out.sizes[:len(seqs)]])
+
+    def _emit(self, seqs: list[Sequence], result, sizes: list[int]) -> list[tuple[list[int], list | None]]:
+        """Per request the emitted tokens (and logprobs) of a verified round; counts the round."""
         emitted = []
-        for row, (seq, tree) in enumerate(zip(seqs, trees, strict=True)):
+        for row, (seq, size) in enumerate(zip(seqs, sizes, strict=True)):
             accepted = int(result.num_accepted[row])
             tokens = result.tokens[row, :accepted + 1].tolist()
             seq.num_computed += accepted + 1
@@ -154,7 +201,7 @@ class SpeculativeDecoder:
                                       result.top_logprobs[row, j, :count].tolist(), strict=True)))
                             for j in range(accepted + 1)]
             emitted.append((tokens, logprobs))
-            self.stats.verified_tokens += tree.num_nodes
+            self.stats.verified_tokens += size
             self.stats.accepted_tokens += accepted
             self.stats.emitted_tokens += accepted + 1
         self.stats.rounds += 1

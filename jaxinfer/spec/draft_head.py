@@ -21,6 +21,7 @@ ones for training, ``load_draft_head`` trained ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from collections.abc import Mapping
@@ -34,7 +35,8 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig, RopeScaling
-from jaxinfer.layers.linear import Linear
+from jaxinfer.layers import quant
+from jaxinfer.layers.linear import QuantSpec, make_linear
 from jaxinfer.layers.norm import RMSNorm
 from jaxinfer.layers.rotary import apply_rotary, inverse_frequencies
 from jaxinfer.models.llama import LlamaMLP
@@ -106,19 +108,24 @@ class DraftVocab(nnx.Variable):
 
 
 class EagleDraftHead(nnx.Module):
-    def __init__(self, config: DraftHeadConfig, *, dtype: jnp.dtype = jnp.float32):
+    """``quant_spec``: the projections as GGUF blocks run by the CPU kernels (``quantize_draft_head``: a
+    drafting copy for the CPU fast path; training keeps float weights)."""
+
+    def __init__(self, config: DraftHeadConfig, *, dtype: jnp.dtype = jnp.float32, quant_spec: QuantSpec | None = None):
         hidden, eps = config.hidden_size, config.rms_norm_eps
         qkv_dim = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        linear = functools.partial(make_linear, dtype=dtype, quant_spec=quant_spec)
         self.config = config
-        self.fc = Linear(3 * hidden, hidden, dtype=dtype)
+        self.quant_spec = quant_spec
+        self.fc = linear(3 * hidden, hidden)
         self.embed_norm = RMSNorm(hidden, eps=eps, dtype=dtype)
         self.hidden_norm = RMSNorm(hidden, eps=eps, dtype=dtype)
-        self.qkv_proj = Linear(2 * hidden, qkv_dim, dtype=dtype)
-        self.o_proj = Linear(config.num_heads * config.head_dim, hidden, dtype=dtype)
+        self.qkv_proj = linear(2 * hidden, qkv_dim)
+        self.o_proj = linear(config.num_heads * config.head_dim, hidden)
         self.post_attention_layernorm = RMSNorm(hidden, eps=eps, dtype=dtype)
-        self.mlp = LlamaMLP(config, dtype=dtype)  # reads only hidden_size and intermediate_size
+        self.mlp = LlamaMLP(config, dtype=dtype, quant_spec=quant_spec)  # reads only hidden and intermediate sizes
         self.norm = RMSNorm(hidden, eps=eps, dtype=dtype)
-        self.lm_head = Linear(hidden, config.draft_vocab_size, dtype=dtype)
+        self.lm_head = linear(hidden, config.draft_vocab_size)
         self.d2t = DraftVocab(jnp.arange(config.draft_vocab_size, dtype=jnp.int32))
 
     def fuse(self, features: jax.Array) -> jax.Array:
@@ -179,6 +186,28 @@ class EagleDraftHead(nnx.Module):
         return self.d2t[...][draft_ids]
 
 
+def quantize_draft_head(head: EagleDraftHead, quant_spec: QuantSpec) -> EagleDraftHead:
+    """A drafting copy of a float head whose projections are ``quant_spec.linear`` blocks: on the CPU fast
+    path each draft level then streams a quarter of the float32 weights (drafting is weight-bound at a
+    few rows). Norms and the vocabulary map are kept; the drafts change a little, never the output
+    (verification decides every token)."""
+    if head.quant_spec is not None:
+        return head
+    float_values = _flat_state(head)
+    shell = nnx.eval_shape(lambda: EagleDraftHead(head.config, quant_spec=quant_spec))
+    graphdef, state = nnx.split(shell)
+    flat = []
+    for path, leaf in nnx.to_flat_state(state):
+        name = ".".join(map(str, path))
+        if path[-1] == "qweight":
+            kernel = np.asarray(float_values[".".join(map(str, (*path[:-1], "kernel")))], np.float32)
+            value = jnp.asarray(quant.quantize(kernel.T, quant_spec.linear))  # [out, in] rows of blocks
+        else:
+            value = jnp.asarray(float_values[name], leaf.dtype)
+        flat.append((path, leaf.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def causal_mask(num_tokens: int, num_ctx: int = 0) -> jax.Array:
     """[T, S + T] bool: every query sees the whole context and the own tokens up to itself."""
     own = jnp.tril(jnp.ones((num_tokens, num_tokens), bool))
@@ -208,6 +237,8 @@ def save_draft_head(directory: str | Path, head: EagleDraftHead, *, dtype=jnp.bf
     float parameters cast to ``dtype``, d2t kept int32). Replaces an existing head directory."""
     import orbax.checkpoint as ocp
 
+    if head.quant_spec is not None:
+        raise ValueError("a quantized drafting copy cannot be saved: save the float head it was made from")
     directory = Path(directory).absolute()
     if directory.exists():
         if not (directory / MARKER).is_file() and any(directory.iterdir()):

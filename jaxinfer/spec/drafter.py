@@ -14,6 +14,7 @@ from jaxinfer.config import SchedulerConfig, SpeculativeConfig
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.spec.batch import DraftShape, build_draft_input
 from jaxinfer.spec.policy import RoundPolicy, select_tree
+from jaxinfer.spec.round import RoundResult, RoundShape, build_round_input
 from jaxinfer.spec.tree import DraftTree
 
 
@@ -31,8 +32,27 @@ class EagleDrafter:
         self.bin_counts = [0, 0, 0, 0]
         self._last: dict[str, tuple[DraftTree, np.ndarray]] = {}
 
+    @property
+    def fused(self) -> bool:
+        """Rounds run as one device program (jaxinfer.spec.round); calibration (``record``) needs every
+        round's candidates on the host, so it keeps the two-call path."""
+        return not self.record
+
     def shapes(self) -> list[DraftShape]:
         return [self._shape(rows, kv) for rows in self.row_buckets for kv in self.kv_buckets]
+
+    def round_shape(self, rows: int, num_nodes: int, path_len: int, kv_tokens: int) -> RoundShape:
+        return RoundShape(rows, num_nodes, path_len, kv_tokens, self.config.top_k, self.depth, self.config.depth)
+
+    def round(self, seqs: list[Sequence], limits: list[int], shape: RoundShape) -> RoundResult:
+        """One fused round for seqs (limits: the nodes each request's pages allow)."""
+        runner = self.runner
+        batch = build_round_input(seqs, limits, shape.num_rows, runner.builder.max_pages_per_seq,
+                                  runner.scheduler_config.max_num_seqs)
+        result = runner.round(batch, shape, self.policy.variants, self.policy.thresholds)
+        for row in range(len(seqs)):
+            self.bin_counts[self.policy.bin(float(result.entropy[row]))] += 1
+        return result
 
     def _shape(self, rows: int, kv_tokens: int) -> DraftShape:
         return DraftShape(rows, kv_tokens, self.config.top_k, self.depth, self.config.depth)

@@ -94,9 +94,14 @@ def verify_step(graphdef, head_graphdef, num_top: int, path_len: int, state, kv:
     state = (model state, head state or None); sampler: the runner's SamplerState; batch: a
     ``TreeInput``. Returns (VerifyResult, kv, sampler)."""
     model = nnx.merge(graphdef, state[0])
+    head = nnx.merge(head_graphdef, state[1]) if head_graphdef is not None else None
+    return verify_tree(model, head, kv, sampler, batch, num_top=num_top, path_len=path_len)
+
+
+def verify_tree(model, head, kv: KVPages, sampler, batch, *, num_top: int, path_len: int):
+    """``verify_step`` on merged modules (head None without a draft head)."""
     num_rows, num_nodes = batch.node_tokens.shape
     rows = jnp.arange(num_rows * num_nodes, dtype=jnp.int32)
-    head = nnx.merge(head_graphdef, state[1]) if head_graphdef is not None else None
     feature_layers = head.config.feature_layers if head is not None else ()
     out = model(batch.tokens, batch.positions, kv, batch.meta, rows, feature_layers)
     logits, kv = out[0], out[1]
@@ -106,9 +111,10 @@ def verify_step(graphdef, head_graphdef, num_top: int, path_len: int, state, kv:
                                     path_len)
         flat = (jnp.arange(num_rows)[:, None] * num_nodes + path).reshape(-1)  # [B * D1] rows of the path
         tokens = draws.reshape(-1)[flat]
-    with jax.named_scope("commit_kv"):
-        kv = commit_path(kv, batch.meta.decode_page_indices, batch.meta.decode_kv_lens, path, num_accepted,
-                         model.config.num_layers)
+    if num_nodes > 1:  # one node is the root, already in its slot: no move (XLA CPU copied the whole pool for it)
+        with jax.named_scope("commit_kv"):
+            kv = commit_path(kv, batch.meta.decode_page_indices, batch.meta.decode_kv_lens, path, num_accepted,
+                             model.config.num_layers)
     tokens = tokens.reshape(num_rows, path_len)
     result = VerifyResult(tokens, num_accepted)
     if num_top:

@@ -210,3 +210,31 @@ def test_packaged_head():
     d2t = np.asarray(head.d2t[...])
     assert (np.diff(d2t) > 0).all() and d2t.max() < 49152
     assert dataclasses.replace(head.config) == head.config
+
+
+@pytest.mark.skipif(not __import__("jaxinfer.layers.quant", fromlist=["quant"]).kernels_available(),
+                    reason="the CPU kernels are unavailable here")
+def test_quantized_drafting_copy(tmp_path):
+    """Q8_0 projections (the CPU fast path): the same outputs up to the blocks' rounding, every projection
+    on blocks, norms and the vocabulary map kept; only float heads are saved."""
+    from jaxinfer.layers.linear import QuantLinear, QuantSpec
+    from jaxinfer.spec.draft_head import quantize_draft_head
+
+    config = tiny_head_config(hidden_size=64, head_dim=16, intermediate_size=96, draft_vocab_size=32)
+    head = init_draft_head(config, seed=3)
+    head.d2t[...] = jnp.arange(32, dtype=jnp.int32)[::-1]
+    copy = quantize_draft_head(head, QuantSpec("q8_0", "q8_0", "int8"))
+    assert all(isinstance(layer, QuantLinear) for layer in (copy.fc, copy.qkv_proj, copy.o_proj, copy.lm_head,
+                                                            copy.mlp.gate_up_proj, copy.mlp.down_proj))
+    np.testing.assert_array_equal(copy.d2t[...], head.d2t[...])
+    rng = np.random.default_rng(4)
+    hidden, embeds = (jnp.asarray(rng.standard_normal((6, 64)), jnp.float32) for _ in range(2))
+    positions, mask = jnp.arange(6, dtype=jnp.int32), causal_mask(6)
+    ctx = jnp.zeros((0, K, 16), jnp.float32)
+    want = head.logits(head(hidden, embeds, positions, ctx, ctx, mask)[0])
+    got = copy.logits(copy(hidden, embeds, positions, ctx, ctx, mask)[0])
+    np.testing.assert_allclose(got, want, atol=0.05 * float(jnp.abs(want).max()))
+    assert float(jnp.mean(jnp.argmax(got, -1) == jnp.argmax(want, -1))) >= 5 / 6
+    assert quantize_draft_head(copy, QuantSpec()) is copy
+    with pytest.raises(ValueError, match="cannot be saved"):
+        save_draft_head(tmp_path / "head", copy)

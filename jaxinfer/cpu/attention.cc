@@ -992,14 +992,14 @@ JAXINFER_TARGET void attend(const Tile& t) {
   // reaching into a tree node's path, whose slots are not consecutive) copied into a buffer in
   // position order, so that the scores and sums run exactly as over the committed run.
   thread_local std::vector<T> run_k, run_v;
-  auto run_data = [&](int position, int count, const T** k, const T** v) {
-    if (position + count <= t.tail_begin) {
+  auto run_data = [&](int position, int count, int scored, const T** k, const T** v) {
+    if (position + scored <= t.tail_begin) {
       *k = k_pool + page_start(position);
       *v = v_pool + page_start(position);
       return;
     }
-    run_k.resize(size_t(count) * head_dim);
-    run_v.resize(size_t(count) * head_dim);
+    run_k.assign(size_t(scored) * head_dim, T{});
+    run_v.assign(size_t(scored) * head_dim, T{});
     for (int j = 0; j < count; ++j) {
       const int64_t start = page_start(position + j);
       std::memcpy(run_k.data() + size_t(j) * head_dim, k_pool + start, sizeof(T) * head_dim);
@@ -1007,6 +1007,12 @@ JAXINFER_TARGET void attend(const Tile& t) {
     }
     *k = run_k.data();
     *v = run_v.data();
+  };
+  // Slots are scored four at a time from the page's start (one reduction per slot, the same whatever
+  // the run's length): a run is scored up to its next multiple of four inside the page, the extra
+  // slots' scores never read. So a slot's score does not depend on how far the tile reaches.
+  auto scored_count = [&](int position, int count) {
+    return page_size % 4 ? count : std::min(page_size - position % page_size, (count + 3) / 4 * 4);
   };
   // Pages lie anywhere in the pool, so the hardware prefetcher stops at every page end: fetch
   // the next block's keys and values while this block is computed.
@@ -1029,10 +1035,11 @@ JAXINFER_TARGET void attend(const Tile& t) {
     if (b0 + block < t.end) prefetch_block(b0 + block);
     for (int off = 0; off < n;) {
       const int count = std::min(page_size - (b0 + off) % page_size, n - off);
+      const int scored = scored_count(b0 + off, count);
       const T* k_run;
       const T* v_run;
-      run_data(b0 + off, count, &k_run, &v_run);
-      scores_rows<T>(t.q, rows, head_dim, k_run, count, s + off, block);
+      run_data(b0 + off, count, scored, &k_run, &v_run);
+      scores_rows<T>(t.q, rows, head_dim, k_run, scored, s + off, block);
       off += count;
     }
     for (int r = 0; r < rows; ++r) {
@@ -1058,7 +1065,7 @@ JAXINFER_TARGET void attend(const Tile& t) {
       const int count = std::min(page_size - (b0 + off) % page_size, n - off);
       const T* k_run;
       const T* v_run;
-      run_data(b0 + off, count, &k_run, &v_run);
+      run_data(b0 + off, count, scored_count(b0 + off, count), &k_run, &v_run);
       accumulate_rows<T>(s + off, block, rows, v_run, count, head_dim, t.acc);
       off += count;
     }

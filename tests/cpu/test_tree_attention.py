@@ -96,3 +96,23 @@ def test_validation():
         pa.tree_attention(q[0], k, v, lens, pages, mask)
     with pytest.raises(ValueError, match="tree_mask"):
         pa.tree_attention(q, k, v, lens, pages, mask[:, :3])
+
+
+@needs_kernels
+@pytest.mark.parametrize("start", [45, 48, 50, 52])
+def test_a_prompt_row_is_the_same_whatever_its_chunk(start):
+    """A prompt row gives the same bits in a long chunk and in a short one starting later (what a prefix
+    cache hit runs), and the last row the same as a decode row: slots are scored in fixed groups of four
+    from the page's start, however far the tile reaches."""
+    rng = np.random.default_rng(5)
+    length = 53
+    q = jnp.asarray(rng.normal(size=(length, 9, 64)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(3, 20, PAGE, 64)), jnp.float32) for _ in range(2))
+    table = jnp.asarray([[3, 7, 1, 9, 12, 0, 0, 0]], jnp.int32)
+    one, lens = jnp.asarray([1], jnp.int32), jnp.asarray([length], jnp.int32)
+    ragged = jax.jit(pa.ragged_paged_attention)
+    whole = np.asarray(ragged(q, k, v, lens, table, jnp.asarray([0, length], jnp.int32), one))
+    tail = np.asarray(ragged(q[start:], k, v, lens, table, jnp.asarray([0, length - start], jnp.int32), one))
+    np.testing.assert_array_equal(tail, whole[start:])
+    decode = pa.paged_decode_attention(q[length - 1:], k, v, lens, table, one)
+    np.testing.assert_array_equal(np.asarray(decode)[0], whole[-1])

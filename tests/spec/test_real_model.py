@@ -63,3 +63,27 @@ def test_speculation_on_the_cpu_fast_path_reproduces_plain_decoding(method):
         if name != "off":
             assert engine.spec.stats.accepted_tokens > 0
     assert outputs[method] == outputs["off"]
+
+
+def test_a_prefix_cache_hit_changes_no_token_on_the_cpu_fast_path():
+    """The same prompts again hit the prefix cache: their uncached tails run as short prompt chunks, which
+    give every row the bits the long chunk gave (before: replies parted 16-44 tokens in)."""
+    from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+    from jaxinfer.datasets import prompt_set
+    from jaxinfer.layers import quant
+    from jaxinfer.loader import load_model
+
+    if not quant.kernels_available():
+        pytest.skip("the CPU kernels are unavailable here")
+    loaded = load_model("smollm2-135m", "auto")
+    prompts = [loaded.tokenizer.encode_chat([{"role": "user", "content": text}])
+               for text in prompt_set("mt_bench", 0, 3).prompts]
+    scheduler = SchedulerConfig(max_num_seqs=2, max_model_len=1024, decode_buckets=(1, 2), prefill_buckets=(64, 256),
+                                kv_buckets=(1024,))
+    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(cache=CacheConfig(num_pages=256), scheduler=scheduler))
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    first = [engine.generate([p], params)[0].output_ids for p in prompts]
+    hits = engine.block_manager.prefix_hit_tokens
+    again = [engine.generate([p], params)[0].output_ids for p in prompts]
+    assert engine.block_manager.prefix_hit_tokens - hits >= 3 * 48  # whole pages of every prompt came cached
+    assert again == first

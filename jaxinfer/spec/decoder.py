@@ -14,8 +14,10 @@ verification the request keeps the pages its committed tokens need; the rest go 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import statistics
 
 import jax
 
@@ -28,7 +30,8 @@ from jaxinfer.spec.round import RoundShape
 from jaxinfer.spec.tree import DraftTree, pack
 
 logger = logging.getLogger(__name__)
-PROBE_EVERY = 64  # decisions between re-measurements of the side not chosen
+PROBE_EVERY = 64  # decisions between re-measurements of both sides
+PROBE_STEPS = 3  # steps of each side per measurement
 
 
 @dataclasses.dataclass
@@ -71,7 +74,7 @@ class SpeculativeDecoder:
         self.path_len = max(depth for depth, _ in config.variants()) + 1
         self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
         self.stats = SpecStats()
-        self.rates: dict[tuple[str, int], float] = {}  # (spec|plain, rows bucket) -> tokens/s, moving average
+        self._samples: dict[tuple[str, int], collections.deque] = {}  # (spec|plain, rows bucket) -> tokens/s
         self._decisions = 0
 
     @property
@@ -99,31 +102,39 @@ class SpeculativeDecoder:
 
     def eligible(self, decodes: list[Sequence], has_prefills: bool) -> bool:
         """Whether this step should be a round: it only decodes, few enough requests without
-        penalties, and rounds have measured at least as fast as plain steps at this batch size (each
-        side is re-measured every PROBE_EVERY decisions, so a change in the workload is noticed)."""
+        penalties, and rounds have measured at least as fast as plain steps at this batch size. Each
+        side is measured over PROBE_STEPS steps before the first decision and again every PROBE_EVERY
+        decisions; the medians of the latest samples decide, so one slow step (a page fault, another
+        process) cannot keep the engine on the slower side."""
         if has_prefills or not decodes:
             return False
         ok = len(decodes) <= self.config.max_batch and not any(seq.params.uses_penalties for seq in decodes)
         if ok and self.config.adaptive:
             rows = next(r for r in self.row_buckets if r >= len(decodes))
+            phase = self._decisions % PROBE_EVERY
             self._decisions += 1
-            spec_rate, plain_rate = self.rates.get(("spec", rows)), self.rates.get(("plain", rows))
-            probe = self._decisions % PROBE_EVERY
-            if plain_rate is None or probe == 0:
+            plain, spec = self.rate("plain", rows), self.rate("spec", rows)
+            if len(self._samples.get(("plain", rows), ())) < PROBE_STEPS or phase < PROBE_STEPS:
                 ok = False  # measure plain steps first, and again every PROBE_EVERY decisions
-            elif spec_rate is not None and probe != 1:
-                ok = spec_rate >= plain_rate
+            elif len(self._samples.get(("spec", rows), ())) < PROBE_STEPS or phase < 2 * PROBE_STEPS:
+                ok = True  # then rounds
+            else:
+                ok = spec >= plain
         if not ok:
             self.stats.fallback_steps += 1
         return ok
 
     def observe_step(self, kind: str, num_decodes: int, tokens: int, seconds: float) -> None:
-        """A decode-only step's speed (kind 'spec' or 'plain'): moving averages per batch bucket."""
+        """A decode-only step's speed (kind 'spec' or 'plain'), kept per batch bucket."""
         if not 0 < num_decodes <= self.config.max_batch or seconds <= 0:
             return
         key = (kind, next(r for r in self.row_buckets if r >= num_decodes))
-        rate = tokens / seconds
-        self.rates[key] = rate if key not in self.rates else 0.8 * self.rates[key] + 0.2 * rate
+        self._samples.setdefault(key, collections.deque(maxlen=2 * PROBE_STEPS - 1)).append(tokens / seconds)
+
+    def rate(self, kind: str, rows: int) -> float | None:
+        """Tokens/s of ``kind`` steps at this batch bucket: the median of the latest samples (None: none yet)."""
+        samples = self._samples.get((kind, rows))
+        return statistics.median(samples) if samples else None
 
     def _reserve(self, seq: Sequence, cap: int) -> int:
         """Pages for up to cap nodes of seq's tree (fewer when the pool is short: at worst the root alone);

@@ -19,8 +19,11 @@ from jax.experimental.pallas import tpu as pltpu
 IMPLS = ("auto", "pallas", "reference")
 
 
-def resolve_interpret(interpret: bool | None = None) -> bool:
-    """Interpret mode when asked, else from JAXINFER_PALLAS_INTERPRET=0/1, else on CPU only."""
+def resolve_interpret(interpret=None):
+    """Interpret mode when asked, else from JAXINFER_PALLAS_INTERPRET=0/1, else on CPU only. An
+    interpreter's parameters (``pltpu.InterpretParams``, ``plgpu.InterpretGPUParams``) pass through."""
+    if isinstance(interpret, pltpu.InterpretParams) or is_mosaic_gpu_interpret(interpret):
+        return interpret
     if interpret is not None:
         return bool(interpret)
     env = os.environ.get("JAXINFER_PALLAS_INTERPRET")
@@ -58,6 +61,16 @@ def is_mosaic_gpu_interpret(interpret) -> bool:
 
     params = getattr(plgpu, "InterpretGPUParams", None)
     return params is not None and isinstance(interpret, params)
+
+
+def use_mosaic_gpu(interpret, gpu_body: str | None, supported: bool, needs: str) -> bool:
+    """Whether a kernel runs its Mosaic GPU body: in that body's interpreter, or compiled where ``gpu_body``
+    (default JAXINFER_GPU_BODY) asks for it and the shapes suit it (``supported``, else the Triton body
+    runs). The interpreter with shapes the body cannot serve is an error naming what it ``needs``."""
+    interpreted = is_mosaic_gpu_interpret(interpret)
+    if interpreted and not supported:
+        raise ValueError(f"the Mosaic GPU body needs {needs}")
+    return (resolve_gpu_body(gpu_body) == "mosaic" or interpreted) and supported
 
 
 def run_kernel(mosaic_call, triton_call, interpret, mosaic_gpu_call=None):

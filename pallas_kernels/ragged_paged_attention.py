@@ -27,12 +27,11 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import paged_attention_mgpu as mgpu
 from pallas_kernels._backend import (
-    is_mosaic_gpu_interpret,
     online_softmax_step,
     paged_kv_loader,
-    resolve_gpu_body,
     resolve_interpret,
     run_kernel,
+    use_mosaic_gpu,
 )
 
 MASK_VALUE = -1e30
@@ -134,18 +133,16 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                          f"{k_pages.dtype=}, {v_pages.dtype=}")
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(page_size=k_pages.shape[2])
-    if not isinstance(interpret, pltpu.InterpretParams) and not is_mosaic_gpu_interpret(interpret):
-        interpret = resolve_interpret(interpret)
+    interpret = resolve_interpret(interpret)
     kv_block = block_sizes.pages_per_block * k_pages.shape[2]
     group = q.shape[1] // k_pages.shape[0]
-    mosaic_gpu = (resolve_gpu_body(gpu_body) == "mosaic" or is_mosaic_gpu_interpret(interpret)) and \
-        mgpu.supported(q.dtype, k_pages.dtype, head_dim=q.shape[2], page_size=k_pages.shape[2],
-                       pages_per_block=block_sizes.pages_per_block, rows=group * block_sizes.block_q)
-    if is_mosaic_gpu_interpret(interpret) and not mosaic_gpu:
-        raise ValueError(f"the Mosaic GPU body needs 16-bit q and pages of one dtype, head_dim and "
-                         f"pages_per_block * page_size multiples of {mgpu.TILE}, page_size a multiple of 8 and "
-                         f"G * block_q <= {mgpu.MAX_ROWS}, got {q.shape=}, {k_pages.shape=}, {q.dtype=}, "
-                         f"{k_pages.dtype=}, {block_sizes=}")
+    supported = mgpu.supported(q.dtype, k_pages.dtype, head_dim=q.shape[2], page_size=k_pages.shape[2],
+                               pages_per_block=block_sizes.pages_per_block, rows=group * block_sizes.block_q)
+    mosaic_gpu = use_mosaic_gpu(
+        interpret, gpu_body, supported,
+        f"16-bit q and pages of one dtype, head_dim and pages_per_block * page_size multiples of {mgpu.TILE}, "
+        f"page_size a multiple of 8 and G * block_q <= {mgpu.MAX_ROWS}, got {q.shape=}, {k_pages.shape=}, "
+        f"{q.dtype=}, {k_pages.dtype=}, {block_sizes=}")
     if interpret is False and not all(n >= 16 and n & (n - 1) == 0 for n in (q.shape[2], kv_block)):
         raise ValueError(f"compiled kernels need head_dim and pages_per_block * page_size to be powers of two "
                          f">= 16 (Triton dots), got {q.shape=}, {k_pages.shape=}, {block_sizes=}")

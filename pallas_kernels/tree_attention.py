@@ -30,12 +30,11 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import paged_attention_mgpu as mgpu
 from pallas_kernels._backend import (
-    is_mosaic_gpu_interpret,
     online_softmax_step,
     paged_kv_loader,
-    resolve_gpu_body,
     resolve_interpret,
     run_kernel,
+    use_mosaic_gpu,
 )
 from pallas_kernels._mgpu import load_rows
 
@@ -149,18 +148,16 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens
         pages_per_block = 1 << (max(1, 64 // page_size).bit_length() - 1)
     if pages_per_block < 1 or pages_per_block & (pages_per_block - 1):
         raise ValueError(f"pages_per_block must be a positive power of two, got {pages_per_block}")
-    if not isinstance(interpret, pltpu.InterpretParams) and not is_mosaic_gpu_interpret(interpret):
-        interpret = resolve_interpret(interpret)
+    interpret = resolve_interpret(interpret)
     kv_block = pages_per_block * page_size
     rows = q.shape[1] * q.shape[2] // k_pages.shape[0]  # G * N
-    mosaic_gpu = (resolve_gpu_body(gpu_body) == "mosaic" or is_mosaic_gpu_interpret(interpret)) and \
-        mgpu.supported(q.dtype, k_pages.dtype, head_dim=q.shape[3], page_size=page_size,
-                       pages_per_block=pages_per_block, rows=rows)
-    if is_mosaic_gpu_interpret(interpret) and not mosaic_gpu:
-        raise ValueError(f"the Mosaic GPU body needs 16-bit q and pages of one dtype, head_dim and "
-                         f"pages_per_block * page_size multiples of {mgpu.TILE}, page_size a multiple of 8 and "
-                         f"G * N <= {mgpu.MAX_ROWS}, got {q.shape=}, {k_pages.shape=}, {q.dtype=}, "
-                         f"{k_pages.dtype=}, {pages_per_block=}")
+    supported = mgpu.supported(q.dtype, k_pages.dtype, head_dim=q.shape[3], page_size=page_size,
+                               pages_per_block=pages_per_block, rows=rows)
+    mosaic_gpu = use_mosaic_gpu(
+        interpret, gpu_body, supported,
+        f"16-bit q and pages of one dtype, head_dim and pages_per_block * page_size multiples of {mgpu.TILE}, "
+        f"page_size a multiple of 8 and G * N <= {mgpu.MAX_ROWS}, got {q.shape=}, {k_pages.shape=}, {q.dtype=}, "
+        f"{k_pages.dtype=}, {pages_per_block=}")
     if interpret is False and not all(n >= 16 and n & (n - 1) == 0 for n in (q.shape[3], kv_block)):
         raise ValueError(f"compiled kernels need head_dim and pages_per_block * page_size to be powers of two "
                          f">= 16 (Triton dots), got {q.shape=}, {k_pages.shape=}, {pages_per_block=}")

@@ -39,12 +39,12 @@
 // Threads: the work is a list of items (decode and tree nodes: a (row, KV head) pair, or a span of
 // kSplitSlots of its slots when the row is longer, merged afterwards; prefill: a (sequence, KV head,
 // query block)). A row's split depends on its length alone, never on the batch: a decode row's
-// output is the same whatever else the step holds. Items are claimed from an atomic counter by the calling thread and by tasks
-// scheduled on XLA's intra-op pool (ffi::ThreadPool). The caller then waits only until every
-// claimed item is done (a short spin, then a condition variable, so that on a loaded machine it
-// yields its core to a helper still holding an item); the job lives in a std::shared_ptr, so a
-// task that starts late finds no item left and touches nothing else. Small calls (fewer than
-// kMinParallelSlots slots to read) stay on the calling thread.
+// output is the same whatever else the step holds. Items are claimed from an atomic counter by the
+// calling thread and by tasks scheduled on XLA's intra-op pool (ffi::ThreadPool). The caller then
+// waits only until every claimed item is done (a short spin, then a condition variable, so that on a
+// loaded machine it yields its core to a helper still holding an item); the job lives in a
+// std::shared_ptr, so a task that starts late finds no item left and touches nothing else. Small
+// calls (fewer than kMinParallelSlots slots to read) stay on the calling thread.
 
 #ifndef JAXINFER_ATTENTION_BODY
 
@@ -481,7 +481,7 @@ struct DecodeRow {
   int64_t tail = -1;  // offset of its path's slots in DecodeJob::tails
 };
 
-struct DecodeJob : Job {
+struct DecodeJob : Job, std::enable_shared_from_this<DecodeJob> {
   TileFn fn;
   Pool pool;
   const float* q;
@@ -554,7 +554,7 @@ struct DecodeJob : Job {
                      [](const DecodeItem& a, const DecodeItem& b) { return a.end - a.begin > b.end - b.begin; });
     num_items = int64_t(items.size());
     partials.resize(size_t(num_partials * group * (head_dim + 2)));
-    run_job(thread_pool, owner.lock(), total >= kMinParallelSlots);
+    run_job(thread_pool, shared_from_this(), total >= kMinParallelSlots);
 
     // Merge the spans of split rows: out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s.
     std::vector<float> merged(head_dim);
@@ -576,8 +576,6 @@ struct DecodeJob : Job {
       }
     }
   }
-
-  std::weak_ptr<DecodeJob> owner;
 };
 
 // The job for q [rows, H, D] against the pool, or an error.
@@ -588,7 +586,6 @@ ffi::Error make_decode_job(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_pages, ffi:
   auto qd = q.dimensions();
   if (qd.size() != 3) return ffi::Error::InvalidArgument(std::string(name) + ": q must be [rows, H, D]");
   auto job = std::make_shared<DecodeJob>();
-  job->owner = job;
   if (ffi::Error e = check_pool(k_pages, v_pages, page_indices, page_offset, qd[1], qd[2], &job->pool); e.failure()) {
     return e;
   }

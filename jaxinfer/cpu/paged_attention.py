@@ -66,6 +66,19 @@ def _use_kernel(k_pages) -> bool:
     return _library() is not None and any(k_pages.dtype == dtype for dtype in _KV_DTYPES)
 
 
+def _run(target: str, args: tuple, reference, scale: float, isa: str) -> jax.Array:
+    """``target`` on CPU where the kernels serve these pages, ``reference`` elsewhere; args[0] is the query
+    rows [rows, H, D] float32, which is also the output's shape."""
+    if not _use_kernel(args[1]):
+        return reference(*args)
+
+    def kernel(*args):
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(args[0].shape, jnp.float32))
+        return call(*args, sm_scale=np.float32(scale), isa=np.int32(ISAS[isa]))
+
+    return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
+
+
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
                            page_indices: jax.Array, num_seqs: jax.Array, page_offset: jax.Array | int = 0, *,
                            sm_scale: float | None = None, isa: str = "auto") -> jax.Array:
@@ -91,14 +104,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         return ragged_paged_attention_reference(q, k_pages, v_pages, kv_lens, page_indices + offset[0], cu_q_lens,
                                                 num_seqs, sm_scale=scale, max_q_len=1).astype(jnp.float32)
 
-    if not _use_kernel(k_pages):
-        return reference(*args)
-
-    def kernel(*args):
-        call = jax.ffi.ffi_call(DECODE_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-        return call(*args, sm_scale=np.float32(scale), isa=np.int32(ISAS[isa]))
-
-    return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
+    return _run(DECODE_TARGET, args, reference, scale, isa)
 
 
 def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
@@ -126,14 +132,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                                 num_seqs, sm_scale=scale,
                                                 max_kv_tokens=max_kv_tokens).astype(jnp.float32)
 
-    if not _use_kernel(k_pages):
-        return reference(*args)
-
-    def kernel(*args):
-        call = jax.ffi.ffi_call(RAGGED_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-        return call(*args, sm_scale=np.float32(scale), isa=np.int32(ISAS[isa]))
-
-    return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
+    return _run(RAGGED_TARGET, args, reference, scale, isa)
 
 
 def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens: jax.Array,
@@ -159,19 +158,12 @@ def tree_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, kv_lens
                          f"{kv_lens.shape=}, {page_indices.shape=}, {tree_mask.shape=}")
     scale = float(q.shape[3] ** -0.5 if sm_scale is None else sm_scale)
     offset = jnp.asarray(page_offset, jnp.int32).reshape(1)
-    args = (q.astype(jnp.float32), k_pages, v_pages, kv_lens, page_indices, tree_mask, offset)
+    rows = q.astype(jnp.float32).reshape(num_reqs * num_nodes, *q.shape[2:])  # the kernel's node rows
+    args = (rows, k_pages, v_pages, kv_lens, page_indices, tree_mask, offset)
 
-    def reference(q, k_pages, v_pages, kv_lens, page_indices, tree_mask, offset):
-        return tree_attention_reference(q, k_pages, v_pages, kv_lens, page_indices + offset[0], tree_mask,
-                                        sm_scale=scale, max_kv_tokens=max_kv_tokens)
+    def reference(rows, k_pages, v_pages, kv_lens, page_indices, tree_mask, offset):
+        out = tree_attention_reference(rows.reshape(q.shape), k_pages, v_pages, kv_lens, page_indices + offset[0],
+                                       tree_mask, sm_scale=scale, max_kv_tokens=max_kv_tokens)
+        return out.reshape(rows.shape)
 
-    if not _use_kernel(k_pages):
-        return reference(*args)
-
-    def kernel(q, *rest):
-        call = jax.ffi.ffi_call(TREE_TARGET, jax.ShapeDtypeStruct((num_reqs * num_nodes, *q.shape[2:]), jnp.float32))
-        out = call(q.reshape(num_reqs * num_nodes, *q.shape[2:]), *rest, sm_scale=np.float32(scale),
-                   isa=np.int32(ISAS[isa]))
-        return out.reshape(q.shape)
-
-    return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
+    return _run(TREE_TARGET, args, reference, scale, isa).reshape(q.shape)

@@ -65,33 +65,23 @@ def _rotary_reference(x32, positions, freq: np.ndarray):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-class _Frequencies:
-    """inv_freq as a hashable static argument."""
-
-    def __init__(self, freq: np.ndarray):
-        self.freq = np.asarray(freq, np.float32)
-
-    def __hash__(self):
-        return hash(self.freq.tobytes())
-
-    def __eq__(self, other):
-        return isinstance(other, _Frequencies) and np.array_equal(self.freq, other.freq)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _rotary(x32, positions, freq: _Frequencies):
+def _rotary(x32, positions, freq: tuple[float, ...]):  # freq: inv_freq as a hashable static argument
+    inv_freq = np.asarray(freq, np.float32)
+
     def kernel(x32, positions):
         call = jax.ffi.ffi_call(ROTARY_TARGET, jax.ShapeDtypeStruct(x32.shape, jnp.float32), vmap_method="expand_dims")
-        return call(x32, positions, inv_freq=freq.freq)
+        return call(x32, positions, inv_freq=inv_freq)
 
     return jax.lax.platform_dependent(x32, positions, cpu=kernel,
-                                      default=functools.partial(_rotary_reference, freq=freq.freq))
+                                      default=functools.partial(_rotary_reference, freq=inv_freq))
 
 
 @_rotary.defjvp
 def _rotary_jvp(freq, primals, tangents):  # linear in x; positions are integers
     x32, positions = primals
-    _, tangent = jax.jvp(lambda x: _rotary_reference(x, positions, freq.freq), (x32,), (tangents[0],))
+    _, tangent = jax.jvp(lambda x: _rotary_reference(x, positions, np.asarray(freq, np.float32)), (x32,),
+                         (tangents[0],))
     return _rotary(x32, positions, freq), tangent
 
 
@@ -101,4 +91,4 @@ def rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Arra
     x32, positions = x.astype(jnp.float32), positions.astype(jnp.int32)
     if not _available():
         return _rotary_reference(x32, positions, np.asarray(inv_freq, np.float32)).astype(x.dtype)
-    return _rotary(x32, positions, _Frequencies(inv_freq)).astype(x.dtype)
+    return _rotary(x32, positions, tuple(np.asarray(inv_freq, np.float32).tolist())).astype(x.dtype)

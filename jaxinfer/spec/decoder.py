@@ -136,21 +136,23 @@ class SpeculativeDecoder:
         samples = self._samples.get((kind, rows))
         return statistics.median(samples) if samples else None
 
-    def _reserve(self, seq: Sequence, cap: int) -> int:
-        """Pages for up to cap nodes of seq's tree (fewer when the pool is short: at worst the root alone);
-        returns how many nodes they hold."""
-        limit = min(cap, self.max_model_len - seq.num_computed)
+    def _node_limit(self, seq: Sequence, nodes: int) -> int:
+        """How many of ``nodes`` tree nodes seq's context and the free pages allow (at worst the root alone)."""
+        limit = min(nodes, self.max_model_len - seq.num_computed)
         while limit > 1 and not self.block_manager.can_append(seq, limit):
             limit = 1 if limit <= 2 else limit // 2
+        return limit
+
+    def _reserve(self, seq: Sequence, cap: int) -> int:
+        """Pages for up to cap nodes of seq's tree; returns how many nodes they hold."""
+        limit = self._node_limit(seq, cap)
         self.block_manager.append(seq, limit)
         return limit
 
     def _fit(self, seq: Sequence, tree: DraftTree, cap: int) -> DraftTree:
         """Cut the tree to cap nodes, to what the free pages allow (at worst the root alone) and to
         the deepest path a verify step commits."""
-        limit = min(tree.num_nodes, cap, self.max_model_len - seq.num_computed)
-        while limit > 1 and not self.block_manager.can_append(seq, limit):
-            limit = 1 if limit <= 2 else limit // 2
+        limit = self._node_limit(seq, min(tree.num_nodes, cap))
         tree = tree.prune(self.path_len - 1, limit)
         self.block_manager.append(seq, tree.num_nodes)
         return tree

@@ -117,8 +117,7 @@ def block_scores_pallas(q: jax.Array, k: jax.Array, config: UniSparseConfig, q_s
     check_blocking(q, k, config.block_size)
     if not jnp.issubdtype(q.dtype, jnp.floating) or not jnp.issubdtype(k.dtype, jnp.floating):
         raise ValueError(f"expected floating q and k, got {q.dtype=}, {k.dtype=}")
-    if not isinstance(interpret, pltpu.InterpretParams) and not is_mosaic_gpu_interpret(interpret):
-        interpret = resolve_interpret(interpret)
+    interpret = resolve_interpret(interpret)
     xla_on_gpu = resolve_gpu_body(gpu_body) == "mosaic" or is_mosaic_gpu_interpret(interpret)
     kv_len = k.shape[0] if kv_len is None else kv_len
     return _block_scores(q, k, jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32), config=config,

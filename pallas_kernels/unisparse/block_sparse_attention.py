@@ -23,11 +23,10 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._backend import (
-    is_mosaic_gpu_interpret,
     online_softmax_step,
-    resolve_gpu_body,
     resolve_interpret,
     run_kernel,
+    use_mosaic_gpu,
 )
 from pallas_kernels.unisparse import block_sparse_attention_mgpu as mgpu
 
@@ -136,13 +135,11 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, indices: ja
                          f"counts [H, Nq], got {indices.shape=}, {counts.shape=}")
     if indices.dtype != jnp.int32 or counts.dtype != jnp.int32:
         raise ValueError(f"indices and counts must be int32, got {indices.dtype=}, {counts.dtype=}")
-    if not isinstance(interpret, pltpu.InterpretParams) and not is_mosaic_gpu_interpret(interpret):
-        interpret = resolve_interpret(interpret)
-    mosaic_gpu = (resolve_gpu_body(gpu_body) == "mosaic" or is_mosaic_gpu_interpret(interpret)) and \
-        mgpu.supported(q.dtype, k.dtype, block_size, q.shape[2])
-    if is_mosaic_gpu_interpret(interpret) and not mosaic_gpu:
-        raise ValueError(f"the Mosaic GPU body needs 16-bit q, k, v of one dtype and block_size and head_dim "
-                         f"multiples of {mgpu.TILE}, got {q.dtype=}, {k.dtype=}, {block_size=}, {q.shape=}")
+    interpret = resolve_interpret(interpret)
+    mosaic_gpu = use_mosaic_gpu(
+        interpret, gpu_body, mgpu.supported(q.dtype, k.dtype, block_size, q.shape[2]),
+        f"16-bit q, k, v of one dtype and block_size and head_dim multiples of {mgpu.TILE}, got {q.dtype=}, "
+        f"{k.dtype=}, {block_size=}, {q.shape=}")
     if interpret is False and not all(n >= 16 and n & (n - 1) == 0 for n in (block_size, q.shape[2])):
         raise ValueError(f"compiled kernels need block_size and head_dim to be powers of two >= 16 (Triton dots), "
                          f"got {block_size=}, {q.shape=}")

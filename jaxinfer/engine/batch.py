@@ -164,7 +164,9 @@ class BatchBuilder:
             positions[row] = position
             slot_mapping[row] = seq.pages[position // page_size] * page_size + position % page_size
             decode_kv_lens[row] = position + 1
-            decode_page_indices[row, :len(seq.pages)] = seq.pages
+            # pages the row reads; it may hold more (reserved for a burst that ended early)
+            readable = seq.pages[:decode_pages]
+            decode_page_indices[row, :len(readable)] = readable
             logits_indices[row], row_slots[row], emit[row], rows[row] = row, seq.slot, True, seq
 
         prefill_kv_lens = np.zeros(num_prefill, np.int32)

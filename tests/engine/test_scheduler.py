@@ -1,5 +1,6 @@
 """Scheduler policy on the host: budgets, limits, FCFS, preemption, queue bound (no device)."""
 
+import numpy as np
 import pytest
 
 from jaxinfer.config import SchedulerConfig
@@ -161,3 +162,21 @@ def test_decode_steps_one_never_bursts():
     scheduler = _scheduler(decode_steps=1)
     _decoding(scheduler, 2)
     assert not scheduler.schedule().burst
+
+
+def test_decode_row_holding_pages_past_its_kv_bucket_reads_only_those_inside():
+    """A row may hold pages a burst reserved and did not use; the step's page table has only the KV
+    bucket's width, so the builder copies the pages the row reads (it raised ValueError on main)."""
+    from jaxinfer.engine.batch import BatchBuilder, step_shape
+    from jaxinfer.engine.scheduler import SchedulerOutput
+
+    config = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=16, decode_kv_buckets=(32, 64)).resolve(64)
+    seq = Sequence("r", list(range(1, 21)), SamplingParams(max_tokens=30, seed=0))
+    seq.pages, seq.num_computed, seq.slot = [5, 6, 7], 20, 0  # 3 pages of 16 for 21 tokens: the third is spare
+    seq.output_ids = [9]
+    out = SchedulerOutput([seq], [], [])
+    shape = step_shape(out, config)
+    assert shape.decode_kv_tokens == 32
+    step = BatchBuilder(config, 16, 8).build(out, shape, impl="xla", interpret=True)
+    assert np.asarray(step.meta.decode_page_indices).tolist() == [[5, 6]]
+    assert int(step.meta.slot_mapping[0]) == 6 * 16 + 4

@@ -236,7 +236,9 @@ class BatchBuilder:
         slot_mapping = np.full(num_tokens, PAD_SLOT, np.int32)
         is_last = np.zeros(num_tokens, bool)
         offset = num_decode
-        spans = [(row, 1, seq, seq.num_computed) for row, seq in enumerate(out.decodes)]
+        # decode rows at their position (after a running burst: ahead of num_computed); rows done in it: none
+        spans = [(row, 1, seq, int(positions[row])) for row, seq in enumerate(out.decodes)
+                 if not out.ahead or out.steps[row]]
         for chunk in out.prefills:
             spans.append((offset, chunk.num_tokens, chunk.seq, chunk.start))
             offset += chunk.num_tokens

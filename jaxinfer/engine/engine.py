@@ -76,12 +76,14 @@ class EngineMetrics:
 
 
 class _Burst(NamedTuple):
-    """A burst on the device: what was scheduled, its handle, when it was dispatched."""
+    """A burst on the device: what was scheduled, its handle, when it was dispatched, and whether
+    dispatching it compiled (its time then says nothing about the step's speed)."""
 
     out: SchedulerOutput
     shape: StepShape
     handle: BurstHandle
     dispatched: float
+    compiled: bool = False
 
 
 class Engine:
@@ -90,7 +92,8 @@ class Engine:
         """draft_head: the EAGLE draft head speculative methods 'eagle' and 'heterospec' need; mesh: the
         devices of this replica group (jaxinfer.engine.placement), None for the default device."""
         config = config or EngineConfig()
-        spec = config.speculative
+        spec = config.speculative.with_policy()  # depth/nodes still unset (no tuned policy read): the defaults
+        config = dataclasses.replace(config, speculative=spec)
         if spec.uses_draft_head and draft_head is None:
             raise ValueError(f"speculative method {spec.method!r} needs a draft head (train one with "
                              "launch/train_draft.py), or use method 'ngram'")
@@ -99,8 +102,6 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.scheduler_config = config.scheduler.resolve(self.model_config.max_position)
-        if spec.enabled:  # speculation gains its tokens per call from the tree: no decode bursts
-            self.scheduler_config = dataclasses.replace(self.scheduler_config, decode_steps=1)
         page_size = config.cache.page_size
         dtype = model.dtype
         self.bytes_per_page = KVPages.bytes_per_page(self.model_config, page_size, dtype,
@@ -276,18 +277,30 @@ class Engine:
         Anything that needs the host's view complete first calls ``settle``."""
         outputs, self._pending = self._pending, []
         start = time.perf_counter()
+        spec = self.spec
         if self._inflight is None:
             with jax.profiler.TraceAnnotation("schedule"):
-                out = self.scheduler.schedule()
+                # a speculative engine first decides whether the step is a round; a plain one may burst
+                out = self.scheduler.schedule(burst=spec is None)
+                speculate = spec is not None and spec.eligible(out.decodes, bool(out.prefills))
+                if spec is not None and not speculate:
+                    self.scheduler.plan_burst(out)
             if out.empty:
                 return outputs
             if not out.burst:
-                return outputs + self._step(out, start)
+                return outputs + self._step(out, start, speculate)
+            compiles = self.runner.num_compiles
             shape = self._shape(out)
-            self._inflight = _Burst(out, shape, self.runner.dispatch_burst(out, shape), start)
+            handle = self.runner.dispatch_burst(out, shape)
+            self._inflight = _Burst(out, shape, handle, start, self.runner.num_compiles != compiles)
         current = self._inflight
         with jax.profiler.TraceAnnotation("schedule"):
-            out = self.scheduler.chain_burst(current.out)
+            # a speculative engine ends the chain when its next step should be a round
+            live = [seq for seq in current.out.decodes if seq.status is SequenceStatus.RUNNING]
+            out = None if spec is not None and spec.eligible(live, False, count=False) else \
+                self.scheduler.chain_burst(current.out)
+            if out is not None and spec is not None:
+                spec.eligible(live, False)  # the chained burst is this decision
         self._inflight = None
         # the chained burst takes the rows of the one before: a compiled shape with as many
         # (none yet, during a background warm-up: the chain ends; its pages stay with the rows)
@@ -324,11 +337,12 @@ class Engine:
             self.step_log += [(burst.shape, begin + (end - begin) * i / steps,
                                begin + (end - begin) * (i + 1) / steps) for i in range(steps)]
         self.last_step_tokens = self.last_step_decode_tokens = int(result.counts.sum())
+        if self.spec is not None and not burst.compiled:
+            self.spec.observe_step("plain", len(burst.out.decodes), self.last_step_tokens, end - begin)
         return outputs
 
-    def _step(self, out: SchedulerOutput, start: float) -> list[RequestOutput]:
+    def _step(self, out: SchedulerOutput, start: float, speculate: bool) -> list[RequestOutput]:
         """An ordinary step (or a speculative round): run and read back at once."""
-        speculate = self.spec is not None and self.spec.eligible(out.decodes, bool(out.prefills))
         generated = self.generated_tokens_total
         compile_seconds = self.runner.compile_seconds
         outputs = self._speculate(out.decodes) if speculate else None

@@ -138,30 +138,41 @@ class BurstHandle:
     chain: Chain  # for a burst dispatched after this one, before its results are read
 
 
-def _decode_burst(graphdef, num_top: int, max_steps: int, state, kv: KVPages, sampler: SamplerState,
+def _decode_burst(graphdef, head_graphdef, num_top: int, max_steps: int, state, kv: KVPages, sampler: SamplerState,
                   batch: StepInput, burst: BurstInput, chain: Chain):
     """Up to ``max_steps`` decode steps in one call: each row feeds its sampled token back as the next
     step's input, and stops after a stop token or ``burst.budget`` steps; the loop ends when no row
     runs. A stopped row writes no KV and counts no tokens for penalties. Returns the sampled tokens
     (and logprobs) as [max_steps, Bd] arrays plus the steps each row ran, where the rows stand at the
     end (a Chain), and the new KV and sampler state. batch is the burst's first step (decode rows
-    only); its input tokens and which rows run come from ``chain`` (a previous burst's, or the host's)."""
+    only); its input tokens and which rows run come from ``chain`` (a previous burst's, or the host's).
+    With a draft head every step also writes the draft KV of its tokens (the first step's pairs come
+    from the host; later steps pair each row's previous position, written in this burst)."""
     page_size = kv.page_size
     first = batch.positions
     pages = batch.meta.decode_page_indices
+
+    def slot_of(positions):
+        page = jnp.take_along_axis(pages, jnp.minimum(positions // page_size, pages.shape[1] - 1)[:, None], axis=1)
+        return page[:, 0] * page_size + positions % page_size
 
     def step(carry):
         i, kv, sampler, tokens, alive, counts, outputs = carry
         running = alive & (counts < burst.budget)
         positions = first + i
-        page = jnp.take_along_axis(pages, jnp.minimum(positions // page_size, pages.shape[1] - 1)[:, None], axis=1)
         meta = dataclasses.replace(
-            batch.meta, slot_mapping=jnp.where(running, page[:, 0] * page_size + positions % page_size, PAD_SLOT),
+            batch.meta, slot_mapping=jnp.where(running, slot_of(positions), PAD_SLOT),
             decode_kv_lens=jnp.where(running, positions + 1, 0))
         sampling = dataclasses.replace(batch.sample.sampling, index=batch.sample.sampling.index + i)
-        inputs = dataclasses.replace(batch, tokens=tokens, positions=positions, meta=meta,
+        pairs = batch.catch_up
+        if pairs is not None:
+            previous = jnp.maximum(positions - 1, 0)
+            pairs = dataclasses.replace(
+                pairs, positions=previous, is_last=pairs.is_last & running,
+                slot_mapping=jnp.where(running, jnp.where(i == 0, pairs.slot_mapping, slot_of(previous)), PAD_SLOT))
+        inputs = dataclasses.replace(batch, tokens=tokens, positions=positions, meta=meta, catch_up=pairs,
                                      sample=dataclasses.replace(batch.sample, sampling=sampling, emit=running))
-        logits, kv, sampler = _forward_step(graphdef, None, state, kv, sampler, inputs)
+        logits, kv, sampler = _forward_step(graphdef, head_graphdef, state, kv, sampler, inputs)
         sampled, sampler = _sample_step(num_top, logits, sampler, inputs.sample)
         outputs = tuple(buffer.at[i].set(value) for buffer, value in zip(outputs, sampled, strict=True))
         new = sampled[0]
@@ -254,11 +265,10 @@ class ModelRunner:
                                 donate_argnums=(1, 2))
         self._sample = jax.jit(functools.partial(_sample_step, max_logprobs), donate_argnums=(1,))
         self.eos_ids = eos_ids
-        # decode-only steps run as bursts (one compiled burst per decode shape, no single steps);
-        # a draft head needs its catch-up after every token, so it keeps single steps
-        self.burst_steps = scheduler_config.decode_steps if draft_head is None else 1
-        self._burst = jax.jit(self._flat(functools.partial(_decode_burst, self.graphdef, max_logprobs,
-                                                           self.burst_steps)), donate_argnums=(1, 2))
+        # decode-only steps run as bursts (one compiled burst per decode shape, no single steps)
+        self.burst_steps = scheduler_config.decode_steps
+        self._burst = jax.jit(self._flat(functools.partial(_decode_burst, self.graphdef, self.head_graphdef,
+                                                           max_logprobs, self.burst_steps)), donate_argnums=(1, 2))
         self._executables: dict[StepShape | TreeShape | DraftShape | int | tuple | str, Callable] = {}
         self._compiling: dict[object, concurrent.futures.Future] = {}  # key -> its compile in progress
         self._compile_lock = threading.Lock()

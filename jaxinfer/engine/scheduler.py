@@ -130,17 +130,21 @@ class Scheduler:
             return aligned if aligned > 0 else num_new
         return num_new
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, burst: bool = True) -> SchedulerOutput:
+        """The next step; a decode-only step becomes a burst where it can (see plan_burst), unless
+        ``burst`` is False (the caller may still call plan_burst: a speculative engine decides first
+        whether the step is a round)."""
         out = self._schedule()
-        if self.config.decode_steps > 1 and out.decodes and not out.prefills and not out.preempted:
-            self._plan_burst(out)
+        if burst:
+            self.plan_burst(out)
         return out
 
-    def _plan_burst(self, out: SchedulerOutput) -> None:
+    def plan_burst(self, out: SchedulerOutput) -> None:
         """Turn a decode-only step into a burst when nothing waits that could be admitted meanwhile:
         each row may run until its length budget (max_tokens, the context limit) or decode_steps, and
         gets the pages for that now. Not enough free pages: an ordinary step."""
-        if self.waiting and self._free_slots:
+        if (self.config.decode_steps <= 1 or not out.decodes or out.prefills or out.preempted or out.burst
+                or (self.waiting and self._free_slots)):
             return
         steps = [self._burst_steps(seq) for seq in out.decodes]
         if max(steps) > 1 and self._reserve(out.decodes, [0] * len(steps), steps):

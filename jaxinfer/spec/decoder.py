@@ -100,19 +100,21 @@ class SpeculativeDecoder:
         else:
             runner.draft_executable(shape)
 
-    def eligible(self, decodes: list[Sequence], has_prefills: bool) -> bool:
+    def eligible(self, decodes: list[Sequence], has_prefills: bool, count: bool = True) -> bool:
         """Whether this step should be a round: it only decodes, few enough requests without
         penalties, and rounds have measured at least as fast as plain steps at this batch size. Each
         side is measured over PROBE_STEPS steps before the first decision and again every PROBE_EVERY
         decisions; the medians of the latest samples decide, so one slow step (a page fault, another
-        process) cannot keep the engine on the slower side."""
+        process) cannot keep the engine on the slower side. A plain step may be a burst of steps (one
+        decision). count=False: only ask, the decision is not counted (a burst chain asks before
+        it goes on)."""
         if has_prefills or not decodes:
             return False
         ok = len(decodes) <= self.config.max_batch and not any(seq.params.uses_penalties for seq in decodes)
         if ok and self.config.adaptive:
             rows = next(r for r in self.row_buckets if r >= len(decodes))
             phase = self._decisions % PROBE_EVERY
-            self._decisions += 1
+            self._decisions += count
             plain, spec = self.rate("plain", rows), self.rate("spec", rows)
             if len(self._samples.get(("plain", rows), ())) < PROBE_STEPS or phase < PROBE_STEPS:
                 ok = False  # measure plain steps first, and again every PROBE_EVERY decisions
@@ -120,7 +122,7 @@ class SpeculativeDecoder:
                 ok = True  # then rounds
             else:
                 ok = spec >= plain
-        if not ok:
+        if not ok and count:
             self.stats.fallback_steps += 1
         return ok
 

@@ -90,26 +90,39 @@ def _draft_kv_of(eng, seq, count):
             np.asarray(kv.v)[:, pages, positions % page_size].transpose(1, 0, 2))
 
 
-def _run_until(eng, request_id, min_tokens):
+def _run_until(eng, request_id, min_tokens, finished=None):
+    """Step until the request has min_tokens outputs; finished requests' outputs go into ``finished``."""
     while True:
-        eng.step()
+        for out in eng.step():
+            if out.finished and finished is not None:
+                finished[out.request_id] = out.output_ids
         seq = eng.scheduler.find(request_id)
         if seq is not None and len(seq.output_ids) >= min_tokens:
             return seq
 
 
-@pytest.mark.parametrize("oracle", [False, True])
-def test_draft_kv_matches_a_direct_computation(oracle):
+@pytest.mark.parametrize("mode", ["rounds", "oracle", "bursts"])
+def test_draft_kv_matches_a_direct_computation(mode):
     """Chunked prefill (21 tokens in chunks of 16: the pair across the chunk boundary comes from the
     pending feature), decodes and mixed steps, then speculative rounds (with the oracle drafter:
-    long accepted paths, whose draft KV the verify step writes)."""
+    long accepted paths, whose draft KV the verify step writes). bursts: three requests over a round
+    limit of one run as plain bursts of decode steps, which write the draft KV on the device, then
+    the last one speculates; its tokens equal plain decoding's."""
     plain = _plain_outputs()
-    eng = _engine()
+    oracle = mode == "oracle"
+    eng = _engine(max_batch=1) if mode == "bursts" else _engine()
+    if mode == "bursts":
+        bursts = []
+        dispatch = eng.runner.dispatch_burst
+        eng.runner.dispatch_burst = lambda out, *args, **kw: bursts.append(max(out.steps)) or dispatch(out, *args, **kw)
     if oracle:
         eng.spec.drafter = OracleDrafter({tuple(p): o for p, o in zip(PROMPTS, plain, strict=True)}, VOCAB, seed=9)
-    for index, (prompt, params) in enumerate(zip(PROMPTS, [GREEDY] * 3, strict=True)):
+    short = SamplingParams(max_tokens=6, ignore_eos=True)  # bursts: then request 0 alone speculates
+    for index, (prompt, params) in enumerate(zip(PROMPTS, [GREEDY] + [short if mode == "bursts" else GREEDY] * 2,
+                                                 strict=True)):
         eng.add_request(prompt, params, request_id=str(index))
-    seq = _run_until(eng, "0", 12)
+    outputs = {}
+    seq = _run_until(eng, "0", 12, outputs)
     tokens = seq.prompt_ids + seq.output_ids
     computed = seq.num_computed
     assert computed == len(tokens) - 1
@@ -120,7 +133,10 @@ def test_draft_kv_matches_a_direct_computation(oracle):
     if oracle:
         assert eng.spec.stats.accepted_tokens >= 4
     while eng.has_unfinished:
-        eng.step()
+        outputs.update((o.request_id, o.output_ids) for o in eng.step() if o.finished)
+    if mode == "bursts":
+        assert max(bursts) > 1 and eng.spec.stats.rounds > 0
+        assert [outputs[str(i)] for i in range(len(PROMPTS))] == [plain[0], plain[1][:6], plain[2][:6]]
     tiny_engine.assert_no_leaks(eng)
 
 

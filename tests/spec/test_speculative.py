@@ -137,7 +137,8 @@ def test_large_batches_and_penalties_fall_back_to_plain_decoding(plain):
     penalized = SamplingParams(max_tokens=12, repetition_penalty=1.3, ignore_eos=True)
     fallback = eng.spec.stats.fallback_steps
     assert _outputs(eng, penalized, PROMPTS[:1]) == _outputs(plain, penalized, PROMPTS[:1])
-    assert eng.spec.stats.fallback_steps >= fallback + 10
+    # 11 plain decode steps after the prompt's, in bursts of up to decode_steps=4: 3 to 10 decisions
+    assert fallback + 3 <= eng.spec.stats.fallback_steps <= fallback + 10
     tiny_engine.assert_no_leaks(eng)
 
 

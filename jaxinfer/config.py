@@ -303,6 +303,9 @@ class SparsePrefillConfig:
 SPEC_METHODS = ("off", "ngram", "eagle", "heterospec")
 
 
+DEFAULT_SPEC_DEPTH, DEFAULT_SPEC_NODES = 4, 16  # without a tuned policy
+
+
 @dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
     """Speculative decoding (HeteroSpec, arXiv 2505.13254, on EAGLE-2 dynamic trees).
@@ -317,8 +320,10 @@ class SpeculativeConfig:
     method: str = dataclasses.field(default="off", metadata={"help": "off, ngram, eagle or heterospec"})
     draft: str = dataclasses.field(default="", metadata={"help": "draft head directory ('' = shipped head)"})
     top_k: int = dataclasses.field(default=4, metadata={"help": "tree branching: children per expanded node"})
-    depth: int = dataclasses.field(default=4, metadata={"help": "base draft depth d (drafted tree levels)"})
-    num_nodes: int = dataclasses.field(default=16, metadata={"help": "verified nodes per round incl. the root"})
+    depth: int = dataclasses.field(default=0, metadata={
+        "help": "base draft depth d (drafted tree levels); 0: the draft head's tuned policy, else 4"})
+    num_nodes: int = dataclasses.field(default=0, metadata={
+        "help": "verified nodes per round incl. the root; 0: the draft head's tuned policy, else 16"})
     alpha: int = dataclasses.field(default=0, metadata={"help": "HeteroSpec extra depth (0 = ceil(depth/2))"})
     gamma: tuple[float, ...] = (0.3, 0.6, 1.0)
     thresholds: tuple[float, ...] = ()  # entropy bin edges s0 < s1 < s2; () = the draft head's calibration
@@ -332,10 +337,11 @@ class SpeculativeConfig:
             raise ValueError(f"unknown speculative method {self.method!r} (choose {', '.join(SPEC_METHODS)})")
         for name in ("top_k", "depth", "num_nodes", "max_batch", "ngram_max"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"speculative {name} must be an integer >= 1, got {value!r}")
-        if self.num_nodes < 2:
-            raise ValueError(f"speculative num_nodes must be >= 2 (the root and one draft), got {self.num_nodes}")
+            least = 0 if name in ("depth", "num_nodes") else 1  # 0: the tuned policy
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"speculative {name} must be an integer >= {least}, got {value!r}")
+        if self.num_nodes == 1:
+            raise ValueError("speculative num_nodes must be >= 2 (the root and one draft), got 1")
         if not isinstance(self.alpha, int) or self.alpha < 0:
             raise ValueError(f"speculative alpha must be an integer >= 0, got {self.alpha!r}")
         if len(self.gamma) != 3 or not all(0 < g <= 4 for g in self.gamma):
@@ -347,6 +353,11 @@ class SpeculativeConfig:
     def enabled(self) -> bool:
         return self.method != "off"
 
+    def with_policy(self, depth: int = DEFAULT_SPEC_DEPTH, num_nodes: int = DEFAULT_SPEC_NODES) -> SpeculativeConfig:
+        """depth and num_nodes left at 0 filled in: with a draft head's tuned policy (its calibration),
+        else the defaults."""
+        return dataclasses.replace(self, depth=self.depth or depth, num_nodes=self.num_nodes or num_nodes)
+
     @property
     def uses_draft_head(self) -> bool:
         return self.method in ("eagle", "heterospec")
@@ -354,16 +365,17 @@ class SpeculativeConfig:
     @property
     def extra_depth(self) -> int:
         """alpha: the deepest extension (bin 0 drafts alpha more levels)."""
-        return self.alpha or -(-self.depth // 2)
+        return self.alpha or -(-(self.depth or DEFAULT_SPEC_DEPTH) // 2)
 
     def variants(self) -> tuple[tuple[int, int], ...]:
         """(draft depth, verified nodes) of every round configuration: the default, then HeteroSpec's
         three low-entropy bins i = 0, 1, 2 with depth d + (alpha - i) and budget round(gamma_i N) + (alpha - i)."""
-        default = (self.depth, self.num_nodes)
+        config = self.with_policy()
+        default = (config.depth, config.num_nodes)
         if self.method != "heterospec":
             return (default,)
-        alpha = self.extra_depth
-        bins = tuple((self.depth + alpha - i, max(2, round(g * self.num_nodes) + alpha - i))
+        alpha = config.extra_depth
+        bins = tuple((config.depth + alpha - i, max(2, round(g * config.num_nodes) + alpha - i))
                      for i, g in enumerate(self.gamma))
         return (default, *bins)
 

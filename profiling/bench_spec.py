@@ -79,9 +79,9 @@ def main(argv=None) -> int:
     parser.add_argument("--temperatures", default="0,1")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=SpeculativeConfig().depth)
+    parser.add_argument("--depth", type=int, default=0, help="0: the draft head's tuned policy (else 4)")
     parser.add_argument("--top-k", type=int, default=SpeculativeConfig().top_k)
-    parser.add_argument("--nodes", type=int, default=SpeculativeConfig().num_nodes)
+    parser.add_argument("--nodes", type=int, default=0, help="verify budget; 0: the tuned policy (else 16)")
     parser.add_argument("--budgets", default="", help="also sweep the verify budget (nodes) at batch 1, T=0, "
                                                       "e.g. 4,8,16,32 (first dataset)")
     parser.add_argument("--adaptive", action="store_true",
@@ -141,7 +141,8 @@ def main(argv=None) -> int:
                     engine = engine_for(method, args.nodes)
                     engine.generate(prompts[:batch], SamplingParams(max_tokens=16))  # compile outside the timing
                     out = run(engine, prompts, batch, temperature, args.max_tokens)
-                    row = {**base, "method": method, "nodes": args.nodes, **out,
+                    row = {**base, "method": method, "nodes": engine.spec.config.num_nodes,
+                           "depth": engine.spec.config.depth, **out,
                            "speedup": out["tokens_per_second"] / plain["tokens_per_second"]}
                     row["equal_to_plain"] = out["outputs"] == plain["outputs"]  # same seeds: same tokens
                     report(row)

@@ -288,25 +288,29 @@ CALIBRATION = "calibration.json"
 
 def prepare_speculative(config, model_name: str):
     """(config, draft head or None) for an engine: loads the draft head the method needs (``config.draft``,
-    else the head shipped for ``model_name``) and, for heterospec without explicit thresholds, the
-    bin edges ``launch/calibrate_spec.py`` stored next to it. Raises ValueError naming what is missing."""
+    else the head shipped for ``model_name``); takes the depth and verify budget left unset (0) from
+    the policy ``launch/calibrate_spec.py`` tuned for it (its calibration), and for heterospec without
+    explicit thresholds the bin edges stored there. Raises ValueError naming what is missing."""
     if not config.uses_draft_head:
-        return config, None
+        return config.with_policy(), None
     path = Path(config.draft) if config.draft else default_draft_head_path(model_name)
     if path is None:
         raise ValueError(f"no draft head is shipped for model {model_name!r}: train one with launch/train_draft.py "
                          "and pass its directory as the draft (--draft), or use --speculative ngram")
     head = load_draft_head(path)
+    calibration = Path(path) / CALIBRATION
+    info = json.loads(calibration.read_text()) if calibration.is_file() else {}
+    tuned = info.get("policy", {})
+    if tuned and config.top_k == tuned.get("top_k"):
+        config = config.with_policy(tuned.get("depth", 0), tuned.get("nodes", 0))
+    config = config.with_policy()
     if config.method == "heterospec" and not config.thresholds:
-        calibration = Path(path) / CALIBRATION
-        if not calibration.is_file():
+        if not info:
             raise ValueError(f"draft head {path} has no {CALIBRATION}: run launch/calibrate_spec.py --draft {path}, "
                              "or set the thresholds")
-        info = json.loads(calibration.read_text())
-        policy = info.get("policy", {})
-        if (policy.get("depth"), policy.get("top_k")) != (config.depth, config.top_k):
-            raise ValueError(f"{calibration} was fitted for depth {policy.get('depth')} and top-k "
-                             f"{policy.get('top_k')}, not {config.depth} and {config.top_k}: the path entropy "
+        if (tuned.get("depth"), tuned.get("top_k")) != (config.depth, config.top_k):
+            raise ValueError(f"{calibration} was fitted for depth {tuned.get('depth')} and top-k "
+                             f"{tuned.get('top_k')}, not {config.depth} and {config.top_k}: the path entropy "
                              "scale differs; recalibrate (launch/calibrate_spec.py) or set the thresholds")
         config = dataclasses.replace(config, thresholds=tuple(float(t) for t in info["thresholds"]))
     return config, head

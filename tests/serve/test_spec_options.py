@@ -29,7 +29,8 @@ def test_cli_and_toml_set_the_speculative_config(tmp_path):
 
 
 def test_draft_heads_are_found_or_refused_with_a_clear_error(tmp_path):
-    assert prepare_speculative(SpeculativeConfig(method="ngram"), "any") == (SpeculativeConfig(method="ngram"), None)
+    assert prepare_speculative(SpeculativeConfig(method="ngram"), "any") == (
+        SpeculativeConfig(method="ngram", depth=4, num_nodes=16), None)  # no tuned policy: the defaults
     with pytest.raises(ValueError, match="no draft head is shipped for model 'my-model'"):
         prepare_speculative(SpeculativeConfig(method="eagle"), "my-model")
     save_draft_head(tmp_path / "head", _head())
@@ -44,5 +45,14 @@ def test_draft_heads_are_found_or_refused_with_a_clear_error(tmp_path):
     assert config.thresholds == (0.5, 1.0, 2.0)
     with pytest.raises(ValueError, match="fitted for depth 3"):
         prepare_speculative(SpeculativeConfig(method="heterospec", draft=str(tmp_path / "head"), depth=5), "m")
+    # the policy calibrate_spec.py --tune chose fills what the user left unset (and only that)
+    (tmp_path / "head" / CALIBRATION).write_text(json.dumps({"thresholds": [0.5, 1.0, 2.0],
+                                                             "policy": {"depth": 3, "top_k": 4, "nodes": 6}}))
+    config, _ = prepare_speculative(SpeculativeConfig(method="heterospec", draft=str(tmp_path / "head")), "m")
+    assert (config.depth, config.num_nodes, config.thresholds) == (3, 6, (0.5, 1.0, 2.0))
+    config, _ = prepare_speculative(SpeculativeConfig(method="eagle", draft=str(tmp_path / "head"), num_nodes=10), "m")
+    assert (config.depth, config.num_nodes) == (3, 10)
+    config, _ = prepare_speculative(SpeculativeConfig(method="eagle", draft=str(tmp_path / "head"), top_k=2), "m")
+    assert (config.depth, config.num_nodes) == (4, 16)  # tuned for another top-k: the defaults
     with pytest.raises(ValueError, match="not a valid draft head"):
         prepare_speculative(SpeculativeConfig(method="eagle", draft=str(tmp_path)), "m")

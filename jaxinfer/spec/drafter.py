@@ -24,7 +24,9 @@ class EagleDrafter:
         self.config = config
         self.runner = runner
         self.policy = RoundPolicy.from_config(config)
-        self.depth = max(depth for depth, _ in self.policy.variants)
+        # levels drafted: the deepest variant's, but no deeper than its budget reaches (a tree of b nodes
+        # holds paths of b - 1 drafts at most), and at least the base depth (H* is measured there)
+        self.depth = max(config.depth, *(min(depth, budget - 1) for depth, budget in self.policy.variants))
         self.row_buckets = row_buckets
         self.kv_buckets = scheduler_config.decode_kv_buckets
         self.record = record

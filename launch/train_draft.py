@@ -6,7 +6,8 @@ Stages, each cached under --work-dir so that a rerun skips what is done:
 
 1. ``responses.json``: the target's greedy replies (``jaxinfer.LLM``, batched) to the prompts below,
    through the chat template.
-2. ``data.npz``: one target pass per prompt + reply with ``feature_layers``: the fused-feature input
+2. ``data.npz``: one target pass per prompt + reply with ``feature_layers`` (the target in the weight
+   format the engine serves, ``--target-dtype``): the fused-feature input
    ([3E], float16) at every position from ``--prompt-context`` tokens before the reply on, and the
    target's top-k next-token logits there (k = --top-k; a full 49152-wide distribution per token
    would be 192 KB; on these greedy replies the top 8 hold 92% of the target's probability mass,
@@ -18,8 +19,11 @@ Stages, each cached under --work-dir so that a rerun skips what is done:
 
 Data split (fixed here so benchmarks stay held out):
   train: GSM8K test lines [0, 660) without the 29 of them that Spec-Bench's math_reasoning reuses,
-         plus instruction prompts written for this script (task templates x topics) and
-         "summarize/continue this passage" prompts over the shared long texts (essays, novels).
+         instruction prompts written for this script (task templates x topics), "summarize/continue
+         this passage" prompts over the shared long texts (essays, novels, Shakespeare), and Spec-Bench's
+         translation, summarization, QA and RAG items (no benchmark here uses those four categories).
+         The shared request traces hold lengths and block hashes only, no text, so no prompt comes
+         from them.
   eval:  MT-Bench first turns of even question ids interleaved with GSM8K questions from lines
          [660, 1319) that Spec-Bench does not reuse; the first --num-eval (40: 20 + 20).
   never used: all of MT-Bench for training, GSM8K lines [660, 1319), Spec-Bench (all 480 items),
@@ -75,6 +79,9 @@ TEMPLATES = [
     "Write a persuasive paragraph arguing that {} matters.", "Compare {} with something similar and explain "
     "the differences.", "Draft a friendly email to a colleague about {}.", "List common misconceptions about {}.",
     "Create a step-by-step plan for someone who wants to learn about {}.",
+    "Write a short dialogue between a teacher and a student about {}.", "Answer briefly: why is {} important?",
+    "Write three multiple-choice quiz questions about {}, with answers.", "Describe {} in exactly five sentences.",
+    "Write a blog post introduction about {}.", "What would happen if {} disappeared tomorrow?",
 ]
 TOPICS = [
     "photosynthesis", "the stock market", "black holes", "healthy sleep", "machine learning", "the Roman Empire",
@@ -82,23 +89,33 @@ TOPICS = [
     "public speaking", "sorting algorithms", "volcanoes", "budgeting", "the internet", "honeybees", "chess",
     "remote work", "recycling", "the French Revolution", "prime numbers", "gardening", "the moon landing",
     "social media", "vaccines", "jazz music", "time management", "earthquakes", "renewable energy",
+    "the water cycle", "ancient Egypt", "cybersecurity", "nutrition", "the printing press", "ocean tides",
+    "quantum computers", "bicycles", "the Olympic Games", "credit cards", "rainforests", "the piano",
+    "artificial satellites", "friendship", "databases", "migrating birds", "the Great Wall of China",
+    "job interviews", "solar panels", "dinosaurs", "cooking pasta", "mental health", "the metric system",
+    "open-source software",
 ]
 PASSAGE_TASKS = ["Summarize the following text in a few sentences:\n\n{}",
                  "Read this passage and explain its main idea:\n\n{}",
                  "Continue the following text for a few paragraphs:\n\n{}"]
 
 
-def build_prompts(num_instructions: int, num_passages: int) -> tuple[list[str], list[str]]:
-    """(train, eval) user messages; see the module docstring for the split."""
+SPEC_BENCH_TRAIN = ("translation", "summarization", "qa", "rag")
+
+
+def build_prompts(num_instructions: int, num_passages: int) -> tuple[list[str], list[str], list[str]]:
+    """(train, spec_bench_train, eval) user messages; see the module docstring for the split."""
     gsm = [json.loads(line)["question"] for line in open(PROMPTS / "prompts/gsm8k_test.jsonl")]
-    spec_bench = {json.loads(line)["turns"][0].strip() for line in open(PROMPTS / "prompts/spec_bench_question.jsonl")}
+    spec_rows = [json.loads(line) for line in open(PROMPTS / "prompts/spec_bench_question.jsonl")]
+    spec_bench = {row["turns"][0].strip() for row in spec_rows}
+    spec_train = [row["turns"][0] for row in spec_rows if row["category"] in SPEC_BENCH_TRAIN]
     gsm_train = [q for q in gsm[slice(*GSM8K_TRAIN)] if q.strip() not in spec_bench]
     rng = np.random.default_rng(0)
     pairs = [(t, topic) for t in TEMPLATES for topic in TOPICS]
     instructions = [TEMPLATES[i].format(TOPICS[j]) for i, j in
                     [divmod(int(k), len(TOPICS)) for k in rng.permutation(len(pairs))[:num_instructions]]]
     texts = sorted((PROMPTS / "longtext/PaulGrahamEssays").glob("*.txt")) + \
-        sorted((PROMPTS / "longtext").glob("pg*.txt"))
+        sorted((PROMPTS / "longtext").glob("pg*.txt")) + [PROMPTS / "longtext/tinyshakespeare_input.txt"]
     words = [w for path in texts for w in path.read_text(errors="ignore").split()]
     passages = [PASSAGE_TASKS[i % len(PASSAGE_TASKS)].format(" ".join(words[s:s + 120]))
                 for i, s in enumerate(rng.choice(len(words) - 200, num_passages, replace=False))]
@@ -106,7 +123,7 @@ def build_prompts(num_instructions: int, num_passages: int) -> tuple[list[str], 
     mt_eval = [q["turns"][0] for q in mt_bench if q["question_id"] % 2 == 0]  # 40
     gsm_eval = [q for q in gsm[GSM8K_TRAIN[1]:] if q.strip() not in spec_bench][:24]
     eval_prompts = [p for pair in zip(mt_eval, gsm_eval, strict=False) for p in pair] + mt_eval[len(gsm_eval):]
-    return gsm_train + instructions + passages, eval_prompts
+    return gsm_train + instructions + passages, spec_train, eval_prompts
 
 
 def generate(args, prompts: list[str], split: str, cache: Path) -> list[dict]:
@@ -115,7 +132,7 @@ def generate(args, prompts: list[str], split: str, cache: Path) -> list[dict]:
     if split not in done:
         from jaxinfer import LLM, CacheConfig, EngineConfig, SamplingParams, SchedulerConfig
 
-        config = EngineConfig(cache=CacheConfig(kv_memory_gib=1.0), scheduler=SchedulerConfig(
+        config = EngineConfig(cache=CacheConfig(kv_memory_gib=2.0), scheduler=SchedulerConfig(
             max_num_seqs=args.gen_batch, max_num_batched_tokens=512, max_model_len=args.max_len))
         llm = LLM(args.model, config=config, warm_up=False)
         chats = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
@@ -145,7 +162,7 @@ def target_pass(model, feature_layers: tuple[int, ...], top_k: int):
             prefill_page_indices=jnp.arange(num // PAGE, dtype=jnp.int32)[None],
             prefill_cu_q_lens=jnp.array([0, num], jnp.int32), prefill_num_seqs=jnp.ones(1, jnp.int32),
             prefill_kv_tokens=num)
-        kv = KVPages.init(model.config, num // PAGE, PAGE)
+        kv = KVPages.init(model.config, num // PAGE, PAGE, model.dtype)
         logits, _, features = nnx.merge(graphdef, state)(tokens, rows, kv, meta, rows, feature_layers=feature_layers)
         values, ids = jax.lax.top_k(logits, top_k)
         return features.astype(jnp.float16), ids, values.astype(jnp.float16), jax.nn.logsumexp(logits, axis=-1)
@@ -339,21 +356,24 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/draft_head_work"))
     parser.add_argument("--out", type=Path, default=None, help="export dir (default: the packaged head of --model)")
     parser.add_argument("--results", type=Path, default=REPO / "profiling/results")
-    parser.add_argument("--num-instructions", type=int, default=90, help="template prompts for training")
-    parser.add_argument("--num-passages", type=int, default=30, help="passage prompts for training")
-    parser.add_argument("--num-gsm8k", type=int, default=120, help="GSM8K train questions used (<= 631)")
+    parser.add_argument("--num-instructions", type=int, default=900, help="template prompts for training")
+    parser.add_argument("--num-passages", type=int, default=400, help="passage prompts for training")
+    parser.add_argument("--num-gsm8k", type=int, default=631, help="GSM8K train questions used (<= 631)")
+    parser.add_argument("--num-spec-bench", type=int, default=320,
+                        help="Spec-Bench translation/summarization/QA/RAG items used (<= 320)")
     parser.add_argument("--num-eval", type=int, default=40, help="held-out prompts (MT-Bench and GSM8K, mixed)")
-    parser.add_argument("--max-new-tokens", type=int, default=192)
-    parser.add_argument("--max-len", type=int, default=768, help="prompt + reply tokens at most")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-len", type=int, default=1024, help="prompt + reply tokens at most")
     parser.add_argument("--gen-batch", type=int, default=64, help="concurrent generations")
+    parser.add_argument("--target-dtype", default="auto", help="weight format of the target (as the engine's)")
     parser.add_argument("--top-k", type=int, default=8, help="target logits kept per position")
     parser.add_argument("--prompt-context", type=int, default=64, help="prompt tokens kept before the reply")
     parser.add_argument("--draft-vocab", type=int, default=4096)
-    parser.add_argument("--ttt-steps", type=int, default=4)
+    parser.add_argument("--ttt-steps", type=int, default=5)
     parser.add_argument("--decay", type=float, default=0.8, help="loss weight of TTT step j is decay**j")
     parser.add_argument("--window", type=int, default=256, help="tokens per training window")
-    parser.add_argument("--batch", type=int, default=4, help="windows per optimizer step")
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps")
+    parser.add_argument("--batch", type=int, default=8, help="windows per optimizer step")
+    parser.add_argument("--steps", type=int, default=900, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--weight-decay", type=float, default=0.01)
@@ -369,10 +389,12 @@ def main() -> None:
 
     from jaxinfer.loader import load_model
 
-    loaded = load_model(args.model, "float32")  # the head learns float32 features; it reads the embedding table
-    train_prompts, eval_prompts = build_prompts(args.num_instructions, args.num_passages)
+    # the head learns from the target it drafts for: its features and distributions in the weight format
+    # the engine serves (--target-dtype auto: the GGUF's quantized blocks on CPU), and its embedding table
+    loaded = load_model(args.model, args.target_dtype)
+    train_prompts, spec_train, eval_prompts = build_prompts(args.num_instructions, args.num_passages)
     num_other = args.num_instructions + args.num_passages
-    train_prompts = train_prompts[:args.num_gsm8k] + train_prompts[-num_other:]
+    train_prompts = train_prompts[:args.num_gsm8k] + train_prompts[-num_other:] + spec_train[:args.num_spec_bench]
     eval_prompts = eval_prompts[:args.num_eval]
     config = DraftHeadConfig.from_target(loaded.config, args.draft_vocab)
     responses = args.work_dir / "responses.json"
@@ -399,7 +421,7 @@ def main() -> None:
 
     head = init_draft_head(config, args.seed)
     head.d2t[...] = jnp.asarray(d2t)
-    embed = loaded.model.embed_tokens[...]
+    embed = loaded.model.embed(jnp.arange(loaded.config.vocab_size))  # [V, E] float32 (dequantized)
     # The target's head is its embedding (tied) after its final norm: start the draft's own head there.
     head.lm_head.kernel[...] = embed[d2t].T
     head.norm.weight[...] = loaded.model.norm.weight[...]

@@ -25,8 +25,10 @@ class EagleDrafter:
         self.runner = runner
         self.policy = RoundPolicy.from_config(config)
         # levels drafted: the deepest variant's, but no deeper than its budget reaches (a tree of b nodes
-        # holds paths of b - 1 drafts at most), and at least the base depth (H* is measured there)
-        self.depth = max(config.depth, *(min(depth, budget - 1) for depth, budget in self.policy.variants))
+        # holds paths of b - 1 drafts at most); with entropy bins at least the base depth, where H* is taken
+        reach = max(min(depth, budget - 1) for depth, budget in self.policy.variants)
+        self.depth = max(reach, config.depth) if self.policy.thresholds else reach
+        self.base_depth = min(config.depth, self.depth)
         self.row_buckets = row_buckets
         self.kv_buckets = scheduler_config.decode_kv_buckets
         self.record = record
@@ -44,7 +46,7 @@ class EagleDrafter:
         return [self._shape(rows, kv) for rows in self.row_buckets for kv in self.kv_buckets]
 
     def round_shape(self, rows: int, num_nodes: int, path_len: int, kv_tokens: int) -> RoundShape:
-        return RoundShape(rows, num_nodes, path_len, kv_tokens, self.config.top_k, self.depth, self.config.depth)
+        return RoundShape(rows, num_nodes, path_len, kv_tokens, self.config.top_k, self.depth, self.base_depth)
 
     def round(self, seqs: list[Sequence], limits: list[int], shape: RoundShape) -> RoundResult:
         """One fused round for seqs (limits: the nodes each request's pages allow)."""
@@ -57,7 +59,7 @@ class EagleDrafter:
         return result
 
     def _shape(self, rows: int, kv_tokens: int) -> DraftShape:
-        return DraftShape(rows, kv_tokens, self.config.top_k, self.depth, self.config.depth)
+        return DraftShape(rows, kv_tokens, self.config.top_k, self.depth, self.base_depth)
 
     def propose(self, seqs: list[Sequence], num_nodes: int) -> list[DraftTree]:
         rows = next(r for r in self.row_buckets if r >= len(seqs))

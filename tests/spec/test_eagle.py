@@ -44,8 +44,8 @@ def _engine(method="eagle", **spec):
         cache=CacheConfig(page_size=4, num_pages=96),
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, max_prefill_seqs=2,
                                   decode_buckets=(4,), prefill_buckets=(16,), kv_buckets=(64,)),
-        max_logprobs=5, speculative=SpeculativeConfig(method=method, depth=3, num_nodes=8, top_k=3, adaptive=False,
-                                                                **spec))
+        max_logprobs=5, speculative=SpeculativeConfig(**{**dict(method=method, depth=3, num_nodes=8, top_k=3,
+                                                                  adaptive=False), **spec}))
     return Engine(_target(), tiny_engine.CharTokenizer(), config, draft_head=_head() if method != "off" else None)
 
 
@@ -217,3 +217,14 @@ def test_heterospec_without_thresholds_is_refused():
         _engine("heterospec")
     with pytest.raises(ValueError, match="needs a draft head"):
         Engine(_target(), tiny_engine.CharTokenizer(), EngineConfig(speculative=SpeculativeConfig(method="eagle")))
+
+
+def test_drafting_stops_where_the_budget_reaches():
+    """A tree of b nodes holds paths of b - 1 drafts: EAGLE drafts no deeper; HeteroSpec drafts at least
+    to its base depth (its entropy is taken there) and its variants no deeper than their budgets."""
+    assert _engine(depth=5, num_nodes=3).spec.drafter.depth == 2
+    assert _engine(depth=3, num_nodes=8).spec.drafter.depth == 3
+    heterospec = _engine("heterospec", depth=4, num_nodes=4, thresholds=(1.0, 2.0, 3.0))
+    # variants (4, 4), (6, 3), (5, 3), (4, 4): reach 3, base depth 4
+    assert heterospec.spec.config.variants() == ((4, 4), (6, 3), (5, 3), (4, 4))
+    assert heterospec.spec.drafter.depth == 4 and heterospec.spec.path_len == 4

@@ -4,6 +4,7 @@ accepted."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from jaxinfer.config import SpeculativeConfig
@@ -49,8 +50,12 @@ def test_speculation_on_the_cpu_fast_path_reproduces_plain_decoding(method):
     if not quant.kernels_available():
         pytest.skip("the CPU kernels are unavailable here")
     loaded = load_model("smollm2-135m", "auto")
-    prompts = [loaded.tokenizer.encode_chat([{"role": "user", "content": text}])
-               for text in prompt_set("mt_bench", 0, 2).prompts]
+    # drawn at random from sets no draft head training, tuning or calibration reads: HumanEval, and GSM8K
+    # test lines past the draft head's held-out split (which reads at most the first ~700)
+    rng = np.random.default_rng(1204)  # a fixed draw: the test is deterministic
+    picks = [("humaneval", int(rng.integers(0, 164))), ("gsm8k", int(rng.integers(760, 1319)))]
+    texts = [prompt_set(name, index, 1).prompts[0] for name, index in picks]
+    prompts = [loaded.tokenizer.encode_chat([{"role": "user", "content": text}]) for text in texts]
     scheduler = SchedulerConfig(max_num_seqs=2, max_model_len=1024, decode_buckets=(1, 2), prefill_buckets=(256,),
                                 kv_buckets=(1024,))
     params = SamplingParams(max_tokens=48, ignore_eos=True)
@@ -62,7 +67,7 @@ def test_speculation_on_the_cpu_fast_path_reproduces_plain_decoding(method):
         outputs[name] = [o.output_ids for o in engine.generate(prompts, params)]
         if name != "off":
             assert engine.spec.stats.accepted_tokens > 0
-    assert outputs[method] == outputs["off"]
+    assert outputs[method] == outputs["off"], f"prompts {picks}"
 
 
 def test_a_prefix_cache_hit_changes_no_token_on_the_cpu_fast_path():

@@ -30,7 +30,8 @@ from jaxinfer.spec.round import RoundShape
 from jaxinfer.spec.tree import DraftTree, pack
 
 logger = logging.getLogger(__name__)
-PROBE_EVERY = 64  # decisions between re-measurements of both sides
+PROBE_EVERY = 64  # decisions between re-measurements of both sides while rounds win
+PROBE_EVERY_MAX = 1024  # the interval doubles each time plain steps win, up to this
 PROBE_STEPS = 3  # steps of each side per measurement
 
 
@@ -75,7 +76,7 @@ class SpeculativeDecoder:
         self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
         self.stats = SpecStats()
         self._samples: dict[tuple[str, int], collections.deque] = {}  # (spec|plain, rows bucket) -> tokens/s
-        self._decisions = 0
+        self._probe: dict[int, list[int]] = {}  # rows bucket -> [decisions into the probe cycle, its length]
 
     @property
     def fused(self) -> bool:
@@ -103,25 +104,31 @@ class SpeculativeDecoder:
     def eligible(self, decodes: list[Sequence], has_prefills: bool, count: bool = True) -> bool:
         """Whether this step should be a round: it only decodes, few enough requests without
         penalties, and rounds have measured at least as fast as plain steps at this batch size. Each
-        side is measured over PROBE_STEPS steps before the first decision and again every PROBE_EVERY
-        decisions; the medians of the latest samples decide, so one slow step (a page fault, another
-        process) cannot keep the engine on the slower side. A plain step may be a burst of steps (one
-        decision). count=False: only ask, the decision is not counted (a burst chain asks before
-        it goes on)."""
+        side is measured over PROBE_STEPS steps before the first decision and again at the start of
+        every probe cycle of a batch bucket: PROBE_EVERY decisions while rounds win, twice as many after
+        each cycle plain steps won (up to PROBE_EVERY_MAX), since a probe round where rounds lose costs
+        what it measures. The medians of the latest samples decide, so one slow step (a page fault,
+        another process) cannot keep the engine on the slower side. A plain step may be a burst of
+        steps (one decision). count=False: only ask, the decision is not counted (a burst chain asks
+        before it goes on)."""
         if has_prefills or not decodes:
             return False
         ok = len(decodes) <= self.config.max_batch and not any(seq.params.uses_penalties for seq in decodes)
         if ok and self.config.adaptive:
             rows = next(r for r in self.row_buckets if r >= len(decodes))
-            phase = self._decisions % PROBE_EVERY
-            self._decisions += count
+            cycle = self._probe.setdefault(rows, [0, PROBE_EVERY])
+            phase = cycle[0]
             plain, spec = self.rate("plain", rows), self.rate("spec", rows)
             if len(self._samples.get(("plain", rows), ())) < PROBE_STEPS or phase < PROBE_STEPS:
-                ok = False  # measure plain steps first, and again every PROBE_EVERY decisions
+                ok = False  # measure plain steps first, and again at the start of every cycle
             elif len(self._samples.get(("spec", rows), ())) < PROBE_STEPS or phase < 2 * PROBE_STEPS:
                 ok = True  # then rounds
             else:
                 ok = spec >= plain
+            if count:
+                cycle[0] += 1
+                if cycle[0] >= cycle[1]:  # the next cycle: sooner while rounds win, later while they lose
+                    cycle[:] = [0, PROBE_EVERY if ok else min(2 * cycle[1], PROBE_EVERY_MAX)]
         if not ok and count:
             self.stats.fallback_steps += 1
         return ok

@@ -242,4 +242,11 @@ def test_adaptive_fallback_follows_the_measured_speeds():
         spec.observe_step("spec", 1, 6, 0.040)  # 150 tokens/s now
     assert sum(spec.eligible(seqs, False) for _ in range(100)) >= 100 - 2 * PROBE_STEPS
     assert spec.rate("spec", 1) == 150 and spec.rate("plain", 1) == 100
+    for _ in range(20):
+        spec.observe_step("spec", 1, 1, 0.040)  # 25 tokens/s: rounds lose again
+    decisions = [spec.eligible(seqs, False) for _ in range(4000)]
+    # probe cycles of 64, 128, ... 1024 decisions: a handful of probe rounds, not 4000 / 64 * 3 = 187
+    assert 2 * PROBE_STEPS <= sum(decisions) <= 10 * PROBE_STEPS
+    starts = [i for i in range(1, len(decisions)) if decisions[i] and not decisions[i - 1]]
+    assert starts[-1] - starts[-2] >= 512  # the interval grew
     assert not spec.eligible(seqs, True)  # steps with prompt chunks never speculate

@@ -365,7 +365,7 @@ class SpeculativeConfig:
     @property
     def extra_depth(self) -> int:
         """alpha: the deepest extension (bin 0 drafts alpha more levels)."""
-        return self.alpha or -(-(self.depth or DEFAULT_SPEC_DEPTH) // 2)
+        return self.alpha or -(-self.depth // 2)
 
     def variants(self) -> tuple[tuple[int, int], ...]:
         """(draft depth, verified nodes) of every round configuration: the default, then HeteroSpec's
@@ -378,6 +378,11 @@ class SpeculativeConfig:
         bins = tuple((config.depth + alpha - i, max(2, round(g * config.num_nodes) + alpha - i))
                      for i, g in enumerate(self.gamma))
         return (default, *bins)
+
+    def verified_depth(self) -> int:
+        """The deepest path a round verifies: its variants' depths, each no deeper than its budget reaches
+        (a tree of b nodes holds paths of b - 1 drafts)."""
+        return max(min(depth, nodes - 1) for depth, nodes in self.variants())
 
 
 @dataclass(frozen=True, slots=True)

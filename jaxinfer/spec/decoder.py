@@ -72,7 +72,7 @@ class SpeculativeDecoder:
         largest = max(nodes for _, nodes in config.variants())
         smaller = set() if config.uses_draft_head else {largest // 2, largest // 4} - {0, 1}
         self.budgets = tuple(sorted({nodes for _, nodes in config.variants()} | smaller))
-        self.path_len = max(min(depth, nodes - 1) for depth, nodes in config.variants()) + 1  # b nodes: b - 1 deep
+        self.path_len = config.verified_depth() + 1
         self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
         self.stats = SpecStats()
         self._samples: dict[tuple[str, int], collections.deque] = {}  # (spec|plain, rows bucket) -> tokens/s

@@ -24,9 +24,9 @@ class EagleDrafter:
         self.config = config
         self.runner = runner
         self.policy = RoundPolicy.from_config(config)
-        # levels drafted: the deepest variant's, but no deeper than its budget reaches (a tree of b nodes
-        # holds paths of b - 1 drafts at most); with entropy bins at least the base depth, where H* is taken
-        reach = max(min(depth, budget - 1) for depth, budget in self.policy.variants)
+        # levels drafted: as deep as a round verifies; with entropy bins at least the base depth, where H*
+        # is taken
+        reach = config.verified_depth()
         self.depth = max(reach, config.depth) if self.policy.thresholds else reach
         self.base_depth = min(config.depth, self.depth)
         self.row_buckets = row_buckets

@@ -69,6 +69,12 @@ def run(engine: Engine, prompts: list[list[int]], batch: int, temperature: float
     return result
 
 
+def median_run(results: list[dict]) -> dict:
+    """The run of median speed, with every run's tokens/s beside it."""
+    ranked = sorted(results, key=lambda r: r["tokens_per_second"])
+    return {**ranked[(len(ranked) - 1) // 2], "runs_tokens_per_second": [r["tokens_per_second"] for r in results]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -87,6 +93,9 @@ def main(argv=None) -> int:
     parser.add_argument("--adaptive", action="store_true",
                         help="let the engine fall back to plain steps where rounds measure slower (default: off, "
                              "every eligible step is a round, which measures the method itself)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each grid cell, the methods taking turns; the median counts (this VM's "
+                             "speed drifts by 5-10%% between runs)")
     parser.add_argument("--no-grid", action="store_true", help="only the verify-budget sweep")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
@@ -96,7 +105,10 @@ def main(argv=None) -> int:
     # one KV bucket: prompts (< 400 tokens) plus outputs fit, and every method compiles few shapes
     scheduler = SchedulerConfig(max_num_seqs=4, max_model_len=1024, decode_buckets=(1, 2, 4),
                                 prefill_buckets=(64, 128, 256), kv_buckets=(1024,))
-    cache = CacheConfig(kv_memory_gib=0.25)  # many engines live at once: a small pool each
+    # many engines live at once: a small pool each; no prefix cache, so that every run of a prompt
+    # prefills it whole (a cached prefix would make repeats cheaper, and its shorter prefill chunk
+    # rounds differently, so a repeat's greedy tokens may part from the first run's)
+    cache = CacheConfig(kv_memory_gib=0.25, enable_prefix_caching=False)
     engines: dict[tuple[str, int], Engine] = {}
 
     def engine_for(method: str, nodes: int) -> Engine:
@@ -112,7 +124,7 @@ def main(argv=None) -> int:
     rows = []
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=f"{platform.machine()} {os.cpu_count()} cores",
                 model=args.model, dtype=args.dtype, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
-                depth=args.depth, top_k=args.top_k, nodes=args.nodes, adaptive=args.adaptive,
+                depth=args.depth, top_k=args.top_k, nodes=args.nodes, adaptive=args.adaptive, repeats=args.repeats,
                 python=sys.version.split()[0], prompts={})
     header = (f"{'dataset':<9} {'B':>2} {'T':>3} {'method':<11} {'nodes':>5} {'tok/s':>7} {'speedup':>8} {'tau':>5} "
               f"{'calls':>6} {'verified':>9} {'equal':>6}")
@@ -134,17 +146,23 @@ def main(argv=None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             for temperature in (float(t) for t in args.temperatures.split(",")):
                 engine_for("plain", args.nodes).generate(prompts[:1], SamplingParams(max_tokens=8))  # compile
-                plain = run(engine_for("plain", args.nodes), prompts, batch, temperature, args.max_tokens)
+                for method in (m for m in methods if m != "plain"):  # compile outside the timing
+                    engine_for(method, args.nodes).generate(prompts[:batch], SamplingParams(max_tokens=16))
+                # the methods take turns, repeats times: each figure is the median of its runs
+                runs = {m: [] for m in ["plain", *(m for m in methods if m != "plain")]}
+                for _ in range(args.repeats):
+                    for method, results in runs.items():
+                        results.append(run(engine_for(method, args.nodes), prompts, batch, temperature,
+                                           args.max_tokens))
+                plain = median_run(runs.pop("plain"))
                 base = dict(dataset=dataset, batch=batch, temperature=temperature)
                 report({**base, "method": "plain", "nodes": 1, **plain, "speedup": 1.0})
-                for method in (m for m in methods if m != "plain"):
-                    engine = engine_for(method, args.nodes)
-                    engine.generate(prompts[:batch], SamplingParams(max_tokens=16))  # compile outside the timing
-                    out = run(engine, prompts, batch, temperature, args.max_tokens)
+                for method, results in runs.items():
+                    engine, out = engine_for(method, args.nodes), median_run(results)
                     row = {**base, "method": method, "nodes": engine.spec.config.num_nodes,
                            "depth": engine.spec.config.depth, **out,
                            "speedup": out["tokens_per_second"] / plain["tokens_per_second"]}
-                    row["equal_to_plain"] = out["outputs"] == plain["outputs"]  # same seeds: same tokens
+                    row["equal_to_plain"] = all(r["outputs"] == plain["outputs"] for r in results)  # same seeds
                     report(row)
     if args.budgets:
         dataset = args.datasets.split(",")[0]

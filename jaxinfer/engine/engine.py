@@ -346,8 +346,7 @@ class Engine:
         generated = self.generated_tokens_total
         compile_seconds = self.runner.compile_seconds
         outputs = self._speculate(out.decodes) if speculate else None
-        if outputs is None:
-            speculate = False
+        if outputs is None:  # a plain step (after a round with nothing drafted: what choosing a round gave)
             shape = self._shape(out)
             result = self.runner.execute(out, shape)
             with jax.profiler.TraceAnnotation("detokenize"):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import statistics
 
 import jax
 
@@ -33,6 +32,7 @@ logger = logging.getLogger(__name__)
 PROBE_EVERY = 64  # decisions between re-measurements of both sides while rounds win
 PROBE_EVERY_MAX = 1024  # the interval doubles each time plain steps win, up to this
 PROBE_STEPS = 3  # steps of each side per measurement
+PROBE_GIVE_UP = 0.5  # a probe ends after one round slower than this share of plain steps' speed
 
 
 @dataclasses.dataclass
@@ -48,6 +48,33 @@ class SpecStats:
     def mean_accepted_length(self) -> float:
         """tau: tokens emitted per request-round (accepted drafts + the bonus token)."""
         return self.emitted_tokens / self.requests if self.requests else 0.0
+
+
+@dataclasses.dataclass
+class _Probe:
+    """A batch bucket's probe cycle: decisions into it, its length, and the rounds of its probe."""
+    decisions: int = 0
+    length: int = PROBE_EVERY
+    tokens: int = 0
+    seconds: float = 0.0
+    probing: bool = False  # the last decision was a probe round
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if self.probing:
+            self.tokens += tokens
+            self.seconds += seconds
+
+    def given_up(self, floor: float | None) -> bool:
+        """The probe's rounds so far ran below ``floor`` tokens/s: the rest of it is skipped."""
+        return bool(self.seconds) and floor is not None and self.tokens / self.seconds < floor
+
+    def count(self, spec_won: bool) -> None:
+        """One more decision; at the end of the cycle the next starts, sooner while rounds win, later
+        while they lose."""
+        self.decisions += 1
+        if self.decisions >= self.length:
+            length = PROBE_EVERY if spec_won else min(2 * self.length, PROBE_EVERY_MAX)
+            self.decisions, self.length, self.tokens, self.seconds = 0, length, 0, 0.0
 
 
 def _powers_of_two(limit: int) -> tuple[int, ...]:
@@ -75,8 +102,9 @@ class SpeculativeDecoder:
         self.path_len = config.verified_depth() + 1
         self.drafter = drafter or NgramDrafter(config.ngram_max, config.depth, max_paths=config.top_k)
         self.stats = SpecStats()
-        self._samples: dict[tuple[str, int], collections.deque] = {}  # (spec|plain, rows bucket) -> tokens/s
-        self._probe: dict[int, list[int]] = {}  # rows bucket -> [decisions into the probe cycle, its length]
+        # (spec|plain, rows bucket) -> the latest (tokens, seconds) samples
+        self._samples: dict[tuple[str, int], collections.deque] = {}
+        self._probe: dict[int, _Probe] = {}  # rows bucket -> its probe cycle
 
     @property
     def fused(self) -> bool:
@@ -107,43 +135,49 @@ class SpeculativeDecoder:
         side is measured over PROBE_STEPS steps before the first decision and again at the start of
         every probe cycle of a batch bucket: PROBE_EVERY decisions while rounds win, twice as many after
         each cycle plain steps won (up to PROBE_EVERY_MAX), since a probe round where rounds lose costs
-        what it measures. The medians of the latest samples decide, so one slow step (a page fault,
-        another process) cannot keep the engine on the slower side. A plain step may be a burst of
-        steps (one decision). count=False: only ask, the decision is not counted (a burst chain asks
-        before it goes on)."""
+        what it measures; for the same reason a probe ends after its first round when that ran below
+        PROBE_GIVE_UP of plain steps' speed. A plain step may be a burst of steps (one decision).
+        count=False: only ask, the decision is not counted (a burst chain asks before it goes on)."""
         if has_prefills or not decodes:
             return False
         ok = len(decodes) <= self.config.max_batch and not any(seq.params.uses_penalties for seq in decodes)
         if ok and self.config.adaptive:
             rows = next(r for r in self.row_buckets if r >= len(decodes))
-            cycle = self._probe.setdefault(rows, [0, PROBE_EVERY])
-            phase = cycle[0]
-            plain, spec = self.rate("plain", rows), self.rate("spec", rows)
-            if len(self._samples.get(("plain", rows), ())) < PROBE_STEPS or phase < PROBE_STEPS:
+            probe = self._probe.setdefault(rows, _Probe())
+            plain, probing = self.rate("plain", rows), False
+            if len(self._samples.get(("plain", rows), ())) < PROBE_STEPS or probe.decisions < PROBE_STEPS:
                 ok = False  # measure plain steps first, and again at the start of every cycle
-            elif len(self._samples.get(("spec", rows), ())) < PROBE_STEPS or phase < 2 * PROBE_STEPS:
-                ok = True  # then rounds
+            elif ((len(self._samples.get(("spec", rows), ())) < PROBE_STEPS or probe.decisions < 2 * PROBE_STEPS)
+                  and not probe.given_up(plain * PROBE_GIVE_UP)):
+                ok = probing = True  # then rounds
             else:
-                ok = spec >= plain
+                ok = self.rate("spec", rows) >= plain
             if count:
-                cycle[0] += 1
-                if cycle[0] >= cycle[1]:  # the next cycle: sooner while rounds win, later while they lose
-                    cycle[:] = [0, PROBE_EVERY if ok else min(2 * cycle[1], PROBE_EVERY_MAX)]
+                probe.probing = probing
+                probe.count(ok)
         if not ok and count:
             self.stats.fallback_steps += 1
         return ok
 
     def observe_step(self, kind: str, num_decodes: int, tokens: int, seconds: float) -> None:
-        """A decode-only step's speed (kind 'spec' or 'plain'), kept per batch bucket."""
+        """A decode-only step's speed (kind 'spec': a round, or the plain step a round without drafts
+        became; 'plain': a plain step or burst), kept per batch bucket."""
         if not 0 < num_decodes <= self.config.max_batch or seconds <= 0:
             return
-        key = (kind, next(r for r in self.row_buckets if r >= num_decodes))
-        self._samples.setdefault(key, collections.deque(maxlen=2 * PROBE_STEPS - 1)).append(tokens / seconds)
+        rows = next(r for r in self.row_buckets if r >= num_decodes)
+        self._samples.setdefault((kind, rows), collections.deque(maxlen=2 * PROBE_STEPS - 1)).append((tokens, seconds))
+        if kind == "spec" and rows in self._probe:
+            self._probe[rows].observe(tokens, seconds)
 
     def rate(self, kind: str, rows: int) -> float | None:
-        """Tokens/s of ``kind`` steps at this batch bucket: the median of the latest samples (None: none yet)."""
-        samples = self._samples.get((kind, rows))
-        return statistics.median(samples) if samples else None
+        """Tokens/s of ``kind`` steps at this batch bucket over the latest samples, without the longest
+        one when there are three or more (a page fault, another process: one slow step must not keep the
+        engine on the slower side). Tokens over seconds, not a mean of rates: a round's tokens vary.
+        None: no samples yet."""
+        samples = sorted(self._samples.get((kind, rows), ()), key=lambda sample: sample[1])
+        if len(samples) >= 3:
+            samples = samples[:-1]
+        return sum(t for t, _ in samples) / sum(s for _, s in samples) if samples else None
 
     def _node_limit(self, seq: Sequence, nodes: int) -> int:
         """How many of ``nodes`` tree nodes seq's context and the free pages allow (at worst the root alone)."""

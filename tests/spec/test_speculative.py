@@ -9,7 +9,7 @@ from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, Speculat
 from jaxinfer.engine.engine import Engine
 from jaxinfer.models import model_from_tensors
 from jaxinfer.sampling_params import SamplingParams
-from jaxinfer.spec.decoder import PROBE_STEPS, SpeculativeDecoder
+from jaxinfer.spec.decoder import PROBE_EVERY, PROBE_STEPS, SpeculativeDecoder
 from jaxinfer.spec.tree import trie
 from tests.conftest import tiny_config
 from tests.engine import tiny_engine
@@ -235,7 +235,7 @@ def test_adaptive_fallback_follows_the_measured_speeds():
     spec.observe_step("plain", 1, 1, 0.010)
     for _ in range(PROBE_STEPS):  # then rounds
         assert spec.eligible(seqs, False)
-        spec.observe_step("spec", 1, 2, 0.040)  # 50 tokens/s: rounds do not pay (the slow first plain step
+        spec.observe_step("spec", 1, 3, 0.040)  # 75 tokens/s: rounds do not pay (the slow first plain step
     decisions = [spec.eligible(seqs, False) for _ in range(200)]  # does not decide: medians)
     assert sum(decisions) <= (200 // 64 + 1) * PROBE_STEPS  # only the periodic re-measurements speculate
     for _ in range(20):
@@ -250,3 +250,30 @@ def test_adaptive_fallback_follows_the_measured_speeds():
     starts = [i for i in range(1, len(decisions)) if decisions[i] and not decisions[i - 1]]
     assert starts[-1] - starts[-2] >= 512  # the interval grew
     assert not spec.eligible(seqs, True)  # steps with prompt chunks never speculate
+
+
+def test_adaptive_probe_gives_up_after_one_slow_round_and_rates_are_tokens_over_seconds():
+    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", max_batch=4))
+    spec = eng.spec
+
+    class Seq:
+        params = SamplingParams()
+
+    seqs = [Seq()]
+    for _ in range(PROBE_STEPS):
+        assert not spec.eligible(seqs, False)
+        spec.observe_step("plain", 1, 4, 0.040)  # bursts of 4 tokens: 100 tokens/s
+    assert spec.eligible(seqs, False)  # the probe's first round
+    spec.observe_step("spec", 1, 1, 0.040)  # 25 tokens/s, below half of plain: the probe ends
+    assert not any(spec.eligible(seqs, False) for _ in range(PROBE_EVERY - PROBE_STEPS - 1))
+    # the next cycle probes again, and a round that is slow but not hopeless gets all its probe rounds
+    decisions = []
+    for _ in range(2 * PROBE_STEPS):
+        decisions.append(spec.eligible(seqs, False))
+        spec.observe_step("spec" if decisions[-1] else "plain", 1, 3 if decisions[-1] else 4, 0.040)
+    assert decisions == [False] * PROBE_STEPS + [True] * PROBE_STEPS
+    # rounds emit 1-4 tokens each: their speed is all tokens over all seconds, without the longest
+    # sample (137.5 tokens/s here, where the median of the rates says 100)
+    for tokens, seconds in ((1, 0.02), (4, 0.02), (2, 0.02), (4, 0.02), (1, 0.5)):
+        spec.observe_step("spec", 1, tokens, seconds)
+    assert spec.rate("spec", 1) == pytest.approx(11 / 0.08)

@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SparsePrefillConfig
+from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SparsePrefillConfig, UniSparseConfig
 from jaxinfer.datasets import long_texts
 from jaxinfer.layers.rotary import inverse_frequencies
 from jaxinfer.loader import load_model
-from pallas_kernels.unisparse import UniSparseConfig, dense_attention, select, sparse_attention
+from pallas_kernels.unisparse import dense_attention, select, sparse_attention
 
 WINDOW = 8192
 

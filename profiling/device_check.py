@@ -40,7 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SparsePrefillConfig
+from jaxinfer.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SparsePrefillConfig,
+    UniSparseConfig,
+)
 from jaxinfer.engine.engine import Engine
 from jaxinfer.models import init_random, model_from_values, param_shapes, random_value
 from jaxinfer.sampling_params import SamplingParams
@@ -51,7 +58,7 @@ from pallas_kernels.ragged_paged_attention import (
     ragged_paged_attention_reference,
 )
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
-from pallas_kernels.unisparse import UniSparseConfig, dense_attention, sparse_attention
+from pallas_kernels.unisparse import dense_attention, sparse_attention
 from pallas_kernels.unisparse.block_scores_kernel import block_scores_pallas
 from pallas_kernels.unisparse.block_sparse_attention import block_sparse_attention
 from pallas_kernels.unisparse.reference import block_scores, block_sparse_attention_reference, select_blocks

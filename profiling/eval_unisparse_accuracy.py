@@ -41,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinfer.config import UniSparseConfig
 from jaxinfer.datasets import long_texts
 from jaxinfer.layers.rotary import inverse_frequencies
 from jaxinfer.loader import DEFAULT_MODEL, load_model
-from pallas_kernels.unisparse import UniSparseConfig, dense_attention, select, sparse_attention
+from pallas_kernels.unisparse import dense_attention, select, sparse_attention
 
 REPO = Path(__file__).resolve().parent.parent
 NLL_CHUNK = 512  # LM-head rows per step of the NLL loop: [512, V] f32 logits at a time

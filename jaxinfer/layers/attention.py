@@ -22,10 +22,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.config import UniSparseConfig
 from jaxinfer.cpu import paged_attention as cpu_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.tree_attention import tree_attention
-from pallas_kernels.unisparse import UniSparseConfig, dense_attention, sparse_attention
+from pallas_kernels.unisparse import dense_attention, sparse_attention
 
 
 @jax.tree_util.register_dataclass

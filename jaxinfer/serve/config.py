@@ -34,9 +34,9 @@ from jaxinfer.config import (
     SchedulerConfig,
     SparsePrefillConfig,
     SpeculativeConfig,
+    UniSparseConfig,
 )
 from jaxinfer.loader import DEFAULT_MODEL, DTYPE_HELP, DTYPES
-from pallas_kernels.unisparse.config import UniSparseConfig
 
 ROUTERS = ("cascade", "round-robin", "least-loaded", "llumnix")
 MIGRATIONS = ("auto", "live", "recompute")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from pallas_kernels.unisparse.block_scores_kernel import block_scores_pallas
 from pallas_kernels.unisparse.block_sparse_attention import block_sparse_attention, causal_block_lists
 from pallas_kernels.unisparse.reference import (
-    UniSparseConfig,
+    Sparsity,
     block_scores,
     block_sparse_attention_reference,
     select_blocks,
@@ -58,7 +58,7 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"unknown UniSparse impl {impl!r} (choose from {', '.join(IMPLS)})")
 
 
-def select(q: jax.Array, k: jax.Array, config: UniSparseConfig, *, q_start: jax.Array | int = 0,
+def select(q: jax.Array, k: jax.Array, config: Sparsity, *, q_start: jax.Array | int = 0,
            kv_len: jax.Array | int | None = None, impl: str = "xla", interpret: bool | None = None) -> Selection:
     """Score block pairs on composite tokens and keep blocks up to the mass tau (sink and local always)."""
     _check_impl(impl)
@@ -81,7 +81,7 @@ def select(q: jax.Array, k: jax.Array, config: UniSparseConfig, *, q_start: jax.
     return Selection(*select_blocks(scores, config, q_start))
 
 
-def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, config: UniSparseConfig, *,
+def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, config: Sparsity, *,
                      q_start: jax.Array | int = 0, kv_len: jax.Array | int | None = None, impl: str = "xla",
                      interpret: bool | None = None, selection: Selection | None = None) -> jax.Array:
     """UniSparse attention of one prompt (chunk): [Tq, H, D] in q's dtype."""
@@ -115,7 +115,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int, *
     return block_sparse_attention_reference(q, k, v, mask, block_size, q_start)
 
 
-def _items(q: jax.Array, config: UniSparseConfig | None, block_size: int | None = None) -> int:
+def _items(q: jax.Array, config: Sparsity | None, block_size: int | None = None) -> int:
     """Query blocks per XLA work item: 4 (measured best on a 2-core CPU at 8K), fewer for short chunks."""
     nq = q.shape[0] // (config.block_size if config else block_size)
     for items in (4, 2, 1):

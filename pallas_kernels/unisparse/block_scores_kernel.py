@@ -34,7 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._backend import is_mosaic_gpu_interpret, resolve_gpu_body, resolve_interpret, run_kernel
-from pallas_kernels.unisparse.reference import UniSparseConfig, check_blocking
+from pallas_kernels.unisparse.reference import Sparsity, check_blocking
 from pallas_kernels.unisparse.xla import chunked_block_scores
 
 CHUNK_BLOCKS = 16  # key blocks per step of the kernel's loops (the N of Triton's membership dot)
@@ -101,7 +101,7 @@ def _block_scores_kernel(
     lax.fori_loop(num_live, o_ref.shape[0], zero, 0)
 
 
-def block_scores_pallas(q: jax.Array, k: jax.Array, config: UniSparseConfig, q_start: jax.Array | int = 0,
+def block_scores_pallas(q: jax.Array, k: jax.Array, config: Sparsity, q_start: jax.Array | int = 0,
                         kv_len: jax.Array | int | None = None, *,
                         interpret: bool | pltpu.InterpretParams | None = None,
                         gpu_body: str | None = None) -> jax.Array:

@@ -17,10 +17,25 @@ q_start / S + i of the sequence; score and mask arrays are [H, Tq / S, Tk / S].
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.unisparse.config import UniSparseConfig
+
+class Sparsity(Protocol):
+    """The block-sparsity parameters the UniSparse ops read (jaxinfer.config.Sparsity holds them
+    for the engine; see its docstring for what each means)."""
+
+    block_size: int
+    c_q: int
+    c_k: int
+    c_h: int
+    tau: float
+    sink_blocks: int
+    local_blocks: int
+    max_blocks: int
+    share_kv_heads: bool
 
 
 def _pool(x: jax.Array, factor: int) -> jax.Array:
@@ -38,7 +53,7 @@ def check_blocking(q: jax.Array, k: jax.Array, block_size: int) -> None:
                          f"block_size {block_size}")
 
 
-def composite_visible(num_q: int, num_k: int, config: UniSparseConfig, q_start, kv_len) -> jax.Array:
+def composite_visible(num_q: int, num_k: int, config: Sparsity, q_start, kv_len) -> jax.Array:
     """[Tq/cq, Tk/ck] bool: composite query a (positions q_start + a*cq .. + cq - 1) sees composite key b
     (starting at b*ck) when b starts at or before the query run's last token and inside kv_len."""
     a = jnp.arange(num_q)[:, None]
@@ -47,7 +62,7 @@ def composite_visible(num_q: int, num_k: int, config: UniSparseConfig, q_start, 
     return (start <= q_start + (a + 1) * config.c_q - 1) & (start < kv_len)
 
 
-def block_scores(q: jax.Array, k: jax.Array, config: UniSparseConfig, q_start: jax.Array | int = 0,
+def block_scores(q: jax.Array, k: jax.Array, config: Sparsity, q_start: jax.Array | int = 0,
                  kv_len: jax.Array | int | None = None) -> jax.Array:
     """[H, Nq, Nk] float32: per query block, the estimated share of its attention mass on each key block."""
     check_blocking(q, k, config.block_size)
@@ -64,7 +79,7 @@ def block_scores(q: jax.Array, k: jax.Array, config: UniSparseConfig, q_start: j
     return probs.reshape(h, tq // s, per_q, tk // s, per_k).sum(axis=(2, 4)) / per_q
 
 
-def select_blocks(scores: jax.Array, config: UniSparseConfig, q_start: jax.Array | int = 0
+def select_blocks(scores: jax.Array, config: Sparsity, q_start: jax.Array | int = 0
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Kept blocks per (head, query block); q_start is the first query's position.
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.unisparse.reference import UniSparseConfig, block_scores, check_blocking
+from pallas_kernels.unisparse.reference import Sparsity, block_scores, check_blocking
 
 NEG_INF = -1e30
 
@@ -169,7 +169,7 @@ def dense_blocked_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, blo
     return out.reshape(tq, h, d).astype(jnp.asarray(q).dtype)
 
 
-def chunked_block_scores(q, k, config: UniSparseConfig, q_start, kv_len, max_logits: int = 1 << 25):
+def chunked_block_scores(q, k, config: Sparsity, q_start, kv_len, max_logits: int = 1 << 25):
     """``block_scores`` over chunks of query blocks, so the composite logits held at once stay under
     ``max_logits`` floats (a 32K prompt at c_q = 1 would need gigabytes); each row's softmax is its own."""
     tq, h, _ = q.shape

@@ -6,12 +6,11 @@ import threading
 import jax
 import pytest
 
-from jaxinfer.config import SchedulerConfig, SparsePrefillConfig
+from jaxinfer.config import SchedulerConfig, SparsePrefillConfig, UniSparseConfig
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.sampling_params import SamplingParams
-from pallas_kernels.unisparse import UniSparseConfig
 from tests.engine import tiny_engine
 from tests.engine.test_scheduler import _complete
 

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.config import UniSparseConfig
 from pallas_kernels import paged_attention_mgpu as mgpu
 from pallas_kernels._mgpu import interpret_params
 from pallas_kernels.ragged_paged_attention import BlockSizes, ragged_paged_attention
 from pallas_kernels.tree_attention import tree_attention
-from pallas_kernels.unisparse import UniSparseConfig
 from pallas_kernels.unisparse.block_scores_kernel import block_scores_pallas
 from pallas_kernels.unisparse.reference import block_scores
 from tests.kernels.test_ragged_paged_attention import _make_inputs as ragged_inputs

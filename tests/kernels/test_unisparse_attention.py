@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pallas_kernels.unisparse import UniSparseConfig, dense_attention, select, sparse_attention
+from jaxinfer.config import UniSparseConfig
+from pallas_kernels.unisparse import dense_attention, select, sparse_attention
 from tests.kernels.test_unisparse_reference import numpy_attention
 
 

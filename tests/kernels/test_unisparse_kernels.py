@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxinfer.config import UniSparseConfig
 from pallas_kernels.unisparse.block_scores_kernel import block_scores_pallas
 from pallas_kernels.unisparse.block_sparse_attention import block_sparse_attention, causal_block_lists
 from pallas_kernels.unisparse.reference import (
-    UniSparseConfig,
     block_scores,
     block_sparse_attention_reference,
     select_blocks,

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.config import UniSparseConfig
 from pallas_kernels import resolve_gpu_body
 from pallas_kernels._mgpu import interpret_params
-from pallas_kernels.unisparse import UniSparseConfig
 from pallas_kernels.unisparse.block_sparse_attention import block_sparse_attention
 from pallas_kernels.unisparse.block_sparse_attention_mgpu import supported
 from pallas_kernels.unisparse.reference import block_scores, select_blocks

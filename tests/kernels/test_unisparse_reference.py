@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from pallas_kernels.unisparse import UniSparseConfig, block_scores, block_sparse_attention_reference, select_blocks
+from jaxinfer.config import UniSparseConfig
+from pallas_kernels.unisparse import block_scores, block_sparse_attention_reference, select_blocks
 
 
 def qkv(t=64, h=4, kv=2, d=16, seed=0):

@@ -55,8 +55,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxinfer.datasets import shared_root
-from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.kv_pages import KVPages
 from jaxinfer.spec.draft_head import (
     HEADS_DIR,
     DraftHeadConfig,

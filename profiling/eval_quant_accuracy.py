@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.datasets import BOOKS, long_texts, shared_file
-from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.layers import quant
 from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.kv_pages import KVPages
 from jaxinfer.layers.linear import QuantSpec
 from jaxinfer.loader import DEFAULT_MODEL, GGUFFile, resolve_source
 from jaxinfer.models import model_from_tensors

@@ -15,11 +15,10 @@ import numpy as np
 from jaxinfer.config import SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.kv_pages import PAD_SLOT
 from jaxinfer.layers.sampler import SamplingArrays, key_data_from_seed
 from jaxinfer.spec.eagle import CatchUp
 
-# KV slot of padding tokens: past the pool for every layer's offset, so their writes are dropped.
-PAD_SLOT = 2**30
 # Stop token ids a burst checks on the device per row (end-of-sequence ids first, then the request's
 # stop_token_ids). The host checks every stop condition again, so a longer list only costs steps.
 STOP_WIDTH = 8

@@ -21,13 +21,13 @@ from flax import nnx
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.batch import StepShape, all_step_shapes, step_shape
 from jaxinfer.engine.block_manager import BlockManager
-from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.engine.migration import MigrationPort
 from jaxinfer.engine.model_runner import BurstHandle, ModelRunner, StepResult
 from jaxinfer.engine.request_output import RequestOutput, TextStream, TokenLogprob, metrics_of
 from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput
 from jaxinfer.engine.sequence import FinishReason, Sequence, SequenceStatus
 from jaxinfer.layers import quant
+from jaxinfer.layers.kv_pages import KVPages
 from jaxinfer.layers.linear import QuantSpec
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.spec.decoder import SpeculativeDecoder

@@ -21,10 +21,10 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig, SchedulerConfig, SparsePrefillConfig
-from jaxinfer.engine.batch import PAD_SLOT, BatchBuilder, BurstInput, SampleInput, StepInput, StepShape, all_step_shapes
-from jaxinfer.engine.kv_cache import KVPages, gather_pages, scatter_pages
+from jaxinfer.engine.batch import BatchBuilder, BurstInput, SampleInput, StepInput, StepShape, all_step_shapes
 from jaxinfer.engine.placement import place_state, replicate
 from jaxinfer.engine.scheduler import SchedulerOutput
+from jaxinfer.layers.kv_pages import PAD_SLOT, KVPages, gather_pages, scatter_pages
 from jaxinfer.layers.sampler import apply_penalties, logprobs, sample
 from jaxinfer.spec.batch import DraftShape, TreeInput, TreeShape, build_draft_input, build_tree_input
 from jaxinfer.spec.eagle import DraftInput, catch_up, draft_step

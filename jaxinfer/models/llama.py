@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.layers import quant
 from jaxinfer.layers.attention import AttentionMeta, paged_attention, write_kv
+from jaxinfer.layers.kv_pages import KVPages
 from jaxinfer.layers.linear import Linear, QuantLinear, QuantSpec, make_linear
 from jaxinfer.layers.norm import RMSNorm
 from jaxinfer.layers.rotary import apply_rotary, inverse_frequencies

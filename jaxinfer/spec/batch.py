@@ -12,9 +12,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxinfer.engine.batch import PAD_SLOT, sampling_arrays
+from jaxinfer.engine.batch import sampling_arrays
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.kv_pages import PAD_SLOT
 from jaxinfer.layers.sampler import SamplingArrays
 from jaxinfer.spec.eagle import DraftInput
 from jaxinfer.spec.tree import PackedTrees

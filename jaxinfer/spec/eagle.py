@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.layers.attention import write_kv
+from jaxinfer.layers.kv_pages import KVPages
 
 
 @jax.tree_util.register_dataclass

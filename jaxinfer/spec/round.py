@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.engine.batch import PAD_SLOT, sampling_arrays
-from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.engine.batch import sampling_arrays
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.kv_pages import PAD_SLOT, KVPages
 from jaxinfer.layers.sampler import SamplingArrays
 from jaxinfer.spec.batch import TreeInput
 from jaxinfer.spec.eagle import DraftInput, draft_tree

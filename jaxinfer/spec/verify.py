@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer.engine.batch import PAD_SLOT
-from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.layers.attention import write_kv
+from jaxinfer.layers.kv_pages import PAD_SLOT, KVPages
 from jaxinfer.layers.sampler import logprobs, sample
 from jaxinfer.spec.eagle import project_kv
 

@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.engine.kv_cache import KVPages
 from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.kv_pages import KVPages
 
 PAGE_SIZE = 4
 MAX_PAGES_PER_SEQ = 32

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.engine.kv_cache import KVPages
+from jaxinfer.layers.kv_pages import KVPages
 from jaxinfer.spec.tree import DraftTree, pack
 from jaxinfer.spec.verify import accept, commit_path
 

@@ -17,6 +17,9 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 
+# KV slot of padding tokens: past the pool for every layer's offset, so their writes are dropped.
+PAD_SLOT = 2**30
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

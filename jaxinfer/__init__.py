@@ -6,6 +6,7 @@ jaxinfer checkpoint).
 """
 
 import importlib
+import importlib.metadata
 
 _EXPORTS = {"CacheConfig": "jaxinfer.config", "EngineConfig": "jaxinfer.config", "ModelConfig": "jaxinfer.config",
             "SchedulerConfig": "jaxinfer.config", "RequestOutput": "jaxinfer.engine.request_output",
@@ -22,4 +23,7 @@ def __getattr__(name: str):
 
 __all__ = ["LLM", "CacheConfig", "EngineConfig", "LoadedModel", "ModelConfig", "RequestOutput", "SamplingParams",
            "SchedulerConfig", "load_model"]
-__version__ = "0.2.0"
+try:  # the installed distribution's version (pyproject.toml), one place to bump
+    __version__ = importlib.metadata.version("jaxinfer")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"

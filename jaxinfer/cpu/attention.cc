@@ -164,10 +164,17 @@ struct Avx2Ops {
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
   }
-  // out[i] = sum of a_i's lanes, for four vectors at once.
+  // out[i] = sum of a_i's lanes, for four vectors at once, each added in hsum's order
+  // ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)): a slot's score then has the same bits whether it
+  // was scored alone or four at a time, which depends on how many query rows share its tile, and so
+  // on where a prompt chunk starts (a prefix-cache hit must not change a token).
   static JAXINFER_AVX2 inline void hsum4(R a0, R a1, R a2, R a3, float* out) {
-    const R t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+    const R a[4] = {a0, a1, a2, a3};
+    __m128 u[4];
+    for (int i = 0; i < 4; ++i) u[i] = _mm_add_ps(_mm256_castps256_ps128(a[i]), _mm256_extractf128_ps(a[i], 1));
+    const __m128 s01 = _mm_add_ps(_mm_unpacklo_ps(u[0], u[1]), _mm_unpackhi_ps(u[0], u[1]));
+    const __m128 s23 = _mm_add_ps(_mm_unpacklo_ps(u[2], u[3]), _mm_unpackhi_ps(u[2], u[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm_movelh_ps(s01, s23), _mm_movehl_ps(s23, s01)));
   }
   static JAXINFER_AVX2 inline float hmax(R a) {
     __m128 x = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

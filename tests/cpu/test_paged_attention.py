@@ -167,6 +167,28 @@ def test_ragged_matches_reference(name, group, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_row_has_the_same_bits_wherever_its_chunk_starts(isa):
+    """A prompt's last rows prefilled in a short chunk after a prefix-cache hit give the bits the whole
+    prompt's chunk gave them, although their tiles hold other rows (3 heads a token: the rows of a tile
+    are scored 1-4 at a time)."""
+    _, k_pages, v_pages, _, page_indices, _ = _make_inputs(1, group=3, head_dim=64, page_size=16, lens=[53],
+                                                           num_kv_heads=3, seed=13)
+    q = jnp.asarray(np.random.default_rng(13).normal(size=(64, 9, 64)) / 8, jnp.float32)
+    attend = jax.jit(functools.partial(pa.ragged_paged_attention, isa=isa))
+
+    def chunk(start):  # query rows start..52 of a 53-token prompt, padded to 64 rows
+        rows = jnp.zeros_like(q).at[:53 - start].set(q[start:53])
+        out = attend(rows, k_pages, v_pages, jnp.asarray([53], jnp.int32), page_indices,
+                     jnp.asarray([0, 53 - start], jnp.int32), jnp.asarray([1], jnp.int32))
+        return np.asarray(out[:53 - start])
+
+    whole = chunk(0)
+    for start in (48, 49, 50, 52):
+        np.testing.assert_array_equal(chunk(start), whole[start:])
+
+
+@needs_kernels
 def test_more_query_heads_per_kv_head_than_a_tile_holds():
     """G = 18 > 16 rows per tile: decode splits the heads over tiles, ragged puts one token per tile."""
     args = _make_inputs(3, group=18, head_dim=64, page_size=8, num_kv_heads=1, num_seqs=3, seed=12)

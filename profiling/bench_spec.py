@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     scheduler = SchedulerConfig(max_num_seqs=4, max_model_len=1024, decode_buckets=(1, 2, 4),
                                 prefill_buckets=(64, 128, 256), kv_buckets=(1024,))
     # many engines live at once: a small pool each; no prefix cache, so that every run of a prompt
-    # prefills it whole (a cached prefix would make repeats cheaper, and its shorter prefill chunk
-    # rounds differently, so a repeat's greedy tokens may part from the first run's)
+    # prefills it whole (a cached prefix would make repeats, and the method run after a warm-up on the
+    # same prompts, cheaper)
     cache = CacheConfig(kv_memory_gib=0.25, enable_prefix_caching=False)
     engines: dict[tuple[str, int], Engine] = {}
 

@@ -24,6 +24,7 @@ from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.loader import DEFAULT_MODEL, load_model
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.spec.batch import TreeShape, build_tree_input
+from jaxinfer.spec.programs import VerifyProgram
 from jaxinfer.spec.tree import DraftTree, pack
 
 
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
             tree_batch = build_tree_input(seqs, pack(trees, tree_shape.num_rows, nodes), tree_shape,
                                           blocks.page_size, runner.builder.max_pages_per_seq,
                                           scheduler.max_num_seqs, impl=runner.impl, interpret=runner.interpret)
-            ms = timed(lambda b=tree_batch, s=tree_shape: runner.verify(b, s))  # nothing commits past the root's slot
+            # nothing commits past the root's slot
+            ms = timed(lambda b=tree_batch, s=tree_shape: runner.run(VerifyProgram(s), b))
             rows.append(dict(batch=batch, step="verify", nodes=nodes, ms=ms, ratio=ms / decode_ms))
             print(f"{batch:>2} {'verify':<8} {nodes:>5} {ms:>12.1f} {ms / decode_ms:>8.2f}x", flush=True)
         for seq in seqs:

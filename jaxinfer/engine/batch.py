@@ -17,7 +17,6 @@ from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.attention import AttentionMeta
 from jaxinfer.layers.kv_pages import PAD_SLOT
 from jaxinfer.layers.sampler import SamplingArrays, key_data_from_seed
-from jaxinfer.spec.eagle import CatchUp
 
 # Stop token ids a burst checks on the device per row (end-of-sequence ids first, then the request's
 # stop_token_ids). The host checks every stop condition again, so a longer list only costs steps.
@@ -100,6 +99,18 @@ class BurstInput:
 
     budget: jax.Array  # [Bd] int32 most steps the row runs (padding rows: 0)
     stop_ids: jax.Array  # [Bd, STOP_WIDTH] int32 tokens that end the row on the device (-1: none)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CatchUp:
+    """Per token of a step: where its shifted draft pair comes from and goes."""
+
+    from_pending: jax.Array  # [T] bool: the previous feature is the slot's pending one
+    slots: jax.Array  # [T] int32 request slot (padding: out of range)
+    positions: jax.Array  # [T] int32 position p-1 of the pair (clamped at 0)
+    slot_mapping: jax.Array  # [T] int32 KV slot of position p-1 (no pair: out of range, dropped)
+    is_last: jax.Array  # [T] bool: last token of its request in the step (its feature becomes pending)
 
 
 @jax.tree_util.register_dataclass

@@ -33,6 +33,7 @@ from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.spec.decoder import SpeculativeDecoder
 from jaxinfer.spec.draft_head import quantize_draft_head
 from jaxinfer.spec.drafter import EagleDrafter
+from jaxinfer.spec.eagle import catch_up
 from jaxinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ class Engine:
             draft_head = quantize_draft_head(draft_head, QuantSpec("q8_0", "q8_0", model.quant_spec.activations))
         self.runner = ModelRunner(model, self.model_config, self.scheduler_config, num_pages, page_size,
                                   attention_impl=config.attention_impl, max_logprobs=config.max_logprobs,
-                                  sparse_prefill=sparse, draft_head=draft_head, mesh=mesh,
+                                  sparse_prefill=sparse, draft_head=draft_head,
+                                  catch_up=catch_up if draft_head is not None else None, mesh=mesh,
                                   eos_ids=frozenset(tokenizer.eos_ids))
         self.spec = None
         if spec.enabled:

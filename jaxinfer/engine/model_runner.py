@@ -13,7 +13,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +27,6 @@ from jaxinfer.engine.placement import place_state, replicate
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.kv_pages import PAD_SLOT, KVPages, gather_pages, scatter_pages
 from jaxinfer.layers.sampler import apply_penalties, logprobs, sample
-from jaxinfer.spec.batch import DraftShape, TreeInput, TreeShape, build_draft_input, build_tree_input
-from jaxinfer.spec.eagle import DraftInput, catch_up, draft_step
-from jaxinfer.spec.round import RoundInput, RoundResult, RoundShape, build_round_input, round_step
-from jaxinfer.spec.tree import pack
-from jaxinfer.spec.verify import VerifyResult, verify_step
 from pallas_kernels import resolve_impl, resolve_interpret
 
 logger = logging.getLogger(__name__)
@@ -51,6 +47,25 @@ class SamplerState:
         return cls(jnp.zeros((num_slots, vocab_size), jnp.int32), jnp.zeros((num_slots, vocab_size), bool), pending)
 
 
+class DeviceProgram(Protocol):
+    """What the runner needs to compile and run a step it does not know (jaxinfer.spec's verify, draft
+    and round steps): nothing below the speculative decoder imports it."""
+
+    key: Hashable  # the compile-cache key: one executable per key
+    shape: Hashable  # its shape, as the step log records it
+    name: str  # its profiler annotation
+    writes: bool  # returns (result, kv, sampler), the pool and sampler state donated; else only a result
+
+    @property
+    def annotation(self) -> dict: ...  # extra fields of the profiler annotation
+
+    def function(self, runner: ModelRunner) -> Callable:
+        """f(state, kv, sampler, inputs) for ``jax.jit`` (state: (model state, draft head state))."""
+
+    def example(self, runner: ModelRunner) -> Any:
+        """Inputs of the program's shape (only their shapes and dtypes are read)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StepResult:
     """Sampled tokens of a step (host arrays). A burst (``counts`` given) has a leading step axis K on
@@ -63,9 +78,10 @@ class StepResult:
     counts: np.ndarray | None = None  # [N] int32 steps each row ran (a burst)
 
 
-def _forward_step(graphdef, head_graphdef, state, kv: KVPages, sampler: SamplerState, batch: StepInput):
+def _forward_step(graphdef, head_graphdef, catch_up, state, kv: KVPages, sampler: SamplerState, batch: StepInput):
     """The model over the step's tokens -> logits [N, V]; records prompt tokens for penalties; with a
-    draft head, also writes the draft layer's KV of the step's tokens (eagle.catch_up).
+    draft head, also writes the draft layer's KV of the step's tokens (``catch_up``, see
+    jaxinfer.spec.eagle.catch_up).
 
     state = (model state, draft head state or None)."""
     model = nnx.merge(graphdef, state[0])
@@ -138,8 +154,8 @@ class BurstHandle:
     chain: Chain  # for a burst dispatched after this one, before its results are read
 
 
-def _decode_burst(graphdef, head_graphdef, num_top: int, max_steps: int, state, kv: KVPages, sampler: SamplerState,
-                  batch: StepInput, burst: BurstInput, chain: Chain):
+def _decode_burst(graphdef, head_graphdef, catch_up, num_top: int, max_steps: int, state, kv: KVPages,
+                  sampler: SamplerState, batch: StepInput, burst: BurstInput, chain: Chain):
     """Up to ``max_steps`` decode steps in one call: each row feeds its sampled token back as the next
     step's input, and stops after a stop token or ``burst.budget`` steps; the loop ends when no row
     runs. A stopped row writes no KV and counts no tokens for penalties. Returns the sampled tokens
@@ -172,7 +188,7 @@ def _decode_burst(graphdef, head_graphdef, num_top: int, max_steps: int, state, 
                 slot_mapping=jnp.where(running, jnp.where(i == 0, pairs.slot_mapping, slot_of(previous)), PAD_SLOT))
         inputs = dataclasses.replace(batch, tokens=tokens, positions=positions, meta=meta, catch_up=pairs,
                                      sample=dataclasses.replace(batch.sample, sampling=sampling, emit=running))
-        logits, kv, sampler = _forward_step(graphdef, head_graphdef, state, kv, sampler, inputs)
+        logits, kv, sampler = _forward_step(graphdef, head_graphdef, catch_up, state, kv, sampler, inputs)
         sampled, sampler = _sample_step(num_top, logits, sampler, inputs.sample)
         outputs = tuple(buffer.at[i].set(value) for buffer, value in zip(outputs, sampled, strict=True))
         new = sampled[0]
@@ -217,14 +233,18 @@ class ModelRunner:
     def __init__(self, model: nnx.Module, model_config: ModelConfig, scheduler_config: SchedulerConfig,
                  num_pages: int, page_size: int, *, attention_impl: str = "auto", max_logprobs: int = 20,
                  sparse_prefill: SparsePrefillConfig | None = None, draft_head: nnx.Module | None = None,
-                 mesh: jax.sharding.Mesh | None = None, eos_ids: frozenset[int] = frozenset()):
+                 catch_up: Callable | None = None, mesh: jax.sharding.Mesh | None = None,
+                 eos_ids: frozenset[int] = frozenset()):
         """draft_head: an EAGLE draft head; its KV becomes one more layer of the pool and every step
-        keeps it in step with the target (see jaxinfer.spec.eagle). mesh: the replica group's devices
+        keeps it in step with the target through ``catch_up`` (jaxinfer.spec.eagle.catch_up: the
+        runner holds the head's state but not its logic). mesh: the replica group's devices
         (see jaxinfer.engine.placement); None: the default device. eos_ids: what ends a request
         (unless it ignores them) inside a burst of decode steps."""
         self.model_config = model_config
         self.scheduler_config = scheduler_config
         self.graphdef, model_state = nnx.split(model)
+        if (draft_head is None) != (catch_up is None):
+            raise ValueError("a draft head needs its catch_up function, and catch_up a draft head")
         self.head_graphdef, head_state = nnx.split(draft_head) if draft_head is not None else (None, None)
         self.state = (model_state, head_state)
         self.mesh = mesh
@@ -261,15 +281,16 @@ class ModelRunner:
         self.sparse_prefill = sparse_prefill
         self.builder = BatchBuilder(scheduler_config, page_size, num_pages, sparse_prefill,
                                     catch_up=draft_head is not None)
-        self._forward = jax.jit(self._flat(functools.partial(_forward_step, self.graphdef, self.head_graphdef)),
-                                donate_argnums=(1, 2))
+        self._forward = jax.jit(self._flat(functools.partial(_forward_step, self.graphdef, self.head_graphdef,
+                                                             catch_up)), donate_argnums=(1, 2))
         self._sample = jax.jit(functools.partial(_sample_step, max_logprobs), donate_argnums=(1,))
         self.eos_ids = eos_ids
         # decode-only steps run as bursts (one compiled burst per decode shape, no single steps)
         self.burst_steps = scheduler_config.decode_steps
         self._burst = jax.jit(self._flat(functools.partial(_decode_burst, self.graphdef, self.head_graphdef,
-                                                           max_logprobs, self.burst_steps)), donate_argnums=(1, 2))
-        self._executables: dict[StepShape | TreeShape | DraftShape | int | tuple | str, Callable] = {}
+                                                           catch_up, max_logprobs, self.burst_steps)),
+                              donate_argnums=(1, 2))
+        self._executables: dict[object, Callable] = {}  # compile key (a step shape, a row count, ...) -> executable
         self._compiling: dict[object, concurrent.futures.Future] = {}  # key -> its compile in progress
         self._compile_lock = threading.Lock()
         self.num_compiles = 0
@@ -382,65 +403,25 @@ class ModelRunner:
         logger.debug("compiled %s in %.2f s", key, time.perf_counter() - start)
         return executable
 
-    def verify_executable(self, shape: TreeShape) -> Callable:
-        """The compiled verification step of this shape (compiled on first use; warm-up compiles all)."""
-        executable = self._executables.get(shape)
+    def program_executable(self, program: DeviceProgram) -> Callable:
+        """A device program a layer above hands the runner (a speculative round's verify or draft step:
+        jaxinfer.spec), compiled on first use under its key; warm-up compiles all it will run."""
+        executable = self._executables.get(program.key)
         if executable is None:
-            function = jax.jit(self._flat(functools.partial(verify_step, self.graphdef, self.head_graphdef,
-                                                            self.max_logprobs, shape.path_len)), donate_argnums=(1, 2))
-            example = build_tree_input([], pack([], shape.num_rows, shape.num_nodes), shape, self.kv.page_size,
-                                       self.builder.max_pages_per_seq, self.scheduler_config.max_num_seqs,
-                                       impl=self.impl, interpret=self.interpret)
-            executable = self._compile(shape, function, self.state, self.kv, self.sampler, example)
+            function = jax.jit(self._flat(program.function(self)), donate_argnums=(1, 2) if program.writes else ())
+            executable = self._compile(program.key, function, self.state, self.kv, self.sampler,
+                                       program.example(self))
         return executable
 
-    def draft_executable(self, shape: DraftShape) -> Callable:
-        executable = self._executables.get(shape)
-        if executable is None:
-            function = jax.jit(self._flat(functools.partial(draft_step, self.head_graphdef, self.graphdef,
-                                                            shape.top_k, shape.depth, shape.base_depth,
-                                                            shape.kv_tokens)))
-            example = build_draft_input([], shape.num_rows, self.builder.max_pages_per_seq)
-            executable = self._compile(shape, function, self.state, self.kv, self.sampler.pending, example)
-        return executable
-
-    def round_executable(self, shape: RoundShape, variants: tuple[tuple[int, int], ...],
-                         thresholds: tuple[float, ...]) -> Callable:
-        """The compiled draft-head round of this shape and policy (see jaxinfer.spec.round)."""
-        key = (shape, variants, thresholds)
-        executable = self._executables.get(key)
-        if executable is None:
-            function = jax.jit(self._flat(functools.partial(round_step, self.graphdef, self.head_graphdef,
-                                                            self.max_logprobs, shape, variants, thresholds,
-                                                            self.impl, self.interpret)), donate_argnums=(1, 2))
-            example = build_round_input([], [], shape.num_rows, self.builder.max_pages_per_seq,
-                                        self.scheduler_config.max_num_seqs)
-            executable = self._compile(key, function, self.state, self.kv, self.sampler, example)
-        return executable
-
-    def round(self, batch: RoundInput, shape: RoundShape, variants: tuple[tuple[int, int], ...],
-              thresholds: tuple[float, ...]) -> RoundResult:
-        """One draft-head round in one device call: drafting, the verified subtrees, verification and
-        the KV commit; returns the result as host arrays."""
-        executable = self.round_executable(shape, variants, thresholds)
-        self.last_shape = shape
-        with jax.profiler.TraceAnnotation("round", rows=shape.num_rows, nodes=shape.num_nodes):
-            result, self.kv, self.sampler = executable(self.state, self.kv, self.sampler, batch)
-        return jax.device_get(result)
-
-    def draft(self, batch: DraftInput, shape: DraftShape) -> dict[str, np.ndarray]:
-        """Run the draft head's tree expansion (reads the KV and pending features; writes nothing)."""
-        executable = self.draft_executable(shape)
-        with jax.profiler.TraceAnnotation("draft", rows=shape.num_rows, depth=shape.depth):
-            return jax.device_get(executable(self.state, self.kv, self.sampler.pending, batch))
-
-    def verify(self, batch: TreeInput, shape: TreeShape) -> VerifyResult:
-        """Run one verification step: the accepted paths' KV (and draft KV) is committed on device;
-        returns the result as host arrays."""
-        executable = self.verify_executable(shape)
-        self.last_shape = shape
-        with jax.profiler.TraceAnnotation("verify", rows=shape.num_rows, nodes=shape.num_nodes):
-            result, self.kv, self.sampler = executable(self.state, self.kv, self.sampler, batch)
+    def run(self, program: DeviceProgram, inputs) -> Any:
+        """Run a device program on this runner's weights, KV pool and sampler state; one that writes
+        takes the new pool and state back. Returns its result as host arrays."""
+        executable = self.program_executable(program)
+        with jax.profiler.TraceAnnotation(program.name, **program.annotation):
+            if not program.writes:
+                return jax.device_get(executable(self.state, self.kv, self.sampler, inputs))
+            self.last_shape = program.shape
+            result, self.kv, self.sampler = executable(self.state, self.kv, self.sampler, inputs)
         return jax.device_get(result)
 
     def dispatch_burst(self, out: SchedulerOutput, shape: StepShape, after: BurstHandle | None = None) -> BurstHandle:

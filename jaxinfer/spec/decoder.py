@@ -25,6 +25,7 @@ from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.spec.batch import TreeShape, build_tree_input
 from jaxinfer.spec.ngram import NgramDrafter
+from jaxinfer.spec.programs import DraftProgram, RoundProgram, VerifyProgram
 from jaxinfer.spec.round import RoundShape
 from jaxinfer.spec.tree import DraftTree, pack
 
@@ -121,13 +122,13 @@ class SpeculativeDecoder:
 
     def compile(self, shape) -> None:
         """Compile one of ``shapes()``."""
-        runner = self.runner
         if isinstance(shape, RoundShape):
-            runner.round_executable(shape, self.drafter.policy.variants, self.drafter.policy.thresholds)
+            program = RoundProgram(shape, self.drafter.policy.variants, self.drafter.policy.thresholds)
         elif isinstance(shape, TreeShape):
-            runner.verify_executable(shape)
+            program = VerifyProgram(shape)
         else:
-            runner.draft_executable(shape)
+            program = DraftProgram(shape)
+        self.runner.program_executable(program)
 
     def eligible(self, decodes: list[Sequence], has_prefills: bool, count: bool = True) -> bool:
         """Whether this step should be a round: it only decodes, few enough requests without
@@ -230,7 +231,7 @@ class SpeculativeDecoder:
         batch = build_tree_input(seqs, pack(trees, rows, num_nodes), shape, self.block_manager.page_size,
                                  runner.builder.max_pages_per_seq, runner.scheduler_config.max_num_seqs,
                                  impl=runner.impl, interpret=runner.interpret)
-        result = runner.verify(batch, shape)
+        result = runner.run(VerifyProgram(shape), batch)
         self.drafter.observe(seqs, result)
         return self._emit(seqs, result, [tree.num_nodes for tree in trees])
 

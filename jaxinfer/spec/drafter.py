@@ -14,6 +14,7 @@ from jaxinfer.config import SchedulerConfig, SpeculativeConfig
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.spec.batch import DraftShape, build_draft_input
 from jaxinfer.spec.policy import RoundPolicy, select_tree
+from jaxinfer.spec.programs import DraftProgram, RoundProgram
 from jaxinfer.spec.round import RoundResult, RoundShape, build_round_input
 from jaxinfer.spec.tree import DraftTree
 
@@ -53,7 +54,7 @@ class EagleDrafter:
         runner = self.runner
         batch = build_round_input(seqs, limits, shape.num_rows, runner.builder.max_pages_per_seq,
                                   runner.scheduler_config.max_num_seqs)
-        result = runner.round(batch, shape, self.policy.variants, self.policy.thresholds)
+        result = runner.run(RoundProgram(shape, self.policy.variants, self.policy.thresholds), batch)
         for row in range(len(seqs)):
             self.bin_counts[self.policy.bin(float(result.entropy[row]))] += 1
         return result
@@ -65,7 +66,7 @@ class EagleDrafter:
         rows = next(r for r in self.row_buckets if r >= len(seqs))
         kv_tokens = next(kv for kv in self.kv_buckets if kv >= max(seq.num_computed for seq in seqs))
         batch = build_draft_input(seqs, rows, self.runner.builder.max_pages_per_seq)
-        out = self.runner.draft(batch, self._shape(rows, kv_tokens))
+        out = self.runner.run(DraftProgram(self._shape(rows, kv_tokens)), batch)
         trees = []
         for row, seq in enumerate(seqs):
             entropy = float(out["entropy"][row])

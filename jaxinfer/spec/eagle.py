@@ -28,20 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxinfer.engine.batch import CatchUp
 from jaxinfer.layers.attention import write_kv
 from jaxinfer.layers.kv_pages import KVPages
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class CatchUp:
-    """Per token of a step: where its shifted draft pair comes from and goes."""
-
-    from_pending: jax.Array  # [T] bool: the previous feature is the slot's pending one
-    slots: jax.Array  # [T] int32 request slot (padding: out of range)
-    positions: jax.Array  # [T] int32 position p-1 of the pair (clamped at 0)
-    slot_mapping: jax.Array  # [T] int32 KV slot of position p-1 (no pair: out of range, dropped)
-    is_last: jax.Array  # [T] bool: last token of its request in the step (its feature becomes pending)
 
 
 @jax.tree_util.register_dataclass
@@ -170,10 +159,11 @@ def draft_tree(head, embed, kv: KVPages, pending: jax.Array, batch: DraftInput, 
 
 
 def draft_step(head_graphdef, model_graphdef, top_k: int, depth: int, base_depth: int, kv_tokens: int, state,
-               kv: KVPages, pending: jax.Array, batch: DraftInput):
-    """The jitted drafting function (see draft_tree); state = (model state, head state)."""
+               kv: KVPages, sampler, batch: DraftInput):
+    """The jitted drafting function (see draft_tree); state = (model state, head state); it reads the
+    sampler state's pending features."""
     model = nnx.merge(model_graphdef, state[0])
     head = nnx.merge(head_graphdef, state[1])
     with jax.named_scope("draft"):
-        return draft_tree(head, model.embed, kv, pending, batch, top_k=top_k, depth=depth,
+        return draft_tree(head, model.embed, kv, sampler.pending, batch, top_k=top_k, depth=depth,
                           base_depth=base_depth, kv_tokens=kv_tokens, num_target_layers=model.config.num_layers)

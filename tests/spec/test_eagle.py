@@ -15,6 +15,7 @@ from jaxinfer.models import init_random
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.spec.batch import DraftShape, build_draft_input
 from jaxinfer.spec.draft_head import DraftHeadConfig, causal_mask, init_draft_head
+from jaxinfer.spec.programs import DraftProgram
 from tests.conftest import tiny_config
 from tests.engine import tiny_engine
 from tests.models import paged
@@ -163,7 +164,7 @@ def test_drafted_candidates_match_a_dense_draft_forward():
     tokens = seq.prompt_ids + seq.output_ids
     length = seq.num_computed
     shape = DraftShape(1, 64, 3, 3, 3)
-    out = eng.runner.draft(build_draft_input([seq], 1, eng.runner.builder.max_pages_per_seq), shape)
+    out = eng.runner.run(DraftProgram(shape), build_draft_input([seq], 1, eng.runner.builder.max_pages_per_seq))
     head, embed = _head(), _target().embed
     features = _features(tokens[:length])
     hidden = head.fuse(jnp.asarray(features))

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from jaxinfer.buckets import geometric
+
 # Architectures of the Llama family this engine runs, by their Hugging Face and GGUF names.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -253,22 +255,13 @@ class SchedulerConfig:
             buckets = getattr(self, name)
             if buckets and buckets[-1] < max_len:
                 raise ValueError(f"largest {name[:-1].replace('_', ' ')} {buckets[-1]} < max_model_len {max_len}")
-        kv = self.kv_buckets or _geometric(256, 4, max_len)
+        kv = self.kv_buckets or geometric(256, 4, max_len)
         return dataclasses.replace(
             self, max_model_len=max_len,
-            decode_buckets=self.decode_buckets or _geometric(1, 8, self.max_num_seqs),
-            prefill_buckets=self.prefill_buckets or _geometric(64, 2, self.max_num_batched_tokens),
+            decode_buckets=self.decode_buckets or geometric(1, 8, self.max_num_seqs),
+            prefill_buckets=self.prefill_buckets or geometric(64, 2, self.max_num_batched_tokens),
             kv_buckets=kv, mixed_kv_buckets=self.mixed_kv_buckets or tuple(sorted({kv[min(1, len(kv) - 1)], kv[-1]})),
-            decode_kv_buckets=self.decode_kv_buckets or self.kv_buckets or _geometric(256, 2, max_len))
-
-
-def _geometric(start: int, ratio: int, stop: int) -> tuple[int, ...]:
-    """start, start*ratio, ... while below stop, then stop itself."""
-    values = []
-    while start < stop:
-        values.append(start)
-        start *= ratio
-    return (*values, stop)
+            decode_kv_buckets=self.decode_kv_buckets or self.kv_buckets or geometric(256, 2, max_len))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from jaxinfer.buckets import bucket
 from jaxinfer.config import SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.layers.attention import AttentionMeta
@@ -32,13 +33,6 @@ class StepShape:
     blocked: bool = False  # one long prompt's chunk through the blocked prefill backend
 
 
-def _bucket(value: int, buckets: tuple[int, ...]) -> int:
-    for bucket in buckets:
-        if bucket >= value:
-            return bucket
-    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
-
-
 def blocked_buckets(config: SchedulerConfig, block_size: int) -> tuple[int, tuple[int, ...]]:
     """Chunk length and KV buckets of blocked steps: every chunk is padded to the largest prompt
     bucket (one compiled shape per KV bucket), all rounded up to whole blocks."""
@@ -54,17 +48,17 @@ def step_shape(out: SchedulerOutput, config: SchedulerConfig, block_size: int = 
     if out.blocked:
         chunk = out.prefills[0]
         tokens, kv_buckets = blocked_buckets(config, block_size)
-        return StepShape(0, 0, tokens, _bucket(chunk.start + chunk.num_tokens, kv_buckets), blocked=True)
+        return StepShape(0, 0, tokens, bucket(chunk.start + chunk.num_tokens, kv_buckets), blocked=True)
     num_decode = decode_kv = prefill_tokens = prefill_kv = 0
     if out.decodes:
-        num_decode = _bucket(len(out.decodes), config.decode_buckets)
+        num_decode = bucket(len(out.decodes), config.decode_buckets)
         steps, ahead = out.steps or [1] * len(out.decodes), out.ahead or [0] * len(out.decodes)
-        decode_kv = _bucket(max((seq.num_computed + a + n for seq, a, n in zip(out.decodes, ahead, steps, strict=True)
+        decode_kv = bucket(max((seq.num_computed + a + n for seq, a, n in zip(out.decodes, ahead, steps, strict=True)
                                  if n), default=1), config.kv_buckets if out.prefills else config.decode_kv_buckets)
     if out.prefills:
         tokens = sum(chunk.num_tokens for chunk in out.prefills)
-        prefill_tokens = config.prefill_buckets[-1] if out.decodes else _bucket(tokens, config.prefill_buckets)
-        prefill_kv = _bucket(sum(c.start + c.num_tokens for c in out.prefills),
+        prefill_tokens = config.prefill_buckets[-1] if out.decodes else bucket(tokens, config.prefill_buckets)
+        prefill_kv = bucket(sum(c.start + c.num_tokens for c in out.prefills),
                              config.mixed_kv_buckets if out.decodes else config.kv_buckets)
     return StepShape(num_decode, decode_kv, prefill_tokens, prefill_kv)
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinfer.buckets import bucket, geometric
 from jaxinfer.config import ModelConfig, SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.batch import BatchBuilder, BurstInput, SampleInput, StepInput, StepShape, all_step_shapes
 from jaxinfer.engine.placement import place_state, replicate
@@ -473,24 +474,20 @@ class ModelRunner:
 
     def page_buckets(self) -> tuple[int, ...]:
         """Page counts a migration transfer pads to (powers of two up to one request's pages)."""
-        buckets, size = [], 1
-        while size < self.builder.max_pages_per_seq:
-            buckets.append(size)
-            size *= 2
-        return (*buckets, self.builder.max_pages_per_seq)
+        return geometric(1, 2, self.builder.max_pages_per_seq)
 
     def warm_up_migration(self) -> None:
         """Compile the page export/import functions of every page bucket and the slot import."""
-        for bucket in self.page_buckets():
-            self._page_function("export", bucket)
-            self._page_function("import", bucket)
+        for size in self.page_buckets():
+            self._page_function("export", size)
+            self._page_function("import", size)
         self._slot_import()
 
-    def _page_function(self, kind: str, bucket: int) -> Callable:
-        key = (kind, bucket)
+    def _page_function(self, kind: str, size: int) -> Callable:
+        key = (kind, size)
         executable = self._executables.get(key)
         if executable is None:
-            pages = jax.ShapeDtypeStruct((bucket,), jnp.int32)
+            pages = jax.ShapeDtypeStruct((size,), jnp.int32)
             if kind == "export":
                 executable = self._compile(key, jax.jit(gather_pages), self.kv, pages)
             else:
@@ -499,21 +496,21 @@ class ModelRunner:
         return executable
 
     def _padded(self, pages: list[int], fill: int) -> tuple[np.ndarray, int]:
-        bucket = next((b for b in self.page_buckets() if b >= len(pages)), None)
-        if bucket is None:
-            raise ValueError(f"{len(pages)} pages exceed one request's {self.page_buckets()[-1]}")
-        padded = np.full(bucket, fill, np.int32)
+        if len(pages) > self.builder.max_pages_per_seq:
+            raise ValueError(f"{len(pages)} pages exceed one request's {self.builder.max_pages_per_seq}")
+        size = bucket(len(pages), self.page_buckets())
+        padded = np.full(size, fill, np.int32)
         padded[:len(pages)] = pages
-        return padded, bucket
+        return padded, size
 
     def export_pages(self, pages: list[int], destination: jax.sharding.Sharding | None = None):
         """The KV of ``pages`` (all layers), padded to a page bucket and copied to ``destination``
         (another replica's devices) if given: an opaque payload for ``import_pages``."""
         if not pages:
             return None
-        padded, bucket = self._padded(pages, 0)
+        padded, size = self._padded(pages, 0)
         with jax.profiler.TraceAnnotation("migration_export", pages=len(pages)):
-            k, v = self._page_function("export", bucket)(self.kv, padded)
+            k, v = self._page_function("export", size)(self.kv, padded)
             if destination is not None:
                 k, v = jax.device_put((k, v), destination)
         return k, v
@@ -523,11 +520,11 @@ class ModelRunner:
         if not pages:
             return
         k, v = payload
-        padded, bucket = self._padded(pages, 2**30)
-        if k.shape[2] != bucket:
+        padded, size = self._padded(pages, 2**30)
+        if k.shape[2] != size:
             raise ValueError(f"a payload of {k.shape[2]} pages does not fit {len(pages)} pages")
         with jax.profiler.TraceAnnotation("migration_import", pages=len(pages)):
-            self.kv = self._page_function("import", bucket)(self.kv, padded, k, v)
+            self.kv = self._page_function("import", size)(self.kv, padded, k, v)
 
     @property
     def kv_sharding(self) -> jax.sharding.Sharding:

@@ -20,6 +20,7 @@ import logging
 
 import jax
 
+from jaxinfer.buckets import bucket, geometric
 from jaxinfer.config import SchedulerConfig, SpeculativeConfig
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.sequence import Sequence
@@ -78,14 +79,6 @@ class _Probe:
             self.decisions, self.length, self.tokens, self.seconds = 0, length, 0, 0.0
 
 
-def _powers_of_two(limit: int) -> tuple[int, ...]:
-    values, value = [], 1
-    while value < limit:
-        values.append(value)
-        value *= 2
-    return (*values, limit)
-
-
 class SpeculativeDecoder:
     def __init__(self, config: SpeculativeConfig, scheduler_config: SchedulerConfig, runner,
                  block_manager: BlockManager, drafter=None):
@@ -93,7 +86,7 @@ class SpeculativeDecoder:
         self.max_model_len = scheduler_config.max_model_len
         self.runner = runner
         self.block_manager = block_manager
-        self.row_buckets = _powers_of_two(config.max_batch)
+        self.row_buckets = geometric(1, 2, config.max_batch)
         self.kv_buckets = scheduler_config.decode_kv_buckets  # like decode steps: attention over padded slots costs
         # verify shapes: every variant's budget, and for n-gram trees smaller ones
         # (rounds whose trees are all bare roots run as plain decode steps instead; draft-head trees are full)
@@ -143,7 +136,7 @@ class SpeculativeDecoder:
             return False
         ok = len(decodes) <= self.config.max_batch and not any(seq.params.uses_penalties for seq in decodes)
         if ok and self.config.adaptive:
-            rows = next(r for r in self.row_buckets if r >= len(decodes))
+            rows = bucket(len(decodes), self.row_buckets)
             probe = self._probe.setdefault(rows, _Probe())
             plain, probing = self.rate("plain", rows), False
             if len(self._samples.get(("plain", rows), ())) < PROBE_STEPS or probe.decisions < PROBE_STEPS:
@@ -165,7 +158,7 @@ class SpeculativeDecoder:
         became; 'plain': a plain step or burst), kept per batch bucket."""
         if not 0 < num_decodes <= self.config.max_batch or seconds <= 0:
             return
-        rows = next(r for r in self.row_buckets if r >= num_decodes)
+        rows = bucket(num_decodes, self.row_buckets)
         self._samples.setdefault((kind, rows), collections.deque(maxlen=2 * PROBE_STEPS - 1)).append((tokens, seconds))
         if kind == "spec" and rows in self._probe:
             self._probe[rows].observe(tokens, seconds)
@@ -223,9 +216,9 @@ class SpeculativeDecoder:
         trees = [self._fit(seq, tree, cap) for seq, tree in zip(seqs, proposed, strict=True)]
         if max(tree.num_nodes for tree in trees) == 1:
             return None  # nothing drafted: a plain decode step does the same for less
-        num_nodes = next(b for b in self.budgets if b >= max(tree.num_nodes for tree in trees))
-        rows = next(r for r in self.row_buckets if r >= len(seqs))
-        kv_tokens = next(kv for kv in self.kv_buckets if kv >= longest + num_nodes)
+        num_nodes = bucket(max(tree.num_nodes for tree in trees), self.budgets)
+        rows = bucket(len(seqs), self.row_buckets)
+        kv_tokens = bucket(longest + num_nodes, self.kv_buckets)
         shape = TreeShape(rows, num_nodes, self.path_len, kv_tokens)
         runner = self.runner
         batch = build_tree_input(seqs, pack(trees, rows, num_nodes), shape, self.block_manager.page_size,
@@ -238,8 +231,8 @@ class SpeculativeDecoder:
     def _fused_round(self, seqs: list[Sequence], cap: int, longest: int) -> list[tuple[list[int], list | None]]:
         """Draft, choose the subtrees, verify and commit in one device call (jaxinfer.spec.round)."""
         limits = [self._reserve(seq, cap) for seq in seqs]
-        rows = next(r for r in self.row_buckets if r >= len(seqs))
-        kv_tokens = next(kv for kv in self.kv_buckets if kv >= longest + cap)
+        rows = bucket(len(seqs), self.row_buckets)
+        kv_tokens = bucket(longest + cap, self.kv_buckets)
         out = self.drafter.round(seqs, limits, self.drafter.round_shape(rows, cap, self.path_len, kv_tokens))
         return self._emit(seqs, out.verify, [int(size) for size in out.sizes[:len(seqs)]])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxinfer.buckets import bucket
 from jaxinfer.config import SchedulerConfig, SpeculativeConfig
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.spec.batch import DraftShape, build_draft_input
@@ -63,8 +64,8 @@ class EagleDrafter:
         return DraftShape(rows, kv_tokens, self.config.top_k, self.depth, self.base_depth)
 
     def propose(self, seqs: list[Sequence], num_nodes: int) -> list[DraftTree]:
-        rows = next(r for r in self.row_buckets if r >= len(seqs))
-        kv_tokens = next(kv for kv in self.kv_buckets if kv >= max(seq.num_computed for seq in seqs))
+        rows = bucket(len(seqs), self.row_buckets)
+        kv_tokens = bucket(max(seq.num_computed for seq in seqs), self.kv_buckets)
         batch = build_draft_input(seqs, rows, self.runner.builder.max_pages_per_seq)
         out = self.runner.run(DraftProgram(self._shape(rows, kv_tokens)), batch)
         trees = []

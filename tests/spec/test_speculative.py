@@ -219,14 +219,19 @@ def test_emitted_tokens_follow_the_target_distribution():
     tiny_engine.assert_no_leaks(eng)
 
 
+class _Decoding:
+    """What the fallback reads of a decoding request: its sampling parameters."""
+
+    params = SamplingParams()
+
+
+def _adaptive_decoder():
+    """An n-gram engine's speculative decoder (adaptive) and one decoding request."""
+    return tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", max_batch=4)).spec, [_Decoding()]
+
+
 def test_adaptive_fallback_follows_the_measured_speeds():
-    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", max_batch=4))
-    spec = eng.spec
-
-    class Seq:
-        params = SamplingParams()
-
-    seqs = [Seq()]
+    spec, seqs = _adaptive_decoder()
     for _ in range(PROBE_STEPS):  # plain first, over a few steps: its speed is measured
         assert not spec.eligible(seqs, False)
     spec.observe_step("plain", 1, 1, 0.150)  # a first step that faulted pages in: 6.7 tokens/s
@@ -253,13 +258,7 @@ def test_adaptive_fallback_follows_the_measured_speeds():
 
 
 def test_adaptive_probe_gives_up_after_one_slow_round_and_rates_are_tokens_over_seconds():
-    eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", max_batch=4))
-    spec = eng.spec
-
-    class Seq:
-        params = SamplingParams()
-
-    seqs = [Seq()]
+    spec, seqs = _adaptive_decoder()
     for _ in range(PROBE_STEPS):
         assert not spec.eligible(seqs, False)
         spec.observe_step("plain", 1, 4, 0.040)  # bursts of 4 tokens: 100 tokens/s

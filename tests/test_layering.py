@@ -16,7 +16,8 @@ LAYERS = [  # bottom first: (name, module prefixes)
     ("engine core", [f"jaxinfer.engine.{name}" for name in CORE]),
     ("spec", ["jaxinfer.spec"]),
     ("engine loop", ["jaxinfer.engine.engine", "jaxinfer.engine.async_engine", "jaxinfer.engine.migration",
-                     "jaxinfer.engine.cluster", "jaxinfer.engine.step_profile"]),  # step_profile drives an Engine
+                     "jaxinfer.engine.client", "jaxinfer.engine.cluster",
+                     "jaxinfer.engine.step_profile"]),  # step_profile drives an Engine
     ("front ends", ["jaxinfer.serve", "jaxinfer.llm", "jaxinfer.generate", "jaxinfer.bench"]),
 ]
 

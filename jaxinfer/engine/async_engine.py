@@ -19,6 +19,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 
+from jaxinfer.engine.client import EngineInfo
 from jaxinfer.engine.engine import Engine, EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
 from jaxinfer.sampling_params import SamplingParams
@@ -86,6 +87,10 @@ class AsyncEngine:
     def metrics(self) -> EngineMetrics:
         """The snapshot taken after the latest step (safe from any thread)."""
         return self._metrics
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
 
     @property
     def alive(self) -> bool:

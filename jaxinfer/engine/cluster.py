@@ -22,6 +22,7 @@ from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 from jaxinfer.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from jaxinfer.engine.client import EngineInfo
 from jaxinfer.engine.engine import Engine, EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
 from jaxinfer.router.base import Migration, NewRequest, ReplicaLoad, RequestLoad, Router
@@ -84,6 +85,10 @@ class Cluster:
         self._started = time.monotonic()
 
     # -- the AsyncEngine surface ------------------------------------------------------------------
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info  # every replica serves the same model
 
     @property
     def alive(self) -> bool:

@@ -21,6 +21,7 @@ from flax import nnx
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.batch import StepShape, all_step_shapes, step_shape
 from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.engine.client import EngineInfo
 from jaxinfer.engine.migration import MigrationPort
 from jaxinfer.engine.model_runner import BurstHandle, ModelRunner, StepResult
 from jaxinfer.engine.request_output import RequestOutput, TextStream, TokenLogprob, metrics_of
@@ -412,6 +413,24 @@ class Engine:
                 if not seq.finished:
                     self.spec.release(seq)
         return outputs
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.tokenizer, self.scheduler_config.max_model_len, self.model_config.vocab_size)
+
+    # -- a request's text stream, moved with it between replicas (jaxinfer.engine.migration) ------------
+
+    def has_stream(self, request_id: str) -> bool:
+        """A request of this engine that has not finished."""
+        return request_id in self._streams
+
+    def take_stream(self, request_id: str) -> TextStream:
+        """Hand over a request's detokenizing stream (it leaves this engine)."""
+        return self._streams.pop(request_id)
+
+    def give_stream(self, request_id: str, stream: TextStream) -> None:
+        """Take over an arriving request's stream (or one that comes back)."""
+        self._streams[request_id] = stream
 
     def _advance(self, seq: Sequence, tokens: list[int], logprobs: list, now: float) -> RequestOutput:
         """Append new tokens one by one, detokenize them and stop at the first that finishes seq

@@ -86,15 +86,15 @@ class MigrationPort:
         not running (finished, aborted, preempted)."""
         engine = self.engine
         seq = self._running(request_id)
-        if seq is None or request_id not in engine._streams:
+        if seq is None or not engine.has_stream(request_id):
             return None
         num_pages = engine.block_manager.pages_needed(seq.num_computed)
         payload = None
         if destination is not None:
             payload = engine.runner.export_pages(seq.pages[first_page:num_pages], destination)
         slot_rows = engine.runner.export_slot(seq.slot) if destination is not None else None
-        engine.scheduler.running.remove(seq)
-        stream = engine._streams.pop(request_id)
+        engine.scheduler.detach(seq)
+        stream = engine.take_stream(request_id)
         self.detached[request_id] = (seq, stream)
         copy = Sequence(request_id, seq.prompt_ids, seq.params)
         for name in _CARRIED:
@@ -105,13 +105,13 @@ class MigrationPort:
     def release(self, request_id: str) -> None:
         """The destination has the request: free its pages and slot here."""
         seq, _ = self.detached.pop(request_id)
-        self.engine.scheduler._release(seq)
+        self.engine.scheduler.release(seq)
 
     def reattach(self, request_id: str) -> None:
         """The migration failed after ``detach``: the request resumes here as if never stopped."""
         seq, stream = self.detached.pop(request_id)
-        self.engine.scheduler.running.append(seq)
-        self.engine._streams[request_id] = stream
+        self.engine.scheduler.reattach(seq)
+        self.engine.give_stream(request_id, stream)
 
     # -- destination ----------------------------------------------------------------------------
 
@@ -120,13 +120,16 @@ class MigrationPort:
         not free (the migration is then called off)."""
         engine = self.engine
         scheduler, blocks = engine.scheduler, engine.block_manager
-        if request_id in engine._streams or request_id in self.incoming:
+        if engine.has_stream(request_id) or request_id in self.incoming:
             raise MigrationError(f"request {request_id!r} is already on this replica")
-        if not scheduler._free_slots or blocks.pages_needed(num_tokens) > blocks.num_free:
+        if blocks.pages_needed(num_tokens) > blocks.num_free:
+            return False
+        slot = scheduler.reserve_slot()
+        if slot is None:
             return False
         shell = Sequence(request_id, [], SamplingParams())
         blocks.append(shell, num_tokens)
-        self.incoming[request_id] = (shell, scheduler._free_slots.pop())
+        self.incoming[request_id] = (shell, slot)
         return True
 
     def receive(self, request_id: str, start: int, count: int, payload) -> None:
@@ -146,8 +149,8 @@ class MigrationPort:
             seq = moving.seq
             seq.num_computed, seq.status = 0, SequenceStatus.WAITING
             self.cancel(request_id)
-            engine.scheduler.waiting.appendleft(seq)
-            engine._streams[request_id] = moving.stream
+            engine.scheduler.requeue(seq)
+            engine.give_stream(request_id, moving.stream)
             return
         shell, slot = self.incoming[request_id]
         seq = moving.seq
@@ -161,8 +164,8 @@ class MigrationPort:
         del self.incoming[request_id]
         blocks.free_tail(shell, moving.num_pages)
         seq.pages, seq.slot, seq.status = shell.pages, slot, SequenceStatus.RUNNING
-        engine.scheduler.running.append(seq)
-        engine._streams[request_id] = moving.stream
+        engine.scheduler.reattach(seq)
+        engine.give_stream(request_id, moving.stream)
         blocks.commit(seq)  # the moved full pages join this replica's prefix cache
 
     def cancel(self, request_id: str) -> None:
@@ -171,4 +174,4 @@ class MigrationPort:
         if entry is not None:
             shell, slot = entry
             self.engine.block_manager.free(shell)
-            self.engine.scheduler._free_slots.append(slot)
+            self.engine.scheduler.cancel_slot(slot)

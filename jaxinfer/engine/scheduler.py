@@ -115,6 +115,31 @@ class Scheduler:
         seq.finish_reason = reason
         seq.finish_time = time.perf_counter()
 
+    # -- a running request moving to another replica (jaxinfer.engine.migration) ---------------------
+
+    def detach(self, seq: Sequence) -> None:
+        """Stop scheduling a running request; it keeps its pages and slot (``reattach`` or ``release``)."""
+        self.running.remove(seq)
+
+    def reattach(self, seq: Sequence) -> None:
+        """Schedule a detached request again, or an arrived one whose pages and slot are in place."""
+        self.running.append(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free a detached request's pages and slot (it runs elsewhere now)."""
+        self._release(seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """An arrived request that recomputes its KV: it waits at the head of the queue."""
+        self.waiting.appendleft(seq)
+
+    def reserve_slot(self) -> int | None:
+        """A free request slot for an arriving request (None: none free); ``cancel_slot`` returns it."""
+        return self._free_slots.pop() if self._free_slots else None
+
+    def cancel_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+
     def is_long(self, seq: Sequence) -> bool:
         """The request's prompt goes through the blocked prefill backend."""
         return bool(self.long_prompt_len) and len(seq.prompt_ids) > self.long_prompt_len and seq.params.sparse_prefill

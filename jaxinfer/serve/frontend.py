@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from jaxinfer.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from jaxinfer.engine.async_engine import EngineDeadError, RequestStream
+from jaxinfer.engine.client import EngineClient
 from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
@@ -53,7 +54,7 @@ class Frontend:
     message, so clients and health checks get an answer during warm-up instead of a refused connection."""
 
     def __init__(self, model_name: str, drain_timeout: float = 30.0):
-        self.engine: AsyncEngine | Cluster | None = None
+        self.engine: EngineClient | None = None
         self.drain_timeout = drain_timeout
         self.model_name = model_name
         self.tokenizer = None
@@ -68,12 +69,11 @@ class Frontend:
         self._idle.set()
         self.metrics = ServingMetrics(self.engine_metrics, lambda: self.num_in_flight, lambda: self.cluster)
 
-    def attach(self, engine: AsyncEngine | Cluster, sampling_defaults: Mapping[str, Any] | None = None) -> None:
+    def attach(self, engine: EngineClient, sampling_defaults: Mapping[str, Any] | None = None) -> None:
         """Serve ``engine`` (loaded and warmed up) from now on; ``sampling_defaults``: the model's own."""
         self.sampling_defaults = dict(sampling_defaults or {})
-        self.tokenizer = engine.engine.tokenizer
-        self.max_model_len = engine.engine.scheduler_config.max_model_len
-        self.vocab_size = engine.engine.model_config.vocab_size
+        info = engine.info
+        self.tokenizer, self.max_model_len, self.vocab_size = info.tokenizer, info.max_model_len, info.vocab_size
         self.engine = engine
 
     # -- requests -------------------------------------------------------------------------------

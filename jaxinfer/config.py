@@ -309,6 +309,9 @@ class UniSparseConfig:
             raise ValueError(f"share_kv_heads must be a bool, got {self.share_kv_heads!r}")
 
 
+SPARSE_PREFILL_MODES = ("sparse", "dense_blocked", "off")
+
+
 @dataclass(frozen=True, slots=True)
 class SparsePrefillConfig:
     """The blocked prefill backend for long prompts (UniSparse, arXiv 2512.14082).
@@ -319,13 +322,13 @@ class SparsePrefillConfig:
     A request can opt out with SamplingParams.sparse_prefill=False.
     """
 
-    mode: str = dataclasses.field(default="sparse", metadata={"help": "sparse, dense_blocked or off"})
+    mode: str = dataclasses.field(default="sparse", metadata={"help": ", ".join(SPARSE_PREFILL_MODES)})
     min_len: int = dataclasses.field(default=4096, metadata={"help": "prompts longer than this use the backend"})
     unisparse: UniSparseConfig = UniSparseConfig()
 
     def __post_init__(self) -> None:
-        if self.mode not in ("sparse", "dense_blocked", "off"):
-            raise ValueError(f"unknown sparse prefill mode {self.mode!r} (choose sparse, dense_blocked or off)")
+        if self.mode not in SPARSE_PREFILL_MODES:
+            raise ValueError(f"unknown sparse prefill mode {self.mode!r} (choose {', '.join(SPARSE_PREFILL_MODES)})")
         if not isinstance(self.min_len, int) or isinstance(self.min_len, bool) or self.min_len < 0:
             raise ValueError(f"sparse prefill min_len must be an integer >= 0, got {self.min_len!r}")
         if not isinstance(self.unisparse, UniSparseConfig):

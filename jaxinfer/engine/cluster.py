@@ -25,15 +25,13 @@ from jaxinfer.engine.async_engine import AsyncEngine, EngineDeadError, RequestSt
 from jaxinfer.engine.client import EngineInfo
 from jaxinfer.engine.engine import Engine, EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
-from jaxinfer.router.base import Migration, NewRequest, ReplicaLoad, RequestLoad, Router
+from jaxinfer.router.base import MIGRATION_MODES, Migration, NewRequest, ReplicaLoad, RequestLoad, Router
 from jaxinfer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from jaxinfer.router.cost_model import CostModel
 
 logger = logging.getLogger(__name__)
-
-MIGRATION_MODES = ("auto", "live", "recompute")
 
 
 class _Gone(Exception):

@@ -16,6 +16,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+# how a request moves between replicas: its KV pages copied (live), recomputed from its tokens at the
+# destination (recompute), or whichever the cost model says is cheaper (auto)
+MIGRATION_MODES = ("auto", "live", "recompute")
+
 
 @dataclasses.dataclass(frozen=True)
 class RequestLoad:

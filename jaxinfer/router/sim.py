@@ -33,10 +33,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxinfer.router.base import Migration, NewRequest, ReplicaLoad, RequestLoad, Router
+from jaxinfer.router.base import MIGRATION_MODES, Migration, NewRequest, ReplicaLoad, RequestLoad, Router
 from jaxinfer.router.cost_model import CostModel
-
-MIGRATION_MODES = ("live", "recompute", "auto")
 
 
 class SimRequest:

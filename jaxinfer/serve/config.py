@@ -28,6 +28,7 @@ from typing import Any
 
 from jaxinfer.cli import add_dataclass_arguments, dataclass_from_args
 from jaxinfer.config import (
+    SPARSE_PREFILL_MODES,
     SPEC_METHODS,
     CacheConfig,
     EngineConfig,
@@ -37,9 +38,9 @@ from jaxinfer.config import (
     UniSparseConfig,
 )
 from jaxinfer.loader import DEFAULT_MODEL, DTYPE_HELP, DTYPES
+from jaxinfer.router.base import MIGRATION_MODES
+from jaxinfer.router.baselines import ROUTERS
 
-ROUTERS = ("cascade", "round-robin", "least-loaded", "llumnix")
-MIGRATIONS = ("auto", "live", "recompute")
 SAMPLING_DEFAULTS = ("model", "api")
 
 
@@ -61,8 +62,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
-        if self.migration not in MIGRATIONS:
-            raise ValueError(f"migration must be one of {', '.join(MIGRATIONS)}, got {self.migration!r}")
+        if self.migration not in MIGRATION_MODES:
+            raise ValueError(f"migration must be one of {', '.join(MIGRATION_MODES)}, got {self.migration!r}")
         parts = self.replicas.lower().split("x")
         if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
             raise ValueError(f"replicas must look like 4 or 4x2 (groups x devices each), got {self.replicas!r}")
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attention implementation (auto: Pallas kernel on GPU/TPU, reference on CPU)")
     engine.add_argument("--max-logprobs", type=int, default=20, help="largest top-logprobs count a request may ask")
     sparse = SparsePrefillConfig()
-    engine.add_argument("--sparse-prefill", default=sparse.mode, choices=["sparse", "dense_blocked", "off"],
+    engine.add_argument("--sparse-prefill", default=sparse.mode, choices=SPARSE_PREFILL_MODES,
                         help="prefill backend for long prompts (UniSparse block-sparse, dense blocked, or off)")
     engine.add_argument("--sparse-min-len", type=int, default=sparse.min_len,
                         help="prompts longer than this many tokens use the sparse prefill backend")

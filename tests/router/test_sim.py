@@ -137,7 +137,7 @@ def test_deterministic():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="migration must be one of live, recompute, auto"):
+    with pytest.raises(ValueError, match="migration must be one of auto, live, recompute"):
         Simulator(Fixed(), SMALL, 1, [], migration="teleport")
     with pytest.raises(ValueError, match="prompt \\+ output <= KV capacity 16384"):
         Simulator(Fixed(), SMALL, 1, [(0.0, 16000, 1000)])

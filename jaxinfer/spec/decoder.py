@@ -66,9 +66,9 @@ class _Probe:
             self.tokens += tokens
             self.seconds += seconds
 
-    def given_up(self, floor: float | None) -> bool:
+    def given_up(self, floor: float) -> bool:
         """The probe's rounds so far ran below ``floor`` tokens/s: the rest of it is skipped."""
-        return bool(self.seconds) and floor is not None and self.tokens / self.seconds < floor
+        return bool(self.seconds) and self.tokens / self.seconds < floor
 
     def count(self, spec_won: bool) -> None:
         """One more decision; at the end of the cycle the next starts, sooner while rounds win, later

@@ -55,7 +55,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxinfer.datasets import shared_root
-from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.attention import RaggedMeta
 from jaxinfer.layers.kv_pages import KVPages
 from jaxinfer.spec.draft_head import (
     HEADS_DIR,
@@ -156,12 +156,8 @@ def target_pass(model, feature_layers: tuple[int, ...], top_k: int):
     def run(state, tokens):
         num = tokens.shape[0]
         rows = jnp.arange(num, dtype=jnp.int32)
-        meta = AttentionMeta(
-            slot_mapping=rows, decode_kv_lens=jnp.zeros(0, jnp.int32), decode_page_indices=jnp.zeros((0, 1), jnp.int32),
-            decode_num_seqs=jnp.zeros(1, jnp.int32), prefill_kv_lens=jnp.array([num], jnp.int32),
-            prefill_page_indices=jnp.arange(num // PAGE, dtype=jnp.int32)[None],
-            prefill_cu_q_lens=jnp.array([0, num], jnp.int32), prefill_num_seqs=jnp.ones(1, jnp.int32),
-            prefill_kv_tokens=num)
+        meta = RaggedMeta.prompts(rows, np.array([num], np.int32), np.arange(num // PAGE, dtype=np.int32)[None],
+                                  np.array([0, num], np.int32), prefill_kv_tokens=num)
         kv = KVPages.init(model.config, num // PAGE, PAGE, model.dtype)
         logits, _, features = nnx.merge(graphdef, state)(tokens, rows, kv, meta, rows, feature_layers=feature_layers)
         values, ids = jax.lax.top_k(logits, top_k)

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxinfer.datasets import BOOKS, long_texts, shared_file
 from jaxinfer.layers import quant
-from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.attention import RaggedMeta
 from jaxinfer.layers.kv_pages import KVPages
 from jaxinfer.layers.linear import QuantSpec
 from jaxinfer.loader import DEFAULT_MODEL, GGUFFile, resolve_source
@@ -60,12 +60,9 @@ def prefill_logits(model, config, tokens: list[int]) -> np.ndarray:
     n = len(tokens)
     pages = -(-n // PAGE)
     kv = KVPages.init(config, pages, PAGE, model.dtype)
-    meta = AttentionMeta(
-        slot_mapping=jnp.arange(n, dtype=jnp.int32), decode_kv_lens=jnp.zeros(0, jnp.int32),
-        decode_page_indices=jnp.zeros((0, 1), jnp.int32), decode_num_seqs=jnp.zeros(1, jnp.int32),
-        prefill_kv_lens=jnp.array([n], jnp.int32), prefill_page_indices=jnp.arange(pages, dtype=jnp.int32)[None],
-        prefill_cu_q_lens=jnp.array([0, n], jnp.int32), prefill_num_seqs=jnp.array([1], jnp.int32),
-        prefill_kv_tokens=pages * PAGE)
+    meta = RaggedMeta.prompts(np.arange(n, dtype=np.int32), np.array([n], np.int32),
+                              np.arange(pages, dtype=np.int32)[None], np.array([0, n], np.int32),
+                              prefill_kv_tokens=pages * PAGE)
     run = jax.jit(lambda m, t, kv, meta: m(t, jnp.arange(n, dtype=jnp.int32), kv, meta,
                                            jnp.arange(n, dtype=jnp.int32))[0])
     return np.asarray(run(model, jnp.asarray(tokens, jnp.int32), kv, meta))

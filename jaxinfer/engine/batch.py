@@ -15,7 +15,7 @@ import numpy as np
 from jaxinfer.buckets import bucket
 from jaxinfer.config import SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.scheduler import SchedulerOutput
-from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.attention import BlockedMeta, RaggedMeta
 from jaxinfer.layers.kv_pages import PAD_SLOT
 from jaxinfer.layers.sampler import SamplingArrays, key_data_from_seed
 
@@ -112,7 +112,7 @@ class CatchUp:
 class StepInput:
     tokens: jax.Array  # [T] int32, T = Bd + Tp
     positions: jax.Array  # [T] int32
-    meta: AttentionMeta
+    meta: RaggedMeta | BlockedMeta
     logits_indices: jax.Array  # [N] int32 rows of T that are sampled
     reset_slots: jax.Array  # [Bp] int32 slots whose penalty state restarts (first chunk of a request)
     token_slots: jax.Array  # [Tp] int32 slot of each prompt-part token (padding: out of range)
@@ -201,14 +201,17 @@ class BatchBuilder:
             offset += count
         cu_q_lens[len(out.prefills) + 1:] = cu_q_lens[len(out.prefills)]
 
-        meta = AttentionMeta(
-            slot_mapping=slot_mapping, decode_kv_lens=decode_kv_lens, decode_page_indices=decode_page_indices,
-            decode_num_seqs=np.array([len(out.decodes)], np.int32), prefill_kv_lens=prefill_kv_lens,
-            prefill_page_indices=prefill_page_indices, prefill_cu_q_lens=cu_q_lens,
-            prefill_num_seqs=np.array([len(out.prefills)], np.int32), prefill_kv_tokens=shape.prefill_kv_tokens,
-            impl=impl, interpret=interpret,
-            blocked_mode=self.sparse.mode if shape.blocked and self.sparse is not None else "",
-            unisparse=self.sparse.unisparse if shape.blocked and self.sparse is not None else None)
+        if shape.blocked:
+            meta = BlockedMeta(slot_mapping=slot_mapping, kv_len=prefill_kv_lens[0], q_len=cu_q_lens[1],
+                               page_indices=prefill_page_indices[0], kv_tokens=shape.prefill_kv_tokens,
+                               mode=self.sparse.mode, unisparse=self.sparse.unisparse, impl=impl, interpret=interpret)
+        else:
+            meta = RaggedMeta(
+                slot_mapping=slot_mapping, decode_kv_lens=decode_kv_lens, decode_page_indices=decode_page_indices,
+                decode_num_seqs=np.array([len(out.decodes)], np.int32), prefill_kv_lens=prefill_kv_lens,
+                prefill_page_indices=prefill_page_indices, prefill_cu_q_lens=cu_q_lens,
+                prefill_num_seqs=np.array([len(out.prefills)], np.int32), prefill_kv_tokens=shape.prefill_kv_tokens,
+                impl=impl, interpret=interpret)
         pairs = self._catch_up(out, num_decode, num_tokens, positions) if self.catch_up else None
         want_logprobs = np.array(any(s is not None and s.params.logprobs is not None for s in rows))
         sampling = sampling_arrays(rows)

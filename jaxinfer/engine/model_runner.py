@@ -106,7 +106,7 @@ def _forward_step(graphdef, head_graphdef, catch_up, state, kv: KVPages, sampler
         outside = counts.shape[0]
         counts = counts.at[batch.reset_slots].set(0, mode="drop")
         seen = seen.at[batch.reset_slots].set(False, mode="drop")
-        prompt_part = batch.tokens[batch.meta.num_decode:]
+        prompt_part = batch.tokens[batch.tokens.shape[0] - batch.token_slots.shape[0]:]
         seen = seen.at[jnp.where(batch.token_is_output, outside, batch.token_slots), prompt_part].set(
             True, mode="drop")
         counts = counts.at[jnp.where(batch.token_is_output, batch.token_slots, outside), prompt_part].add(

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxinfer.engine.batch import sampling_arrays
 from jaxinfer.engine.sequence import Sequence
-from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.attention import TreeMeta
 from jaxinfer.layers.kv_pages import PAD_SLOT
 from jaxinfer.layers.sampler import SamplingArrays
 from jaxinfer.spec.eagle import DraftInput
@@ -54,7 +54,7 @@ def build_draft_input(seqs: list[Sequence], num_rows: int, max_pages_per_seq: in
 class TreeInput:
     tokens: jax.Array  # [B * N] int32 node tokens (padding: 0)
     positions: jax.Array  # [B * N] int32
-    meta: AttentionMeta
+    meta: TreeMeta
     node_tokens: jax.Array  # [B, N] int32 (padding: PAD_TOKEN, never accepted)
     parents: jax.Array  # [B, N] int32
     depths: jax.Array  # [B, N] int32
@@ -83,12 +83,8 @@ def build_tree_input(seqs: list[Sequence], trees: PackedTrees, shape: TreeShape,
     rows = [seq for seq in seqs for _ in range(num_nodes)] + [None] * ((num_rows - len(seqs)) * num_nodes)
     sampling = sampling_arrays(rows)
     sampling = dataclasses.replace(sampling, index=sampling.index + trees.depths.reshape(-1))
-    meta = AttentionMeta(
-        slot_mapping=slot_mapping.reshape(-1), decode_kv_lens=committed, decode_page_indices=page_indices,
-        decode_num_seqs=np.array([len(seqs)], np.int32), prefill_kv_lens=np.zeros(1, np.int32),
-        prefill_page_indices=np.zeros((1, 1), np.int32), prefill_cu_q_lens=np.zeros(2, np.int32),
-        prefill_num_seqs=np.zeros(1, np.int32), prefill_kv_tokens=shape.kv_tokens, impl=impl, interpret=interpret,
-        tree_mask=trees.mask)
+    meta = TreeMeta(slot_mapping=slot_mapping.reshape(-1), kv_lens=committed, page_indices=page_indices,
+                    tree_mask=trees.mask, kv_tokens=shape.kv_tokens, impl=impl, interpret=interpret)
     want_logprobs = np.array(any(seq.params.logprobs is not None for seq in seqs))
     return jax.device_put(TreeInput(
         tokens=np.maximum(trees.tokens, 0).reshape(-1), positions=positions.reshape(-1), meta=meta,

@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxinfer.engine.batch import sampling_arrays
 from jaxinfer.engine.sequence import Sequence
-from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.attention import TreeMeta
 from jaxinfer.layers.kv_pages import PAD_SLOT, KVPages
 from jaxinfer.layers.sampler import SamplingArrays
 from jaxinfer.spec.batch import TreeInput
@@ -50,7 +50,6 @@ class RoundInput:
     node_limit: jax.Array  # [B] int32 nodes the request's pages allow (root included; 0: padding)
     sampling: SamplingArrays  # [B] the requests' parameters, index = the next output position
     want_logprobs: jax.Array  # [] bool
-    num_seqs: jax.Array  # [1] int32 requests
 
 
 @jax.tree_util.register_dataclass
@@ -74,8 +73,7 @@ def build_round_input(seqs: list[Sequence], limits: list[int], num_rows: int, ma
     return jax.device_put(RoundInput(
         draft=DraftInput(roots=roots, lengths=lengths, slots=slots, page_indices=page_indices),
         node_limit=node_limit, sampling=sampling,
-        want_logprobs=np.array(any(seq.params.logprobs is not None for seq in seqs)),
-        num_seqs=np.array([len(seqs)], np.int32)))
+        want_logprobs=np.array(any(seq.params.logprobs is not None for seq in seqs))))
 
 
 def select_subtrees(candidates: dict[str, jax.Array], roots: jax.Array, node_limit: jax.Array, *,
@@ -132,12 +130,8 @@ def tree_input(batch: RoundInput, tokens, parents, depths, mask, sizes, *, kv_to
     positions = jnp.where(real, draft.lengths[:, None] + depths, 0)
     sampling = jax.tree.map(lambda field: jnp.repeat(field, num_nodes, axis=0), batch.sampling)
     sampling = dataclasses.replace(sampling, index=sampling.index + depths.reshape(-1))
-    meta = AttentionMeta(
-        slot_mapping=slot_mapping.reshape(-1), decode_kv_lens=draft.lengths, decode_page_indices=draft.page_indices,
-        decode_num_seqs=batch.num_seqs, prefill_kv_lens=jnp.zeros(1, jnp.int32),
-        prefill_page_indices=jnp.zeros((1, 1), jnp.int32), prefill_cu_q_lens=jnp.zeros(2, jnp.int32),
-        prefill_num_seqs=jnp.zeros(1, jnp.int32), prefill_kv_tokens=kv_tokens, impl=impl, interpret=interpret,
-        tree_mask=mask)
+    meta = TreeMeta(slot_mapping=slot_mapping.reshape(-1), kv_lens=draft.lengths, page_indices=draft.page_indices,
+                    tree_mask=mask, kv_tokens=kv_tokens, impl=impl, interpret=interpret)
     return TreeInput(tokens=jnp.maximum(tokens, 0).reshape(-1), positions=positions.reshape(-1), meta=meta,
                      node_tokens=tokens, parents=parents, depths=depths, sampling=sampling,
                      want_logprobs=batch.want_logprobs, slots=draft.slots)

@@ -112,7 +112,7 @@ def verify_tree(model, head, kv: KVPages, sampler, batch, *, num_top: int, path_
         tokens = draws.reshape(-1)[flat]
     if num_nodes > 1:  # one node is the root, already in its slot: no move (XLA CPU copied the whole pool for it)
         with jax.named_scope("commit_kv"):
-            kv = commit_path(kv, batch.meta.decode_page_indices, batch.meta.decode_kv_lens, path, num_accepted,
+            kv = commit_path(kv, batch.meta.page_indices, batch.meta.kv_lens, path, num_accepted,
                              model.config.num_layers)
     tokens = tokens.reshape(num_rows, path_len)
     result = VerifyResult(tokens, num_accepted)
@@ -141,9 +141,9 @@ def _commit_draft(head, embed, kv: KVPages, sampler, batch, features, tokens, nu
     pairs_features = jnp.concatenate([pending[slots][:, None], features[:, :-1]], axis=1)  # [B, D1, F]
     pairs_tokens = jnp.concatenate([batch.node_tokens[:, :1], tokens[:, :-1]], axis=1)
     levels = jnp.arange(path_len)
-    positions = batch.meta.decode_kv_lens[:, None] - 1 + levels[None]
+    positions = batch.meta.kv_lens[:, None] - 1 + levels[None]
     page_size = kv.page_size
-    pages = jnp.take_along_axis(batch.meta.decode_page_indices, jnp.maximum(positions, 0) // page_size, axis=1)
+    pages = jnp.take_along_axis(batch.meta.page_indices, jnp.maximum(positions, 0) // page_size, axis=1)
     slot_mapping = pages * page_size + jnp.maximum(positions, 0) % page_size + num_layers * kv.num_pages * page_size
     valid = (levels[None] <= num_accepted[:, None]) & (positions >= 0) & (batch.slots[:, None] < pending.shape[0])
     slot_mapping = jnp.where(valid, slot_mapping, PAD_SLOT)

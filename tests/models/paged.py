@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.layers.attention import AttentionMeta
+from jaxinfer.layers.attention import RaggedMeta
 from jaxinfer.layers.kv_pages import KVPages
 
 PAGE_SIZE = 4
@@ -38,11 +38,7 @@ def prefill(model, kv, chunks):
         kv_lens[i] = start + len(ids)
         tables[i, :len(pages)] = pages
         cu[i + 1] = cu[i] + len(ids)
-    meta = AttentionMeta(
-        slot_mapping=np.asarray(slots, np.int32), decode_kv_lens=np.zeros(0, np.int32),
-        decode_page_indices=np.zeros((0, 1), np.int32), decode_num_seqs=np.zeros(1, np.int32),
-        prefill_kv_lens=kv_lens, prefill_page_indices=tables, prefill_cu_q_lens=cu,
-        prefill_num_seqs=np.array([num_seqs], np.int32))
+    meta = RaggedMeta.prompts(np.asarray(slots, np.int32), kv_lens, tables, cu)
     logits, kv = model(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), kv, meta,
                        jnp.arange(len(tokens), dtype=jnp.int32))
     return np.asarray(logits), kv
@@ -55,11 +51,7 @@ def decode(model, kv, rows):
     for i, (_, _, pages) in enumerate(rows):
         tables[i, :len(pages)] = pages
     slots = [_slots(pages, np.asarray(pos))[()] for _, pos, pages in rows]
-    meta = AttentionMeta(
-        slot_mapping=np.asarray(slots, np.int32), decode_kv_lens=positions + 1, decode_page_indices=tables,
-        decode_num_seqs=np.array([len(rows)], np.int32), prefill_kv_lens=np.zeros(1, np.int32),
-        prefill_page_indices=np.zeros((1, 1), np.int32), prefill_cu_q_lens=np.zeros(2, np.int32),
-        prefill_num_seqs=np.zeros(1, np.int32))
+    meta = RaggedMeta.decodes(np.asarray(slots, np.int32), positions + 1, tables)
     logits, kv = model(jnp.asarray([t for t, _, _ in rows], jnp.int32), jnp.asarray(positions), kv, meta,
                        jnp.arange(len(rows), dtype=jnp.int32))
     return np.asarray(logits), kv

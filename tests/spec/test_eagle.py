@@ -60,13 +60,10 @@ def _features(tokens):
     model = _target()
     kv = paged.new_cache(model.config)
     pages = np.arange(-(-len(tokens) // paged.PAGE_SIZE), dtype=np.int32)
-    from jaxinfer.layers.attention import AttentionMeta
+    from jaxinfer.layers.attention import RaggedMeta
     n = len(tokens)
-    meta = AttentionMeta(
-        slot_mapping=np.arange(n, dtype=np.int32), decode_kv_lens=np.zeros(0, np.int32),
-        decode_page_indices=np.zeros((0, 1), np.int32), decode_num_seqs=np.zeros(1, np.int32),
-        prefill_kv_lens=np.array([n], np.int32), prefill_page_indices=pages[None],
-        prefill_cu_q_lens=np.array([0, n], np.int32), prefill_num_seqs=np.array([1], np.int32))
+    meta = RaggedMeta.prompts(np.arange(n, dtype=np.int32), np.array([n], np.int32), pages[None],
+                              np.array([0, n], np.int32))
     rows = jnp.arange(n, dtype=jnp.int32)
     _, _, features = model(jnp.asarray(tokens, jnp.int32), rows, kv, meta, rows, _head().config.feature_layers)
     return np.asarray(features)

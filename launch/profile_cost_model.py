@@ -27,9 +27,9 @@ import jax  # noqa: E402
 from jaxinfer.compile_cache import enable_compilation_cache  # noqa: E402
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from jaxinfer.engine.engine import Engine  # noqa: E402
-from jaxinfer.engine.placement import replica_meshes  # noqa: E402
-from jaxinfer.engine.step_profile import profile  # noqa: E402
 from jaxinfer.loader import DEFAULT_MODEL, load_model  # noqa: E402
+from jaxinfer.replicas.placement import replica_meshes  # noqa: E402
+from profiling.step_profile import profile  # noqa: E402
 
 
 def ints(text: str) -> tuple[int, ...]:

@@ -36,16 +36,16 @@ import numpy as np  # noqa: E402
 from jaxinfer.compile_cache import enable_compilation_cache  # noqa: E402
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from jaxinfer.engine.batch import all_step_shapes  # noqa: E402
-from jaxinfer.engine.cluster import Cluster  # noqa: E402
 from jaxinfer.engine.engine import Engine  # noqa: E402
-from jaxinfer.engine.placement import replica_meshes  # noqa: E402
-from jaxinfer.engine.step_profile import calibrate, profile  # noqa: E402
 from jaxinfer.loader import DEFAULT_MODEL, load_model  # noqa: E402
+from jaxinfer.replicas.cluster import Cluster  # noqa: E402
+from jaxinfer.replicas.placement import replica_meshes  # noqa: E402
 from jaxinfer.router.baselines import make_router  # noqa: E402
 from jaxinfer.router.cost_model import CostModel  # noqa: E402
 from jaxinfer.router.sim import Simulator  # noqa: E402
 from jaxinfer.router.trace import load_azure  # noqa: E402
 from jaxinfer.sampling_params import SamplingParams  # noqa: E402
+from profiling.step_profile import calibrate, profile  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE_SIZE = 16

@@ -1,23 +1,24 @@
 """The layers of the house import one way, downward (DESIGN.md "Layers"): kernels and the shared
 vocabulary (configs, request parameters) at the bottom, then layers/, models/, the engine core
 (scheduler, block manager, batches, model runner), spec/ (which hands the runner its steps through
-a protocol), the engine loop, and the front ends. A module may import its own layer and any below it;
-an import that runs back up fails here (module-level and deferred imports alike)."""
+a protocol), the engine loop, replicas/ (engines behind a router) and the front ends. A module may
+import its own layer and any below it; an import that runs back up fails here (module-level and
+deferred imports alike)."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-CORE = ("scheduler", "block_manager", "sequence", "batch", "model_runner", "placement", "request_output")
+CORE = ("scheduler", "block_manager", "sequence", "batch", "model_runner", "sharding", "request_output")
 LAYERS = [  # bottom first: (name, module prefixes)
     ("kernels and vocabulary", ["pallas_kernels", "jaxinfer.cpu", "jaxinfer.config", "jaxinfer.sampling_params"]),
     ("layers", ["jaxinfer.layers"]),
     ("models", ["jaxinfer.models"]),
     ("engine core", [f"jaxinfer.engine.{name}" for name in CORE]),
     ("spec", ["jaxinfer.spec"]),
-    ("engine loop", ["jaxinfer.engine.engine", "jaxinfer.engine.async_engine", "jaxinfer.engine.migration",
-                     "jaxinfer.engine.client", "jaxinfer.engine.cluster",
-                     "jaxinfer.engine.step_profile"]),  # step_profile drives an Engine
+    ("engine loop", ["jaxinfer.engine.engine", "jaxinfer.engine.async_engine", "jaxinfer.engine.migration_port",
+                     "jaxinfer.engine.client"]),
+    ("replica groups", ["jaxinfer.replicas"]),
     ("front ends", ["jaxinfer.serve", "jaxinfer.llm", "jaxinfer.generate", "jaxinfer.bench"]),
 ]
 

@@ -1,1 +1,3 @@
-"""Engine: KV cache, model runner and (later) scheduler and block manager."""
+"""The engine: the scheduler and block manager (host), the batch builder and the model runner (device
+steps), and the engine loop around them (``Engine``, its asyncio wrapper ``AsyncEngine`` and the
+engine-client protocol the front ends use)."""

@@ -22,7 +22,7 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine.batch import StepShape, all_step_shapes, step_shape
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.client import EngineInfo
-from jaxinfer.engine.migration import MigrationPort
+from jaxinfer.engine.migration_port import MigrationPort
 from jaxinfer.engine.model_runner import BurstHandle, ModelRunner, StepResult
 from jaxinfer.engine.request_output import RequestOutput, TextStream, TokenLogprob, metrics_of
 from jaxinfer.engine.scheduler import Scheduler, SchedulerOutput
@@ -92,7 +92,7 @@ class Engine:
     def __init__(self, model: nnx.Module, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  draft_head: nnx.Module | None = None, mesh: jax.sharding.Mesh | None = None):
         """draft_head: the EAGLE draft head speculative methods 'eagle' and 'heterospec' need; mesh: the
-        devices of this replica group (jaxinfer.engine.placement), None for the default device."""
+        devices of this replica group (jaxinfer.replicas.placement), None for the default device."""
         config = config or EngineConfig()
         spec = config.speculative.with_policy()  # depth/nodes still unset (no tuned policy read): the defaults
         config = dataclasses.replace(config, speculative=spec)
@@ -418,7 +418,7 @@ class Engine:
     def info(self) -> EngineInfo:
         return EngineInfo(self.tokenizer, self.scheduler_config.max_model_len, self.model_config.vocab_size)
 
-    # -- a request's text stream, moved with it between replicas (jaxinfer.engine.migration) ------------
+    # -- a request's text stream, moved with it between replicas (jaxinfer.engine.migration_port) -------------
 
     def has_stream(self, request_id: str) -> bool:
         """A request of this engine that has not finished."""

@@ -24,8 +24,8 @@ from flax import nnx
 from jaxinfer.buckets import bucket, geometric
 from jaxinfer.config import ModelConfig, SchedulerConfig, SparsePrefillConfig
 from jaxinfer.engine.batch import BatchBuilder, BurstInput, SampleInput, StepInput, StepShape, all_step_shapes
-from jaxinfer.engine.placement import place_state, replicate
 from jaxinfer.engine.scheduler import SchedulerOutput
+from jaxinfer.engine.sharding import place_state, replicate
 from jaxinfer.layers.kv_pages import PAD_SLOT, KVPages, gather_pages, scatter_pages
 from jaxinfer.layers.sampler import apply_penalties, logprobs, sample
 from pallas_kernels import resolve_impl, resolve_interpret
@@ -239,7 +239,7 @@ class ModelRunner:
         """draft_head: an EAGLE draft head; its KV becomes one more layer of the pool and every step
         keeps it in step with the target through ``catch_up`` (jaxinfer.spec.eagle.catch_up: the
         runner holds the head's state but not its logic). mesh: the replica group's devices
-        (see jaxinfer.engine.placement); None: the default device. eos_ids: what ends a request
+        (see jaxinfer.engine.sharding); None: the default device. eos_ids: what ends a request
         (unless it ignores them) inside a burst of decode steps."""
         self.model_config = model_config
         self.scheduler_config = scheduler_config
@@ -317,7 +317,7 @@ class ModelRunner:
         for done, shape in enumerate(shapes, 1):
             if stop is not None and stop.is_set():
                 return
-            self._executable(shape)
+            self.executable(shape)
             if progress is not None:
                 progress(done, len(shapes))
 
@@ -343,7 +343,7 @@ class ModelRunner:
                     and _kind(key) == _kind(shape) and _dominates(key, shape) and rows in (None, key.num_decode)]
         return min(compiled, key=_size, default=None)
 
-    def _executable(self, shape: StepShape) -> tuple[Callable, Callable | None]:
+    def executable(self, shape: StepShape) -> tuple[Callable, Callable | None]:
         """The compiled forward step of this shape and the compiled sampler of its row count; for a
         decode-only shape with bursts on, the compiled burst (and None)."""
         if self.bursts(shape):
@@ -429,7 +429,7 @@ class ModelRunner:
         """Start a burst without waiting for it (``out.steps`` per decode row). after: the burst
         dispatched just before, still running, whose rows (same order) this one continues: their
         input tokens come from its end on the device (``out.ahead``: the tokens it may add)."""
-        executable, _ = self._executable(shape)
+        executable, _ = self.executable(shape)
         self.last_shape = shape
         with jax.profiler.TraceAnnotation("build_batch"):
             batch = self.builder.build(out, shape, impl=self.impl, interpret=self.interpret)
@@ -455,7 +455,7 @@ class ModelRunner:
             if not out.burst:  # a decode step of a burst shape: a burst of one step
                 out = dataclasses.replace(out, steps=[1] * len(out.decodes))
             return self.collect(self.dispatch_burst(out, shape))
-        forward, sampler = self._executable(shape)
+        forward, sampler = self.executable(shape)
         self.last_shape = shape
         with jax.profiler.TraceAnnotation("build_batch"):
             batch = self.builder.build(out, shape, impl=self.impl, interpret=self.interpret)

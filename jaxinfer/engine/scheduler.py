@@ -115,7 +115,7 @@ class Scheduler:
         seq.finish_reason = reason
         seq.finish_time = time.perf_counter()
 
-    # -- a running request moving to another replica (jaxinfer.engine.migration) ---------------------
+    # -- a running request moving to another replica (jaxinfer.engine.migration_port) -------------------------
 
     def detach(self, seq: Sequence) -> None:
         """Stop scheduling a running request; it keeps its pages and slot (``reattach`` or ``release``)."""

@@ -15,10 +15,10 @@ from typing import Any
 
 from jaxinfer.engine.async_engine import EngineDeadError, RequestStream
 from jaxinfer.engine.client import EngineClient
-from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
 from jaxinfer.engine.scheduler import QueueFullError
+from jaxinfer.replicas.cluster import Cluster
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.serve.metrics import ServingMetrics
 

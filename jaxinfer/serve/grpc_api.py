@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
+from jaxinfer.replicas.cluster import Cluster
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.serve.frontend import ErrorKind, Frontend, RequestError, invalid
 from jaxinfer.serve.profiler import ProfileBusyError, TraceCapture

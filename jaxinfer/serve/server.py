@@ -20,12 +20,12 @@ import uvicorn
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine.async_engine import AsyncEngine
-from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import Engine
-from jaxinfer.engine.placement import parse_mesh_spec, replica_meshes
 from jaxinfer.loader import LoadedModel, load_model
 from jaxinfer.loader.embedded import cache_dir
 from jaxinfer.loader.sampling_defaults import describe
+from jaxinfer.replicas.cluster import Cluster
+from jaxinfer.replicas.placement import parse_mesh_spec, replica_meshes
 from jaxinfer.router.baselines import make_router
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.serve.config import ServeConfig

@@ -7,10 +7,10 @@ import functools
 import pytest
 
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
-from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import Engine
-from jaxinfer.engine.migration import MigrationPort
-from jaxinfer.engine.placement import replica_meshes
+from jaxinfer.engine.migration_port import MigrationPort
+from jaxinfer.replicas.cluster import Cluster
+from jaxinfer.replicas.placement import replica_meshes
 from jaxinfer.router.base import Migration, Router
 from jaxinfer.sampling_params import SamplingParams
 from tests.engine import tiny_engine

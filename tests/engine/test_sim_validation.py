@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
-from jaxinfer.engine.cluster import Cluster
 from jaxinfer.engine.engine import Engine
-from jaxinfer.engine.placement import replica_meshes
-from jaxinfer.engine.step_profile import calibrate, host_drift, profile, rescaled
 from jaxinfer.models import init_random
+from jaxinfer.replicas.cluster import Cluster
+from jaxinfer.replicas.placement import replica_meshes
 from jaxinfer.router.baselines import make_router
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.router.sim import Simulator
 from jaxinfer.sampling_params import SamplingParams
+from profiling.step_profile import calibrate, host_drift, profile, rescaled
 from tests.conftest import tiny_config
 from tests.engine.tiny_engine import CharTokenizer
 

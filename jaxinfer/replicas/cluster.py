@@ -25,6 +25,7 @@ from jaxinfer.engine.async_engine import AsyncEngine, EngineDeadError, RequestSt
 from jaxinfer.engine.client import EngineInfo
 from jaxinfer.engine.engine import Engine, EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
+from jaxinfer.replicas.migration import MigrationStats, RequestGone, migration_mode, move_request
 from jaxinfer.router.base import MIGRATION_MODES, Migration, NewRequest, ReplicaLoad, RequestLoad, Router
 from jaxinfer.sampling_params import SamplingParams
 
@@ -32,26 +33,6 @@ if TYPE_CHECKING:
     from jaxinfer.router.cost_model import CostModel
 
 logger = logging.getLogger(__name__)
-
-
-class _Gone(Exception):
-    """The request finished, was aborted or was preempted at the source: nothing to move."""
-
-
-@dataclasses.dataclass
-class MigrationStats:
-    started: int = 0
-    completed: int = 0
-    live: int = 0
-    recompute: int = 0
-    refused: int = 0  # the destination had no room
-    gone: int = 0  # the request finished or stopped running first
-    failed: int = 0  # an error; the request stayed at the source
-    pages_copied: int = 0
-    pause_seconds: float = 0.0  # stop-and-copy time summed over completed migrations
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class Cluster:
@@ -224,10 +205,7 @@ class Cluster:
     # -- migration --------------------------------------------------------------------------------
 
     def _mode(self, context_len: int) -> str:
-        if self.migration_mode != "auto" or self.cost_model is None:
-            return "live" if self.migration_mode == "auto" else self.migration_mode
-        cost = self.cost_model
-        return "recompute" if cost.recompute_seconds(context_len) < cost.transfer_seconds(context_len) else "live"
+        return migration_mode(self.migration_mode, self.cost_model, context_len)
 
     async def migrate(self, order: Migration) -> bool:
         """Carry out one order; True if the request now runs at ``order.dst``."""
@@ -237,10 +215,11 @@ class Cluster:
         self.stats.started += 1
         moved = False
         try:
-            moved = await self._move(request_id, src, dst)
+            moved = await move_request(request_id, src, dst, mode=self._mode, stats=self.stats,
+                                       precopy_rounds=self.precopy_rounds, last_round_pages=self.last_round_pages)
             if moved:
                 self._owner[request_id] = order.dst
-        except _Gone:
+        except RequestGone:
             self.stats.gone += 1
         except Exception:  # noqa: BLE001 - the request stayed at the source; counted and logged
             self.stats.failed += 1
@@ -251,64 +230,6 @@ class Cluster:
                 self._aborts.discard(request_id)
                 self.abort(request_id)
         return moved
-
-    async def _move(self, request_id: str, src: AsyncEngine, dst: AsyncEngine) -> bool:
-        info = await src.call(lambda a: a.engine.migration.stable_pages(request_id))
-        if info is None:
-            raise _Gone
-        stable, context_len, preemptions = info
-        mode = self._mode(context_len)
-        page_size = dst.engine.block_manager.page_size
-        target = dst.engine.runner.kv_sharding if mode == "live" else None
-        reserve = context_len + page_size if mode == "live" else 0
-        if not await dst.call(lambda a: a.engine.migration.reserve(request_id, reserve)):
-            self.stats.refused += 1
-            return False
-        stream = None
-        try:
-            sent = 0
-            for _ in range(self.precopy_rounds if mode == "live" else 0):
-                if stable - sent <= self.last_round_pages:
-                    break
-                payload = await src.call(
-                    lambda a, s=sent, e=stable: a.engine.migration.export(request_id, s, e, target))
-                if payload is None:
-                    raise _Gone
-                await dst.call(
-                    lambda a, s=sent, e=stable, p=payload: a.engine.migration.receive(request_id, s, e - s, p))
-                self.stats.pages_copied += stable - sent
-                sent = stable
-                info = await src.call(lambda a: a.engine.migration.stable_pages(request_id))
-                if info is None:
-                    raise _Gone
-                stable = info[0]
-
-            def detach(a: AsyncEngine):
-                seq = a.engine.scheduler.find(request_id)
-                if seq is None or seq.num_preemptions != preemptions:  # pre-copied KV is stale
-                    return None
-                return a.detach(request_id, sent, target)
-            paused = time.perf_counter()
-            detached = await src.call(detach)
-            if detached is None:
-                raise _Gone
-            moving, stream = detached
-            try:
-                await dst.call(lambda a: a.commit(moving, stream))
-            except BaseException:
-                await src.call(lambda a: a.reattach(request_id, stream))
-                raise
-        except BaseException:
-            if dst.alive:
-                await dst.call(lambda a: a.engine.migration.cancel(request_id))
-            raise
-        self.stats.pause_seconds += time.perf_counter() - paused
-        await src.call(lambda a: a.engine.migration.release(request_id))
-        self.stats.pages_copied += max(moving.num_pages - sent, 0) if mode == "live" else 0
-        self.stats.completed += 1
-        setattr(self.stats, mode, getattr(self.stats, mode) + 1)
-        return True
-
 
 def sum_metrics(snapshots: Seq[EngineMetrics]) -> EngineMetrics:
     """Several replicas' snapshots as one: counts added, the slowest last step, mean hit rate."""

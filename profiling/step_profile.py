@@ -1,6 +1,8 @@
 """Measured step costs of a replica's engine: the data of the router's cost model
 (jaxinfer.router.cost_model). Times the engine's own compiled step functions on its own bucketed
-shapes, and how much replicas that share one host slow each other down.
+shapes, and how much replicas that share one host slow each other down. A profiling tool (used by
+launch/profile_cost_model.py, profiling/bench_cluster.py and the simulator-validation test), not
+part of the library: run its callers from the repository root with PYTHONPATH=.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def step_seconds(engine: Engine, shape: StepShape, repeats: int = 3) -> float:
     costs what its padded shape costs); of a decode shape that runs as bursts, a full burst's time
     per step."""
     runner = engine.runner
-    forward, sampler = runner._executable(shape)
+    forward, sampler = runner.executable(shape)
     batch = runner.builder.build(SchedulerOutput([], [], []), shape, impl=runner.impl, interpret=runner.interpret)
     steps = runner.burst_steps if sampler is None else 1
     if sampler is None:  # every row runs all steps (the pool is empty: what they write is never read)

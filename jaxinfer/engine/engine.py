@@ -135,7 +135,7 @@ class Engine:
                                   eos_ids=frozenset(tokenizer.eos_ids))
         self.spec = None
         if spec.enabled:
-            self.spec = SpeculativeDecoder(spec, self.scheduler_config, self.runner, self.block_manager)
+            self.spec = SpeculativeDecoder(spec, self.scheduler, self.runner)
             if spec.uses_draft_head:
                 self.spec.drafter = EagleDrafter(spec, self.scheduler_config, self.runner, self.spec.row_buckets)
         self._streams: dict[str, TextStream] = {}
@@ -372,15 +372,13 @@ class Engine:
         now = time.perf_counter()
         emitted: list[tuple[int, Sequence]] = [(row, seq) for row, seq in enumerate(out.decodes)]
         for seq in out.decodes:
-            seq.num_computed += 1
+            self.scheduler.computed(seq, 1)
         for index, chunk in enumerate(out.prefills):
-            chunk.seq.num_computed += chunk.num_tokens
+            self.scheduler.computed(chunk.seq, chunk.num_tokens)
             if chunk.start < len(chunk.seq.prompt_ids):
                 self.prompt_tokens_total += min(chunk.num_tokens, len(chunk.seq.prompt_ids) - chunk.start)
             if chunk.completes_prompt:
                 emitted.append((num_decode_rows + index, chunk.seq))
-        for seq in (*out.decodes, *(chunk.seq for chunk in out.prefills)):
-            self.block_manager.commit(seq)
         return [self._advance(seq, [int(result.tokens[row])], [_logprob(seq, result, row)], now)
                 for row, seq in emitted]
 
@@ -392,11 +390,9 @@ class Engine:
             count = int(result.counts[row])
             if seq.finished or not count:  # finished (or aborted) while the burst ran: its tokens go
                 continue
-            seq.num_computed += count
             logprobs = [_logprob(seq, result, (step, row)) for step in range(count)]
             outputs.append(self._advance(seq, result.tokens[:count, row].tolist(), logprobs, now))
-            if not seq.finished:
-                self.block_manager.commit(seq)
+            self.scheduler.computed(seq, count)  # after the append: page hashes cover the burst's tokens
         return outputs
 
     def _speculate(self, decodes: list[Sequence]) -> list[RequestOutput] | None:
@@ -410,6 +406,7 @@ class Engine:
         with jax.profiler.TraceAnnotation("detokenize"):
             for seq, (tokens, logprobs) in zip(decodes, emitted, strict=True):
                 outputs.append(self._advance(seq, tokens, logprobs or [None] * len(tokens), now))
+                self.scheduler.computed(seq, len(tokens))  # after the append: page hashes cover the tokens
                 if not seq.finished:
                     self.spec.release(seq)
         return outputs

@@ -21,7 +21,6 @@ import numpy as np
 
 from jaxinfer.engine.request_output import TextStream
 from jaxinfer.engine.sequence import Sequence, SequenceStatus
-from jaxinfer.sampling_params import SamplingParams
 
 
 class MigrationError(RuntimeError):
@@ -119,24 +118,19 @@ class MigrationPort:
         """Take a slot and pages for ``num_tokens`` tokens of an arriving request; False if they are
         not free (the migration is then called off)."""
         engine = self.engine
-        scheduler, blocks = engine.scheduler, engine.block_manager
         if engine.has_stream(request_id) or request_id in self.incoming:
             raise MigrationError(f"request {request_id!r} is already on this replica")
-        if blocks.pages_needed(num_tokens) > blocks.num_free:
+        reserved = engine.scheduler.reserve_arrival(request_id, num_tokens)
+        if reserved is None:
             return False
-        slot = scheduler.reserve_slot()
-        if slot is None:
-            return False
-        shell = Sequence(request_id, [], SamplingParams())
-        blocks.append(shell, num_tokens)
-        self.incoming[request_id] = (shell, slot)
+        self.incoming[request_id] = reserved
         return True
 
     def receive(self, request_id: str, start: int, count: int, payload) -> None:
         """Write pre-copied pages [start, start + count) of an arriving request."""
         shell, _ = self.incoming[request_id]
-        if start + count > len(shell.pages):
-            self.engine.block_manager.append(shell, (start + count) * self.engine.block_manager.page_size)
+        if not self.engine.scheduler.grow_arrival(shell, start + count):
+            raise MigrationError(f"no free KV pages for pages {start}..{start + count} of {request_id!r}")
         self.engine.runner.import_pages(shell.pages[start:start + count], payload)
 
     def commit(self, moving: MovingRequest) -> None:
@@ -144,34 +138,23 @@ class MigrationPort:
         nothing but its reservation, if the pages it needs now are not free)."""
         engine = self.engine
         request_id = moving.seq.request_id
-        blocks = engine.block_manager
         if moving.payload is None:  # recompute: the request waits for its prefill like a preempted one
-            seq = moving.seq
-            seq.num_computed, seq.status = 0, SequenceStatus.WAITING
             self.cancel(request_id)
-            engine.scheduler.requeue(seq)
+            engine.scheduler.requeue(moving.seq)
             engine.give_stream(request_id, moving.stream)
             return
         shell, slot = self.incoming[request_id]
-        seq = moving.seq
-        missing = moving.num_pages - len(shell.pages)
-        if missing > blocks.num_free:
-            raise MigrationError(f"{missing} more KV pages needed for {request_id!r}, {blocks.num_free} free")
-        if missing > 0:
-            blocks.append(shell, moving.num_pages * blocks.page_size)
+        if not engine.scheduler.grow_arrival(shell, moving.num_pages):
+            raise MigrationError(f"{moving.num_pages - len(shell.pages)} more KV pages needed for {request_id!r}, "
+                                 f"{engine.block_manager.num_free} free")
         engine.runner.import_pages(shell.pages[moving.first_page:moving.num_pages], moving.payload)
         engine.runner.import_slot(slot, moving.slot_rows)
         del self.incoming[request_id]
-        blocks.free_tail(shell, moving.num_pages)
-        seq.pages, seq.slot, seq.status = shell.pages, slot, SequenceStatus.RUNNING
-        engine.scheduler.reattach(seq)
+        engine.scheduler.attach(moving.seq, shell, slot, moving.num_pages)
         engine.give_stream(request_id, moving.stream)
-        blocks.commit(seq)  # the moved full pages join this replica's prefix cache
 
     def cancel(self, request_id: str) -> None:
         """Call off an arrival: return its reserved pages and slot."""
         entry = self.incoming.pop(request_id, None)
         if entry is not None:
-            shell, slot = entry
-            self.engine.block_manager.free(shell)
-            self.engine.scheduler.cancel_slot(slot)
+            self.engine.scheduler.cancel_arrival(*entry)

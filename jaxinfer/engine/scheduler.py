@@ -26,6 +26,7 @@ from collections import deque
 from jaxinfer.config import SchedulerConfig
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.sequence import FinishReason, Sequence, SequenceStatus
+from jaxinfer.sampling_params import SamplingParams
 
 
 class QueueFullError(RuntimeError):
@@ -122,7 +123,7 @@ class Scheduler:
         self.running.remove(seq)
 
     def reattach(self, seq: Sequence) -> None:
-        """Schedule a detached request again, or an arrived one whose pages and slot are in place."""
+        """Schedule a detached request again (the move failed)."""
         self.running.append(seq)
 
     def release(self, seq: Sequence) -> None:
@@ -130,15 +131,63 @@ class Scheduler:
         self._release(seq)
 
     def requeue(self, seq: Sequence) -> None:
-        """An arrived request that recomputes its KV: it waits at the head of the queue."""
+        """An arrived request that recomputes its KV: it waits at the head of the queue, nothing computed."""
+        seq.num_computed, seq.status = 0, SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def reserve_slot(self) -> int | None:
-        """A free request slot for an arriving request (None: none free); ``cancel_slot`` returns it."""
-        return self._free_slots.pop() if self._free_slots else None
+    def reserve_arrival(self, request_id: str, num_tokens: int) -> tuple[Sequence, int] | None:
+        """A slot, and pages for ``num_tokens`` tokens held by an empty shell sequence, for a request
+        arriving from another replica (None: not free). ``cancel_arrival`` returns them; ``attach``
+        installs the request in them."""
+        blocks = self.block_manager
+        if blocks.pages_needed(num_tokens) > blocks.num_free or not self._free_slots:
+            return None
+        shell = Sequence(request_id, [], SamplingParams())
+        blocks.append(shell, num_tokens)
+        return shell, self._free_slots.pop()
 
-    def cancel_slot(self, slot: int) -> None:
+    def grow_arrival(self, shell: Sequence, num_pages: int) -> bool:
+        """At least ``num_pages`` pages for an arrival (False: not enough are free; nothing changed)."""
+        blocks = self.block_manager
+        missing = num_pages - len(shell.pages)
+        if missing > blocks.num_free:
+            return False
+        if missing > 0:
+            blocks.append(shell, num_pages * blocks.page_size)
+        return True
+
+    def cancel_arrival(self, shell: Sequence, slot: int) -> None:
+        self.block_manager.free(shell)
         self._free_slots.append(slot)
+
+    def attach(self, seq: Sequence, shell: Sequence, slot: int, num_pages: int) -> None:
+        """Run an arrived request here: its KV is in the shell's first ``num_pages`` pages (the rest are
+        freed); its full pages join this replica's prefix cache."""
+        self.block_manager.free_tail(shell, num_pages)
+        seq.pages, seq.slot, seq.status = shell.pages, slot, SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.block_manager.commit(seq)
+
+    # -- pages of running requests ----------------------------------------------------------------
+
+    def computed(self, seq: Sequence, count: int) -> None:
+        """``count`` more of seq's tokens have their KV in its pages (a step, a burst or a verified
+        round ran): its progress advances and its newly completed pages join the prefix cache. Call
+        it once those tokens are in seq (a page's hash covers its tokens); a finished seq has no
+        pages left to register."""
+        seq.num_computed += count
+        self.block_manager.commit(seq)
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.block_manager.can_append(seq, num_tokens)
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Pages for ``num_tokens`` tokens past seq's computed ones (a speculative round's draft tree;
+        ``trim`` returns those its accepted path did not fill)."""
+        self.block_manager.append(seq, num_tokens)
+
+    def trim(self, seq: Sequence) -> None:
+        self.block_manager.trim(seq)
 
     def is_long(self, seq: Sequence) -> bool:
         """The request's prompt goes through the blocked prefill backend."""

@@ -21,8 +21,8 @@ import logging
 import jax
 
 from jaxinfer.buckets import bucket, geometric
-from jaxinfer.config import SchedulerConfig, SpeculativeConfig
-from jaxinfer.engine.block_manager import BlockManager
+from jaxinfer.config import SpeculativeConfig
+from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.engine.sequence import Sequence
 from jaxinfer.spec.batch import TreeShape, build_tree_input
 from jaxinfer.spec.ngram import NgramDrafter
@@ -80,12 +80,12 @@ class _Probe:
 
 
 class SpeculativeDecoder:
-    def __init__(self, config: SpeculativeConfig, scheduler_config: SchedulerConfig, runner,
-                 block_manager: BlockManager, drafter=None):
+    def __init__(self, config: SpeculativeConfig, scheduler: Scheduler, runner, drafter=None):
+        scheduler_config = scheduler.config
         self.config = config
         self.max_model_len = scheduler_config.max_model_len
         self.runner = runner
-        self.block_manager = block_manager
+        self.scheduler = scheduler  # the owner of the requests' pages and progress
         self.row_buckets = geometric(1, 2, config.max_batch)
         self.kv_buckets = scheduler_config.decode_kv_buckets  # like decode steps: attention over padded slots costs
         # verify shapes: every variant's budget, and for n-gram trees smaller ones
@@ -176,14 +176,14 @@ class SpeculativeDecoder:
     def _node_limit(self, seq: Sequence, nodes: int) -> int:
         """How many of ``nodes`` tree nodes seq's context and the free pages allow (at worst the root alone)."""
         limit = min(nodes, self.max_model_len - seq.num_computed)
-        while limit > 1 and not self.block_manager.can_append(seq, limit):
+        while limit > 1 and not self.scheduler.can_grow(seq, limit):
             limit = 1 if limit <= 2 else limit // 2
         return limit
 
     def _reserve(self, seq: Sequence, cap: int) -> int:
         """Pages for up to cap nodes of seq's tree; returns how many nodes they hold."""
         limit = self._node_limit(seq, cap)
-        self.block_manager.append(seq, limit)
+        self.scheduler.grow(seq, limit)
         return limit
 
     def _fit(self, seq: Sequence, tree: DraftTree, cap: int) -> DraftTree:
@@ -191,15 +191,15 @@ class SpeculativeDecoder:
         the deepest path a verify step commits."""
         limit = self._node_limit(seq, min(tree.num_nodes, cap))
         tree = tree.prune(self.path_len - 1, limit)
-        self.block_manager.append(seq, tree.num_nodes)
+        self.scheduler.grow(seq, tree.num_nodes)
         return tree
 
     def step(self, seqs: list[Sequence]) -> list[tuple[list[int], list | None]] | None:
         """Verify one drafted tree per request. Returns per request the emitted tokens (accepted drafts
         and the bonus token) and, if it asked for them, their logprobs as (logprob, {id: logprob});
         None when nothing was drafted (or no budget fits the context): the caller decodes plainly.
-        Each request's num_computed already counts the committed path; the caller appends the tokens
-        to the outputs, then calls ``release``."""
+        The caller appends the tokens to the outputs, then counts them as computed
+        (``Scheduler.computed``: the committed path's KV is in place) and calls ``release``."""
         with jax.profiler.TraceAnnotation("spec_round", rows=len(seqs)):
             return self._round(seqs)
 
@@ -221,7 +221,7 @@ class SpeculativeDecoder:
         kv_tokens = bucket(longest + num_nodes, self.kv_buckets)
         shape = TreeShape(rows, num_nodes, self.path_len, kv_tokens)
         runner = self.runner
-        batch = build_tree_input(seqs, pack(trees, rows, num_nodes), shape, self.block_manager.page_size,
+        batch = build_tree_input(seqs, pack(trees, rows, num_nodes), shape, runner.builder.page_size,
                                  runner.builder.max_pages_per_seq, runner.scheduler_config.max_num_seqs,
                                  impl=runner.impl, interpret=runner.interpret)
         result = runner.run(VerifyProgram(shape), batch)
@@ -242,7 +242,6 @@ class SpeculativeDecoder:
         for row, (seq, size) in enumerate(zip(seqs, sizes, strict=True)):
             accepted = int(result.num_accepted[row])
             tokens = result.tokens[row, :accepted + 1].tolist()
-            seq.num_computed += accepted + 1
             logprobs = None
             if seq.params.logprobs is not None and result.token_logprobs is not None:
                 count = seq.params.logprobs
@@ -259,7 +258,6 @@ class SpeculativeDecoder:
         return emitted
 
     def release(self, seq: Sequence) -> None:
-        """After the round's tokens are appended: return the pages past the committed tokens and
-        register the completed ones in the prefix cache."""
-        self.block_manager.trim(seq)
-        self.block_manager.commit(seq)
+        """After the round's tokens are appended: return the pages past the committed tokens (the
+        completed ones joined the prefix cache when the round was counted)."""
+        self.scheduler.trim(seq)

@@ -96,3 +96,19 @@ def test_burst_respects_max_tokens_and_the_context_limit():
     steps = np.array([counts for counts in calls if len(counts) == 2])
     assert steps[:, 1].sum() <= 4 and steps.max() <= 8  # the short request's budget, never past decode_steps
     tiny_engine.assert_no_leaks(engine)
+
+
+def test_pages_a_burst_filled_join_the_prefix_cache():
+    """A burst's generated tokens land in the prefix cache under the hash of those tokens: a follow-up
+    whose prompt repeats them reuses the pages and decodes what an engine without the cache decodes."""
+    greedy = SamplingParams(max_tokens=20, ignore_eos=True)
+    engine = tiny_engine.engine(decode_steps=8)
+    calls = recorded(engine)
+    first = engine.generate([PROMPTS[0]], greedy)[0].output_ids
+    assert any(max(counts) > 1 for counts in calls)
+    follow_up = PROMPTS[0] + first[:13]  # 16 tokens: its first 3 pages of 4 can come from the cache
+    hits = engine.block_manager.prefix_hit_tokens
+    expected = tiny_engine.engine(decode_steps=1, enable_prefix_caching=False).generate([follow_up], greedy)
+    assert engine.generate([follow_up], greedy)[0].output_ids == expected[0].output_ids
+    assert engine.block_manager.prefix_hit_tokens == hits + 12
+    tiny_engine.assert_no_leaks(engine)

@@ -61,7 +61,7 @@ def _oracle_engine(**scheduler):
     trees from a test drafter (set per test), no draft head."""
     eng = tiny_engine.engine(speculative=SpeculativeConfig(method="ngram", adaptive=False), **scheduler)
     config = SpeculativeConfig(method="heterospec", depth=3, num_nodes=12, max_batch=4, adaptive=False)
-    eng.spec = SpeculativeDecoder(config, eng.scheduler_config, eng.runner, eng.block_manager)
+    eng.spec = SpeculativeDecoder(config, eng.scheduler, eng.runner)
     return eng
 
 

@@ -67,8 +67,7 @@ def main(argv=None) -> int:
     prompts = [loaded.tokenizer.encode_chat([{"role": "user", "content": text}])
                for text in prompt_set("mt_bench", 0, args.batch).prompts]
     params = SamplingParams(max_tokens=4096, ignore_eos=True)
-    for shape in engine.spec.shapes():  # every round shape compiled before the trace
-        engine.spec.compile(shape)
+    engine.runner.warm_up(engine.spec.programs())  # every round shape compiled before the trace
     for index, prompt in enumerate(prompts):
         engine.add_request(prompt, params, f"r{index}")
     while engine.spec.stats.rounds < 3:  # prefill, compile, the first rounds
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
 
     runner = engine.runner
     scopes, kinds = {}, {}
-    for key, executable in runner._executables.items():
+    for key, executable in runner.executables().items():
         shape = key[0] if isinstance(key, tuple) else key
         if not isinstance(shape, (TreeShape, DraftShape, RoundShape)) or not hasattr(executable, "as_text"):
             continue

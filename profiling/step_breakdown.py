@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxinfer.engine.compile_plan import SamplerRows
 from jaxinfer.engine.engine import Engine
 from jaxinfer.loader import DEFAULT_MODEL, DTYPES, load_model
 from jaxinfer.sampling_params import SamplingParams
@@ -94,9 +95,10 @@ def main() -> None:
     jax.profiler.stop_trace()
 
     runner = engine.runner
-    scopes = op_scopes(runner._executables[shape])
+    compiled = runner.executables()
+    scopes = op_scopes(compiled[shape])
     if not runner.bursts(shape):
-        scopes |= op_scopes(runner._executables[runner.builder.num_rows(shape)])
+        scopes |= op_scopes(compiled[SamplerRows(runner.builder.num_rows(shape))])
     trace = sorted(glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True))[-1]
     events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
     totals: collections.Counter = collections.Counter()

@@ -19,9 +19,10 @@ import jax
 from flax import nnx
 
 from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.engine.batch import StepShape, all_step_shapes, step_shape
+from jaxinfer.engine.batch import StepShape, step_shape
 from jaxinfer.engine.block_manager import BlockManager
 from jaxinfer.engine.client import EngineInfo
+from jaxinfer.engine.compile_plan import CompilePlan, SamplerRows
 from jaxinfer.engine.migration_port import MigrationPort
 from jaxinfer.engine.model_runner import BurstHandle, ModelRunner, StepResult
 from jaxinfer.engine.request_output import RequestOutput, TextStream, TokenLogprob, metrics_of
@@ -155,38 +156,38 @@ class Engine:
         self._compiler: threading.Thread | None = None  # a background warm-up
         self._stop_compiling = threading.Event()
 
-    def warm_up(self, progress: Callable[[int, int], None] | None = None, background: bool = False,
-                on_done: Callable[[int, float], None] | None = None) -> threading.Thread | None:
-        """Compile every step shape. background: compile only the largest shape of each unblocked kind
-        now (decode, prompt, mixed: any such step fits one of them, padded) and the rest on a thread,
-        returned (on_done(shapes, seconds) when it ends), the largest blocked (long-prompt) shape
-        first; until a step's own shape is compiled, the step runs padded to the smallest compiled
-        shape that holds it, or waits for the one being compiled (a long prompt in the first seconds),
-        so nothing compiles on the request path either way. Speculation's shapes always compile
-        before this returns."""
-        thread = None
-        if background:
-            largest = self.runner.largest_shapes()
-            now = [s for s in largest if not s.blocked]
-            self.runner.warm_up(progress, now)
-            rest = [s for s in largest if s.blocked] + \
-                [s for s in all_step_shapes(self.scheduler_config, self.sparse_prefill) if s not in largest]
+    def compile_plan(self, migration: bool = False) -> CompilePlan:
+        """Everything this engine's runner will run (jaxinfer.engine.compile_plan): the step shapes,
+        their samplers, speculation's programs and, with ``migration`` (a replica among several), the
+        page transfers."""
+        return self.runner.plan(self.spec.programs() if self.spec is not None else (), migration)
 
-            def compile_rest() -> None:
-                start = time.perf_counter()
-                self.runner.warm_up(shapes=rest, stop=self._stop_compiling)
-                if on_done is not None and not self._stop_compiling.is_set():
-                    on_done(len(rest), time.perf_counter() - start)
-            thread = self._compiler = threading.Thread(target=compile_rest, name="jaxinfer-compile")
-            thread.start()
-        else:
-            self.runner.warm_up(progress)
-        if self.spec is not None:
-            shapes = self.spec.shapes()
-            for done, shape in enumerate(shapes, 1):
-                self.spec.compile(shape)
-                if progress is not None:
-                    progress(done, len(shapes))
+    def warm_up(self, progress: Callable[[int, int], None] | None = None, background: bool = False,
+                on_done: Callable[[int, float], None] | None = None,
+                migration: bool = False) -> threading.Thread | None:
+        """Compile the whole compile plan. background: compile only the largest shape of each unblocked
+        kind now (decode, prompt, mixed: any such step fits one of them, padded) and the other step
+        shapes on a thread, returned (on_done(entries, seconds) when it ends), the largest blocked
+        (long-prompt) shape first; until a step's own shape is compiled, the step runs padded to the
+        smallest compiled shape that holds it, or waits for the one being compiled (a long prompt in
+        the first seconds), so nothing compiles on the request path either way. Speculation's
+        programs and the migration transfers always compile before this returns."""
+        plan = self.compile_plan(migration)
+        if not background:
+            self.runner.warm_up(plan, progress)
+            return None
+        largest = self.runner.largest_shapes()
+        now = [s for s in largest if not s.blocked] + [e for e in plan if not isinstance(e, (StepShape, SamplerRows))]
+        rest = [s for s in largest if s.blocked] + [e for e in plan if e not in now and e not in largest]
+        self.runner.warm_up(now, progress)
+
+        def compile_rest() -> None:
+            start = time.perf_counter()
+            self.runner.warm_up(rest, stop=self._stop_compiling)
+            if on_done is not None and not self._stop_compiling.is_set():
+                on_done(len(rest), time.perf_counter() - start)
+        thread = self._compiler = threading.Thread(target=compile_rest, name="jaxinfer-compile")
+        thread.start()
         return thread
 
     def close(self) -> None:

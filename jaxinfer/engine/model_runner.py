@@ -1,7 +1,9 @@
 """The one owner of a replica's device state: weights, KV pages, penalty state, compiled steps.
 
-One step function, compiled ahead of time for every bucketed ``StepShape`` at warm-up; after that a
-step never compiles (``num_compiles`` stays put, which the compile-budget test checks). The KV
+Everything the runner will run is listed in its compile plan (``plan``: every bucketed step shape,
+their samplers, the programs spec/ hands down, migration transfers) and compiled ahead of time at
+warm-up; after that a step never compiles (``num_compiles`` stays at ``len(plan)``, which the
+compile-budget test checks). The KV
 pages and the sampler state are donated to every step and rebound to its results at once.
 """
 
@@ -13,7 +15,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -23,7 +25,16 @@ from flax import nnx
 
 from jaxinfer.buckets import bucket, geometric
 from jaxinfer.config import ModelConfig, SchedulerConfig, SparsePrefillConfig
-from jaxinfer.engine.batch import BatchBuilder, BurstInput, SampleInput, StepInput, StepShape, all_step_shapes
+from jaxinfer.engine.batch import (
+    BatchBuilder,
+    BurstInput,
+    SampleInput,
+    StepInput,
+    StepShape,
+    all_step_shapes,
+    sampling_arrays,
+)
+from jaxinfer.engine.compile_plan import SLOT_IMPORT, CompilePlan, PageCopy, SamplerRows, SlotImport
 from jaxinfer.engine.scheduler import SchedulerOutput
 from jaxinfer.engine.sharding import place_state, replicate
 from jaxinfer.layers.kv_pages import PAD_SLOT, KVPages, gather_pages, scatter_pages
@@ -310,16 +321,43 @@ class ModelRunner:
     def kv(self, value: KVPages) -> None:
         self._kv = value
 
-    def warm_up(self, progress: Callable[[int, int], None] | None = None,
-                shapes: list[StepShape] | None = None, stop: threading.Event | None = None) -> None:
-        """Compile every step shape the scheduler can produce (or ``shapes``; until ``stop`` is set)."""
-        shapes = all_step_shapes(self.scheduler_config, self.sparse_prefill) if shapes is None else shapes
-        for done, shape in enumerate(shapes, 1):
+    def plan(self, programs: Sequence[DeviceProgram] = (), migration: bool = False) -> CompilePlan:
+        """Everything this runner will run: every step shape the scheduler can produce with the
+        samplers of their row counts, the ``programs`` a layer above hands down (speculation's), and
+        with ``migration`` the page transfers of every page bucket and the slot import."""
+        steps = all_step_shapes(self.scheduler_config, self.sparse_prefill)
+        samplers = sorted({self.builder.num_rows(shape) for shape in steps if not self.bursts(shape)})
+        return CompilePlan(tuple(samplers), tuple(steps), tuple(programs),
+                           self.page_buckets() if migration else ())
+
+    def compile(self, entry) -> None:
+        """Compile one entry of a CompilePlan (nothing if it is compiled already)."""
+        if isinstance(entry, StepShape):
+            self.executable(entry)
+        elif isinstance(entry, SamplerRows):
+            self._sampler(entry.rows)
+        elif isinstance(entry, PageCopy):
+            self._page_function(entry.kind, entry.pages)
+        elif isinstance(entry, SlotImport):
+            self._slot_import()
+        else:
+            self.program_executable(entry)
+
+    def executables(self) -> dict[Hashable, Callable]:
+        """What has been compiled, by compile key (a plan entry; a program's key for a program)."""
+        with self._compile_lock:
+            return dict(self._executables)
+
+    def warm_up(self, entries: Iterable, progress: Callable[[int, int], None] | None = None,
+                stop: threading.Event | None = None) -> None:
+        """Compile these entries of a CompilePlan in order (until ``stop`` is set)."""
+        entries = list(entries)
+        for done, entry in enumerate(entries, 1):
             if stop is not None and stop.is_set():
                 return
-            self.executable(shape)
+            self.compile(entry)
             if progress is not None:
-                progress(done, len(shapes))
+                progress(done, len(entries))
 
     def largest_shapes(self) -> list[StepShape]:
         """The largest step shape of each kind (decode only, prompt only, mixed, blocked): with these
@@ -356,15 +394,24 @@ class ModelRunner:
                 executable = self._compile(shape, self._burst, self.state, self._kv_abstract, self.sampler, example,
                                            burst, chain)
             return executable, None
+        sampler = self._sampler(self.builder.num_rows(shape))  # first: a compiled forward step finds its sampler
         forward = self._executables.get(shape)
-        if forward is None:  # the sampler first: a compiled forward step always finds its sampler
+        if forward is None:
             example = self.builder.build(SchedulerOutput([], [], []), shape, impl=self.impl, interpret=self.interpret)
-            rows = self.builder.num_rows(shape)
-            if rows not in self._executables:
-                logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
-                self._compile(rows, self._sample, logits, self.sampler, example.sample)
             forward = self._compile(shape, self._forward, self.state, self._kv_abstract, self.sampler, example)
-        return forward, self._executables[self.builder.num_rows(shape)]
+        return forward, sampler
+
+    def _sampler(self, rows: int) -> Callable:
+        """The compiled sampler of steps with ``rows`` sampling rows."""
+        key = SamplerRows(rows)
+        executable = self._executables.get(key)
+        if executable is None:
+            logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
+            sample = sampling_arrays([None] * rows)
+            example = jax.device_put(SampleInput(sampling=sample, row_slots=np.zeros(rows, np.int32),
+                                                 emit=np.zeros(rows, bool), want_logprobs=np.array(False)))
+            executable = self._compile(key, self._sample, logits, self.sampler, example)
+        return executable
 
     def _flat(self, function: Callable) -> Callable:
         """function(state, ...) called with the state's flat leaves (``self.state``) instead."""
@@ -476,15 +523,8 @@ class ModelRunner:
         """Page counts a migration transfer pads to (powers of two up to one request's pages)."""
         return geometric(1, 2, self.builder.max_pages_per_seq)
 
-    def warm_up_migration(self) -> None:
-        """Compile the page export/import functions of every page bucket and the slot import."""
-        for size in self.page_buckets():
-            self._page_function("export", size)
-            self._page_function("import", size)
-        self._slot_import()
-
     def _page_function(self, kind: str, size: int) -> Callable:
-        key = (kind, size)
+        key = PageCopy(kind, size)
         executable = self._executables.get(key)
         if executable is None:
             pages = jax.ShapeDtypeStruct((size,), jnp.int32)
@@ -538,7 +578,7 @@ class ModelRunner:
         return tuple(np.asarray(row) for row in jax.device_get(rows))
 
     def _slot_import(self) -> Callable:
-        executable = self._executables.get("slot_import")
+        executable = self._executables.get(SLOT_IMPORT)
         if executable is None:
             def set_rows(sampler: SamplerState, slot, rows):
                 pending = sampler.pending if len(rows) < 3 else sampler.pending.at[slot].set(rows[2])
@@ -548,7 +588,7 @@ class ModelRunner:
             if self.sampler.pending is not None:
                 rows.append(self.sampler.pending[0])
             rows = tuple(jax.ShapeDtypeStruct(r.shape, r.dtype) for r in rows)
-            executable = self._compile("slot_import", jax.jit(set_rows, donate_argnums=(0,)), self.sampler,
+            executable = self._compile(SLOT_IMPORT, jax.jit(set_rows, donate_argnums=(0,)), self.sampler,
                                        jax.ShapeDtypeStruct((), jnp.int32), rows)
         return executable
 

@@ -211,11 +211,11 @@ class Server:
         if config.warm_up:
             for index, engine in enumerate(engines):
                 name = f"replica {index}: " if len(engines) > 1 else ""
-                engine.warm_up(_progress_reporter(say, name), background=config.background_compile,
-                               on_done=lambda count, seconds, name=name: say(
-                                   f"{name}compiled the other {count} step shapes in {seconds:.0f} s (while serving)"))
-                if len(engines) > 1:
-                    engine.runner.warm_up_migration()
+
+                def done(count: int, seconds: float, name: str = name) -> None:
+                    say(f"{name}compiled the other {count} step shapes and samplers in {seconds:.0f} s (while serving)")
+                engine.warm_up(_progress_reporter(say, name), background=config.background_compile, on_done=done,
+                               migration=len(engines) > 1)
         return engines
 
     async def _watch(self) -> None:

@@ -27,7 +27,6 @@ from jaxinfer.engine.sequence import Sequence
 from jaxinfer.spec.batch import TreeShape, build_tree_input
 from jaxinfer.spec.ngram import NgramDrafter
 from jaxinfer.spec.programs import DraftProgram, RoundProgram, VerifyProgram
-from jaxinfer.spec.round import RoundShape
 from jaxinfer.spec.tree import DraftTree, pack
 
 logger = logging.getLogger(__name__)
@@ -104,24 +103,17 @@ class SpeculativeDecoder:
     def fused(self) -> bool:
         return getattr(self.drafter, "fused", False)
 
-    def shapes(self) -> list:
-        """Every verification (and drafting) shape a round can take: what warm-up compiles."""
+    def programs(self) -> list:
+        """Every device program a round can run (verify and draft steps, or fused rounds), one per
+        shape: the runner's compile plan lists them and warm-up compiles them."""
         if self.fused:
-            return [self.drafter.round_shape(rows, nodes, self.path_len, kv) for rows in self.row_buckets
-                    for nodes in self.budgets for kv in self.kv_buckets]
-        shapes = [TreeShape(rows, nodes, self.path_len, kv) for rows in self.row_buckets for nodes in self.budgets
-                  for kv in self.kv_buckets]
-        return shapes + (self.drafter.shapes() if hasattr(self.drafter, "shapes") else [])
-
-    def compile(self, shape) -> None:
-        """Compile one of ``shapes()``."""
-        if isinstance(shape, RoundShape):
-            program = RoundProgram(shape, self.drafter.policy.variants, self.drafter.policy.thresholds)
-        elif isinstance(shape, TreeShape):
-            program = VerifyProgram(shape)
-        else:
-            program = DraftProgram(shape)
-        self.runner.program_executable(program)
+            policy = self.drafter.policy
+            return [RoundProgram(self.drafter.round_shape(rows, nodes, self.path_len, kv), policy.variants,
+                                 policy.thresholds)
+                    for rows in self.row_buckets for nodes in self.budgets for kv in self.kv_buckets]
+        verify = [VerifyProgram(TreeShape(rows, nodes, self.path_len, kv)) for rows in self.row_buckets
+                  for nodes in self.budgets for kv in self.kv_buckets]
+        return verify + [DraftProgram(shape) for shape in getattr(self.drafter, "shapes", list)()]
 
     def eligible(self, decodes: list[Sequence], has_prefills: bool, count: bool = True) -> bool:
         """Whether this step should be a round: it only decodes, few enough requests without

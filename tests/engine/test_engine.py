@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxinfer.config import SpeculativeConfig
 from jaxinfer.sampling_params import SamplingParams
 from tests.engine import tiny_engine
 
@@ -171,10 +172,18 @@ def test_generate_validates_every_request_before_running_any(base):
     assert not base.has_unfinished and base.block_manager.num_free == base.block_manager.num_pages
 
 
-def test_zero_compiles_after_warm_up():
-    eng = tiny_engine.engine(num_pages=24, decode_buckets=(1, 2, 4), prefill_buckets=(8, 16), kv_buckets=(16, 64))
+@pytest.mark.parametrize("speculative", [None, SpeculativeConfig(method="ngram", num_nodes=4, max_batch=2,
+                                                                    adaptive=False)], ids=["plain", "ngram"])
+def test_zero_compiles_after_warm_up(speculative):
+    """The compile budget: warm-up compiles exactly the compile plan, and a mixed workload (rounds
+    among them) compiles nothing more."""
+    eng = tiny_engine.engine(num_pages=24, decode_buckets=(1, 2, 4), prefill_buckets=(8, 16), kv_buckets=(16, 64),
+                             speculative=speculative)
     eng.warm_up()
     compiled = eng.runner.num_compiles
+    plan = eng.compile_plan()
+    assert compiled == len(plan)
+    assert (plan.describe()["programs"] > 0) == (speculative is not None)
     events = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *_a, **_k: events.append(name) if "backend_compile" in name else None)
@@ -186,8 +195,11 @@ def test_zero_compiles_after_warm_up():
                                  logprobs=rng.choice([None, 2]), max_tokens=rng.randrange(1, 14), seed=i)
                   for i in range(len(prompts))]
         eng.generate(prompts, params)
+    eng.generate([[5, 6, 7] * 6, [9, 4] * 5], SamplingParams(max_tokens=12))  # repeats: something to draft
     assert eng.runner.num_compiles == compiled
     assert events == []
+    if speculative is not None:
+        assert eng.spec.stats.rounds > 0
     tiny_engine.assert_no_leaks(eng)
 
 

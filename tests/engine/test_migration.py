@@ -7,6 +7,7 @@ import functools
 import pytest
 
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxinfer.engine.compile_plan import CompilePlan
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.migration_port import MigrationPort
 from jaxinfer.replicas.cluster import Cluster
@@ -46,7 +47,7 @@ def make_engine(mesh, num_pages=64):
     config = EngineConfig(cache=CacheConfig(page_size=4, num_pages=num_pages), scheduler=sched, max_logprobs=5)
     engine = Engine(tiny_engine.model(), CharTokenizer(), config, mesh=mesh)
     if mesh is not None:
-        engine.runner.warm_up_migration()
+        engine.runner.warm_up(CompilePlan(page_buckets=engine.runner.page_buckets()))
     return engine
 
 

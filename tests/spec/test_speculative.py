@@ -95,7 +95,7 @@ def test_tree_rounds_with_every_budget_equal_plain_greedy(plain, spec_engine):
     stats = spec_engine.spec.stats
     assert stats.accepted_tokens > stats.rounds  # long paths were accepted
     assert stats.mean_accepted_length > 1.5
-    shapes = {shape.num_nodes for shape in spec_engine.runner._executables if hasattr(shape, "num_nodes")}
+    shapes = {shape.num_nodes for shape in spec_engine.runner.executables() if hasattr(shape, "num_nodes")}
     assert {6, 8, 12} <= shapes
     assert spec_engine.runner.num_compiles >= before
     tiny_engine.assert_no_leaks(spec_engine)

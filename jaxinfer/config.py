@@ -1,7 +1,9 @@
-"""Frozen configuration dataclasses, one per concern.
+"""Frozen configuration dataclasses, one per concern, and the choice lists beside them (host only).
 
 Every config is hashable (frozen, slots) so it can be a static argument of a jitted function.
-Change one with ``dataclasses.replace``.
+Change one with ``dataclasses.replace``. The serve CLI flags and TOML keys are generated from the
+tree of these dataclasses (jaxinfer.config_tree): a field's metadata gives its help text, its
+choices and, where one exists, a shorter flag.
 """
 
 from __future__ import annotations
@@ -12,6 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from jaxinfer.buckets import geometric
+
+DEFAULT_MODEL = "smollm2-135m"  # the embedded model (jaxinfer.loader.embedded)
+# weight dtypes a model loads as: float weights, GGUF-style blocks (CPU kernels; dequantize + dot
+# elsewhere), or "auto": the source's own blocks (a GGUF) or q8_0 on a CPU with the kernels, float elsewhere
+WEIGHT_DTYPES = ("float32", "bfloat16", "q8_0", "q4_1", "q4_0", "auto")
+DTYPE_HELP = ("weights: float32, bfloat16, q8_0, q4_1, q4_0 (GGUF blocks run by the CPU kernels) or auto (a GGUF's own "
+              "blocks, q8_0 otherwise, on a CPU with the kernels; float elsewhere)")
+ATTENTION_IMPLS = ("auto", "pallas", "reference")
 
 # Architectures of the Llama family this engine runs, by their Hugging Face and GGUF names.
 SUPPORTED_ARCHITECTURES = {
@@ -222,11 +232,16 @@ class SchedulerConfig:
     decode_steps: int = dataclasses.field(default=4, metadata={
         "help": "decode steps per device call while only decodes run (sampling and stop checks on the device; 1: "
                 "one step per call)"})
-    decode_buckets: tuple[int, ...] = ()
-    prefill_buckets: tuple[int, ...] = ()
-    kv_buckets: tuple[int, ...] = ()
-    mixed_kv_buckets: tuple[int, ...] = ()
-    decode_kv_buckets: tuple[int, ...] = ()
+    decode_buckets: tuple[int, ...] = dataclasses.field(default=(), metadata={
+        "help": "decode row counts steps pad to (none: 1, 8, 64, ... up to max_num_seqs)"})
+    prefill_buckets: tuple[int, ...] = dataclasses.field(default=(), metadata={
+        "help": "prompt token counts steps pad to (none: 64, 128, 256, ... up to the token budget)"})
+    kv_buckets: tuple[int, ...] = dataclasses.field(default=(), metadata={
+        "help": "KV lengths prompt steps pad to (none: 256, 1024, ... up to max_model_len)"})
+    mixed_kv_buckets: tuple[int, ...] = dataclasses.field(default=(), metadata={
+        "help": "KV lengths the prompt part of mixed steps pads to (none: the second KV bucket and max_model_len)"})
+    decode_kv_buckets: tuple[int, ...] = dataclasses.field(default=(), metadata={
+        "help": "KV lengths decode-only steps pad to (none: 256, 512, 1024, ...; the kv_buckets when given)"})
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prefill_seqs", "decode_steps"):
@@ -282,7 +297,8 @@ class UniSparseConfig:
     c_k: int = dataclasses.field(default=8, metadata={"help": "keys pooled into one composite key"})
     c_h: int = dataclasses.field(
         default=0, metadata={"help": "query heads of a KV group averaged before scoring (0: the whole group)"})
-    tau: float = dataclasses.field(default=0.96, metadata={"help": "estimated attention mass to keep"})
+    tau: float = dataclasses.field(default=0.96, metadata={
+        "help": "UniSparse: estimated attention mass each query block keeps", "flag": "sparse-tau"})
     sink_blocks: int = dataclasses.field(default=1, metadata={"help": "leading key blocks always kept"})
     local_blocks: int = dataclasses.field(default=16, metadata={"help": "diagonal-and-before blocks always kept"})
     max_blocks: int = dataclasses.field(default=0, metadata={"help": "kept blocks per query block at most (0: no cap)"})
@@ -322,8 +338,11 @@ class SparsePrefillConfig:
     A request can opt out with SamplingParams.sparse_prefill=False.
     """
 
-    mode: str = dataclasses.field(default="sparse", metadata={"help": ", ".join(SPARSE_PREFILL_MODES)})
-    min_len: int = dataclasses.field(default=4096, metadata={"help": "prompts longer than this use the backend"})
+    mode: str = dataclasses.field(default="sparse", metadata={
+        "help": "prefill backend for long prompts (UniSparse block-sparse, dense blocked, or off)",
+        "choices": SPARSE_PREFILL_MODES, "flag": "sparse-prefill"})
+    min_len: int = dataclasses.field(default=4096, metadata={
+        "help": "prompts longer than this many tokens use the sparse prefill backend", "flag": "sparse-min-len"})
     unisparse: UniSparseConfig = UniSparseConfig()
 
     def __post_init__(self) -> None:
@@ -356,17 +375,27 @@ class SpeculativeConfig:
     'heterospec' (the draft head with the entropy-binned depth and budget per round).
     """
 
-    method: str = dataclasses.field(default="off", metadata={"help": "off, ngram, eagle or heterospec"})
-    draft: str = dataclasses.field(default="", metadata={"help": "draft head directory ('' = shipped head)"})
-    top_k: int = dataclasses.field(default=4, metadata={"help": "tree branching: children per expanded node"})
+    method: str = dataclasses.field(default="off", metadata={
+        "help": "speculative decoding: ngram (prompt lookup), eagle (draft head, fixed tree), heterospec (draft "
+                "head, entropy-adaptive tree) or off", "choices": SPEC_METHODS, "flag": "speculative"})
+    draft: str = dataclasses.field(default="", metadata={
+        "help": "draft head directory for eagle/heterospec ('': the head shipped for the model)", "flag": "draft"})
+    top_k: int = dataclasses.field(default=4, metadata={
+        "help": "tree branching: children per expanded node", "flag": "spec-top-k"})
     depth: int = dataclasses.field(default=0, metadata={
-        "help": "base draft depth d (drafted tree levels); 0: the draft head's tuned policy, else 4"})
+        "help": "base draft depth d (drafted tree levels); 0: the draft head's tuned policy, else 4",
+        "flag": "spec-depth"})
     num_nodes: int = dataclasses.field(default=0, metadata={
-        "help": "verified nodes per round incl. the root; 0: the draft head's tuned policy, else 16"})
+        "help": "verified nodes per round incl. the root; 0: the draft head's tuned policy, else 16",
+        "flag": "spec-nodes"})
     alpha: int = dataclasses.field(default=0, metadata={"help": "HeteroSpec extra depth (0 = ceil(depth/2))"})
-    gamma: tuple[float, ...] = (0.3, 0.6, 1.0)
-    thresholds: tuple[float, ...] = ()  # entropy bin edges s0 < s1 < s2; () = the draft head's calibration
-    max_batch: int = dataclasses.field(default=4, metadata={"help": "speculate only with this many decodes or fewer"})
+    gamma: tuple[float, ...] = dataclasses.field(default=(0.3, 0.6, 1.0), metadata={
+        "help": "HeteroSpec budget factors of the three low-entropy bins"})
+    thresholds: tuple[float, ...] = dataclasses.field(default=(), metadata={
+        "help": "HeteroSpec entropy bin edges s0 < s1 < s2 (none: the draft head's calibration)"})
+    max_batch: int = dataclasses.field(default=4, metadata={
+        "help": "speculate only while at most this many requests decode (plain decoding above)",
+        "flag": "spec-max-batch"})
     ngram_max: int = dataclasses.field(default=4, metadata={"help": "longest suffix the n-gram drafter matches"})
     adaptive: bool = dataclasses.field(default=True, metadata={
         "help": "decode plainly at batch sizes where rounds measure slower than plain steps"})
@@ -430,13 +459,15 @@ class EngineConfig:
 
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
-    attention_impl: str = "auto"
-    max_logprobs: int = 20
+    attention_impl: str = dataclasses.field(default="auto", metadata={
+        "help": "attention implementation (auto: Pallas kernel on GPU/TPU, the CPU kernels on CPU)",
+        "choices": ATTENTION_IMPLS})
+    max_logprobs: int = dataclasses.field(default=20, metadata={"help": "largest top-logprobs count a request may ask"})
     sparse_prefill: SparsePrefillConfig = SparsePrefillConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
 
     def __post_init__(self) -> None:
-        if self.attention_impl not in ("auto", "pallas", "reference"):
-            raise ValueError(f"unknown attention_impl {self.attention_impl!r} (choose auto, pallas or reference)")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r} (choose {', '.join(ATTENTION_IMPLS)})")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")

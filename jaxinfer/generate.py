@@ -7,22 +7,24 @@ import json
 import sys
 from collections.abc import Sequence
 
-from jaxinfer.cli import add_dataclass_arguments, add_model_arguments, dataclass_from_args, run_main
+from jaxinfer import config_tree
+from jaxinfer.cli import ArgumentParser, add_model_arguments, run_main
 from jaxinfer.loader import load_model
 from jaxinfer.sampling_params import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxinfer.generate", description=__doc__)
+    parser = ArgumentParser(prog="python -m jaxinfer.generate", description=__doc__)
     add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     parser.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    add_dataclass_arguments(parser, SamplingParams)
+    config_tree.add_arguments(parser, config_tree.settings(SamplingParams), flat=[()],
+                              group_titles={(): "sampling"})
     from jaxinfer.serve.config import add_speculative_arguments
-    add_speculative_arguments(parser.add_argument_group("speculative decoding"))
+    add_speculative_arguments(parser)
     return parser
 
 
@@ -38,7 +40,7 @@ def parse_prompt_ids(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    params = dataclass_from_args(SamplingParams, args)
+    params = config_tree.build(SamplingParams, config_tree.values_from_args(args, config_tree.settings(SamplingParams)))
     if args.chat and args.prompt is None:
         raise ValueError("--chat needs --prompt text, not --prompt-ids")
     prompt_ids = parse_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else None

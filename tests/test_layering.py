@@ -9,9 +9,11 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-CORE = ("scheduler", "block_manager", "sequence", "batch", "model_runner", "sharding", "request_output")
+CORE = ("scheduler", "block_manager", "sequence", "batch", "model_runner", "compile_plan", "sharding",
+        "request_output")
 LAYERS = [  # bottom first: (name, module prefixes)
-    ("kernels and vocabulary", ["pallas_kernels", "jaxinfer.cpu", "jaxinfer.config", "jaxinfer.sampling_params"]),
+    ("kernels and vocabulary", ["pallas_kernels", "jaxinfer.cpu", "jaxinfer.config", "jaxinfer.config_tree",
+                                "jaxinfer.sampling_params"]),
     ("layers", ["jaxinfer.layers"]),
     ("models", ["jaxinfer.models"]),
     ("engine core", [f"jaxinfer.engine.{name}" for name in CORE]),

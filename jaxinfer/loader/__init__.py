@@ -11,11 +11,11 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import DEFAULT_MODEL, DTYPE_HELP, WEIGHT_DTYPES, ModelConfig  # noqa: F401 - re-exported
 from jaxinfer.layers import quant
 from jaxinfer.layers.linear import QuantSpec
 from jaxinfer.loader.checkpoint import CheckpointDir, is_checkpoint_dir
-from jaxinfer.loader.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, ensure_embedded
+from jaxinfer.loader.embedded import EMBEDDED_MODELS, ensure_embedded
 from jaxinfer.loader.gguf_file import GGUFFile
 from jaxinfer.loader.hf_dir import HFDirectory, is_hf_dir
 from jaxinfer.models import model_from_tensors
@@ -24,11 +24,7 @@ from jaxinfer.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# --dtype choices: float weights, GGUF-style blocks (CPU kernels; dequantize + dot elsewhere), or
-# "auto": the source's own blocks (a GGUF) or q8_0 on a CPU with the kernels, float elsewhere.
-DTYPES = (*FLOAT_DTYPES, *quant.QTYPES, "auto")
-DTYPE_HELP = ("weights: float32, bfloat16, q8_0, q4_1, q4_0 (GGUF blocks run by the CPU kernels) or auto (a GGUF's own "
-              "blocks, q8_0 otherwise, on a CPU with the kernels; float elsewhere)")
+DTYPES = WEIGHT_DTYPES  # float weights, GGUF-style blocks (quant.QTYPES) or "auto"
 
 
 @dataclasses.dataclass

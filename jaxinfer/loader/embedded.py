@@ -39,7 +39,6 @@ EMBEDDED_MODELS = {
         sampling=(("temperature", 0.2), ("top_p", 0.9)),  # HuggingFaceTB/SmolLM2-135M-Instruct model card
     ),
 }
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_dir() -> Path:

@@ -1,5 +1,8 @@
 """Model registry: architecture name -> NNX model class, and model construction helpers.
 
+Layer: above layers/ (whose attention metadata, KV pages and sampler the models use), below the
+engine.
+
 Axis letters used across models and kernels: B batch, T query tokens, S KV length, E hidden,
 F feed-forward, V vocabulary, H query heads, K KV heads, D head_dim, L layers.
 """

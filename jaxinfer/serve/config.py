@@ -11,9 +11,15 @@ A config file has one table per concern; every key is optional::
     max_num_seqs = 16
     decode_buckets = [1, 8, 16]
     [cluster]                       # ClusterConfig: replicas = "4", router = "cascade", ...
-    [engine]                        # attention_impl, max_logprobs, sparse_prefill, sparse_min_len, sparse_tau,
-                                    # speculative, draft, spec_depth, spec_nodes, spec_top_k, spec_max_batch
-    max_logprobs = 5
+    [speculative]                   # SpeculativeConfig: method = "ngram", num_nodes = 8, ...
+    [sparse_prefill.unisparse]      # UniSparseConfig: tau = 0.9, ...
+
+Top-level keys are ServeConfig's and EngineConfig's own fields (``max_logprobs = 5``); an
+``[engine]`` table is another name for the top level. The flags and keys are generated from the
+config dataclasses (jaxinfer.config_tree): every field is reachable as ``--path.to-field`` (bare
+``--field-name`` for the server, cluster, cache and scheduler fields) and as a key of its table, and
+the shorter flags a field's metadata names (``--speculative``, ``--spec-nodes``, ``--sparse-tau``)
+also work as top-level keys. ``python -m jaxinfer.serve --help`` lists them all.
 """
 
 from __future__ import annotations
@@ -24,20 +30,10 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from jaxinfer.cli import add_dataclass_arguments, dataclass_from_args
-from jaxinfer.config import (
-    SPARSE_PREFILL_MODES,
-    SPEC_METHODS,
-    CacheConfig,
-    EngineConfig,
-    SchedulerConfig,
-    SparsePrefillConfig,
-    SpeculativeConfig,
-    UniSparseConfig,
-)
-from jaxinfer.loader import DEFAULT_MODEL, DTYPE_HELP, DTYPES
+from jaxinfer import config_tree
+from jaxinfer.cli import ArgumentParser
+from jaxinfer.config import DEFAULT_MODEL, DTYPE_HELP, WEIGHT_DTYPES, EngineConfig, SpeculativeConfig
 from jaxinfer.router.base import MIGRATION_MODES
 from jaxinfer.router.baselines import ROUTERS
 
@@ -52,9 +48,10 @@ class ClusterConfig:
         "help": "replica groups: N (the devices split N ways) or NxD (N groups of D devices); on CPU set "
                 "XLA_FLAGS=--xla_force_host_platform_device_count to get several devices"})
     router: str = dataclasses.field(default="cascade", metadata={
-        "help": f"how requests are placed and moved: {', '.join(ROUTERS)}"})
+        "help": "how requests are placed and moved", "choices": ROUTERS})
     migration: str = dataclasses.field(default="auto", metadata={
-        "help": "how a request moves between replicas: live (KV copy), recompute, auto (cheaper by the cost model)"})
+        "help": "how a request moves between replicas: live (KV copy), recompute, auto (cheaper by the cost model)",
+        "choices": MIGRATION_MODES})
     cost_model: str = dataclasses.field(default="", metadata={
         "help": "step-time profile from launch/profile_cost_model.py (empty: $JAXINFER_CACHE/cost_model.json, "
                 "else the CPU profile shipped in profiling/results)"})
@@ -79,7 +76,7 @@ class ServeConfig:
 
     model: str = dataclasses.field(default=DEFAULT_MODEL, metadata={
         "help": "embedded model name, .gguf file, Hugging Face directory or jaxinfer checkpoint"})
-    dtype: str = dataclasses.field(default="auto", metadata={"help": DTYPE_HELP})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": DTYPE_HELP, "choices": WEIGHT_DTYPES})
     served_model_name: str = dataclasses.field(default="", metadata={
         "help": "the model name clients send and /v1/models lists (empty: the --model value)"})
     host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address both APIs bind to"})
@@ -108,8 +105,8 @@ class ServeConfig:
         if self.sampling_defaults not in SAMPLING_DEFAULTS:
             raise ValueError(f"sampling_defaults must be one of {', '.join(SAMPLING_DEFAULTS)}, "
                              f"got {self.sampling_defaults!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.dtype!r}")
         for name in ("grpc_port", "http_port", "profiler_port"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < 65536:
@@ -126,89 +123,51 @@ class ServeConfig:
         return self.served_model_name or self.model
 
 
-ENGINE_KEYS = ("attention_impl", "max_logprobs", "sparse_prefill", "sparse_min_len", "sparse_tau", "speculative",
-               "draft", "spec_depth", "spec_nodes", "spec_top_k", "spec_max_batch")
-SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "cluster": ClusterConfig}
+FLAT = ((), ("cluster",), ("cache",), ("scheduler",))  # sections whose flags are bare field names
+TITLES = {(): "server and engine", ("cluster",): "replica groups", ("cache",): "KV cache", ("scheduler",): "scheduler",
+          ("speculative",): "speculative decoding", ("sparse_prefill",): "sparse prefill",
+          ("sparse_prefill", "unisparse"): "UniSparse"}
+
+
+def serve_settings() -> list[config_tree.Setting]:
+    """Every setting of the server: ServeConfig's tree, then EngineConfig's (one top level)."""
+    return config_tree.settings(ServeConfig) + config_tree.settings(EngineConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m jaxinfer.serve",
         description="Serve a model over gRPC (jaxinfer.v1 + JetStream Orchestrator) and OpenAI-compatible HTTP.")
     parser.add_argument("--config", help="TOML file with settings; flags given here override it")
-    for title, cls in (("server", ServeConfig), ("replica groups", ClusterConfig), ("KV cache", CacheConfig),
-                       ("scheduler", SchedulerConfig)):
-        add_dataclass_arguments(parser.add_argument_group(title), cls)
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--attention-impl", default="auto", choices=["auto", "pallas", "reference"],
-                        help="attention implementation (auto: Pallas kernel on GPU/TPU, reference on CPU)")
-    engine.add_argument("--max-logprobs", type=int, default=20, help="largest top-logprobs count a request may ask")
-    sparse = SparsePrefillConfig()
-    engine.add_argument("--sparse-prefill", default=sparse.mode, choices=SPARSE_PREFILL_MODES,
-                        help="prefill backend for long prompts (UniSparse block-sparse, dense blocked, or off)")
-    engine.add_argument("--sparse-min-len", type=int, default=sparse.min_len,
-                        help="prompts longer than this many tokens use the sparse prefill backend")
-    engine.add_argument("--sparse-tau", type=float, default=sparse.unisparse.tau,
-                        help="UniSparse: estimated attention mass each query block keeps")
-    add_speculative_arguments(engine)
+    config_tree.add_arguments(parser, serve_settings(), flat=FLAT, group_titles=TITLES)
     return parser
 
 
-def add_speculative_arguments(group) -> None:
-    spec = SpeculativeConfig()
-    group.add_argument("--speculative", default=spec.method, choices=list(SPEC_METHODS),
-                       help="speculative decoding: ngram (prompt lookup), eagle (draft head, fixed tree), heterospec "
-                            "(draft head, entropy-adaptive tree) or off")
-    group.add_argument("--draft", default=spec.draft,
-                       help="draft head directory for eagle/heterospec (default: the head shipped for the model)")
-    group.add_argument("--spec-depth", type=int, default=spec.depth, help="base draft depth (tree levels)")
-    group.add_argument("--spec-nodes", type=int, default=spec.num_nodes, help="tree nodes verified per round")
-    group.add_argument("--spec-top-k", type=int, default=spec.top_k, help="children per expanded tree node")
-    group.add_argument("--spec-max-batch", type=int, default=spec.max_batch,
-                       help="speculate only while at most this many requests decode (plain decoding above)")
+def add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    """The speculative decoding flags alone (for entry points without the rest of the tree)."""
+    config_tree.add_arguments(parser, config_tree.settings(SpeculativeConfig, ("speculative",)),
+                              group_titles=TITLES)
 
 
-def speculative_from_args(args) -> SpeculativeConfig:
-    return SpeculativeConfig(method=args.speculative, draft=args.draft, depth=args.spec_depth,
-                             num_nodes=args.spec_nodes, top_k=args.spec_top_k, max_batch=args.spec_max_batch)
+def speculative_from_args(args: argparse.Namespace) -> SpeculativeConfig:
+    values = config_tree.values_from_args(args, config_tree.settings(SpeculativeConfig, ("speculative",)))
+    return config_tree.build(SpeculativeConfig, values, ("speculative",))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ServeConfig, EngineConfig]:
+    """Flags over the --config file over the defaults."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**_read_config_file(Path(pre.config), parser))
     args = parser.parse_args(argv)
-    engine = EngineConfig(cache=dataclass_from_args(CacheConfig, args),
-                          scheduler=dataclass_from_args(SchedulerConfig, args),
-                          attention_impl=args.attention_impl, max_logprobs=args.max_logprobs,
-                          sparse_prefill=SparsePrefillConfig(
-                              mode=args.sparse_prefill, min_len=args.sparse_min_len,
-                              unisparse=dataclasses.replace(UniSparseConfig(), tau=args.sparse_tau)),
-                          speculative=speculative_from_args(args))
-    serve = dataclasses.replace(dataclass_from_args(ServeConfig, args),
-                                cluster=dataclass_from_args(ClusterConfig, args))
-    return serve, engine
-
-
-def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Flatten a TOML config into argparse defaults, refusing unknown keys."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
-    known = {"": {f.name for f in dataclasses.fields(ServeConfig)} - {"cluster"}, "engine": set(ENGINE_KEYS)}
-    known.update({name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()})
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        section, items = (key, value) if isinstance(value, dict) else ("", {key: value})
-        if section not in known:
-            raise ValueError(f"config file {path}: unknown table [{section}] (known: {', '.join(sorted(known)[1:])})")
-        for name, item in items.items():
-            if name not in known[section]:
-                where = f"[{section}]" if section else "the top level"
-                raise ValueError(f"config file {path}: unknown key {name!r} in {where}")
-            values[name] = tuple(item) if isinstance(item, list) else item
-    return values
+    tree = serve_settings()
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+        values = config_tree.values_from_toml(data, tree, str(path), root_table="engine")
+    values.update(config_tree.values_from_args(args, tree))
+    return config_tree.build(ServeConfig, values), config_tree.build(EngineConfig, values)

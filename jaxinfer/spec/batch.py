@@ -38,15 +38,22 @@ class DraftShape:
     base_depth: int  # the level whose best path gives the HeteroSpec entropy
 
 
-def build_draft_input(seqs: list[Sequence], num_rows: int, max_pages_per_seq: int) -> DraftInput:
+def draft_rows(seqs: list[Sequence], num_rows: int, max_pages_per_seq: int, *, pad_length: int = 1,
+               pad_slot: int = 0) -> DraftInput:
+    """Each request's root token, committed length, slot and page table as host arrays, one row per
+    request; padding rows take ``pad_length`` and ``pad_slot``."""
     roots = np.zeros(num_rows, np.int32)
-    lengths = np.ones(num_rows, np.int32)
-    slots = np.zeros(num_rows, np.int32)
+    lengths = np.full(num_rows, pad_length, np.int32)
+    slots = np.full(num_rows, pad_slot, np.int32)
     page_indices = np.zeros((num_rows, max_pages_per_seq), np.int32)
     for row, seq in enumerate(seqs):
         roots[row], lengths[row], slots[row] = seq.token(seq.num_computed), seq.num_computed, seq.slot
         page_indices[row, :len(seq.pages)] = seq.pages
-    return jax.device_put(DraftInput(roots=roots, lengths=lengths, slots=slots, page_indices=page_indices))
+    return DraftInput(roots=roots, lengths=lengths, slots=slots, page_indices=page_indices)
+
+
+def build_draft_input(seqs: list[Sequence], num_rows: int, max_pages_per_seq: int) -> DraftInput:
+    return jax.device_put(draft_rows(seqs, num_rows, max_pages_per_seq))
 
 
 @jax.tree_util.register_dataclass

@@ -26,7 +26,7 @@ from jaxinfer.engine.sequence import Sequence
 from jaxinfer.layers.attention import TreeMeta
 from jaxinfer.layers.kv_pages import PAD_SLOT, KVPages
 from jaxinfer.layers.sampler import SamplingArrays
-from jaxinfer.spec.batch import TreeInput
+from jaxinfer.spec.batch import TreeInput, draft_rows
 from jaxinfer.spec.eagle import DraftInput, draft_tree
 from jaxinfer.spec.tree import PAD_TOKEN
 from jaxinfer.spec.verify import VerifyResult, verify_tree
@@ -62,16 +62,13 @@ class RoundResult:
 
 def build_round_input(seqs: list[Sequence], limits: list[int], num_rows: int, max_pages_per_seq: int,
                       num_slots: int) -> RoundInput:
-    roots, lengths = np.zeros(num_rows, np.int32), np.zeros(num_rows, np.int32)
-    slots, node_limit = np.full(num_rows, num_slots, np.int32), np.zeros(num_rows, np.int32)
-    page_indices = np.zeros((num_rows, max_pages_per_seq), np.int32)
-    for row, (seq, limit) in enumerate(zip(seqs, limits, strict=True)):
-        roots[row], lengths[row], slots[row], node_limit[row] = seq.token(seq.num_computed), seq.num_computed, \
-            seq.slot, limit
-        page_indices[row, :len(seq.pages)] = seq.pages
+    if len(limits) != len(seqs):
+        raise ValueError(f"{len(limits)} node limits for {len(seqs)} requests")
+    node_limit = np.zeros(num_rows, np.int32)
+    node_limit[:len(limits)] = limits
     sampling = sampling_arrays(list(seqs) + [None] * (num_rows - len(seqs)))
     return jax.device_put(RoundInput(
-        draft=DraftInput(roots=roots, lengths=lengths, slots=slots, page_indices=page_indices),
+        draft=draft_rows(seqs, num_rows, max_pages_per_seq, pad_length=0, pad_slot=num_slots),
         node_limit=node_limit, sampling=sampling,
         want_logprobs=np.array(any(seq.params.logprobs is not None for seq in seqs))))
 

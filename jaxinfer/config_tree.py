@@ -28,20 +28,13 @@ class Setting:
 
     @property
     def name(self) -> str:
+        """The path joined with dots: also the argparse dest."""
         return ".".join(self.path)
-
-    @property
-    def dest(self) -> str:
-        return self.name
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def settings(cls: type, prefix: tuple[str, ...] = ()) -> list[Setting]:
     """The leaf fields of the config dataclass ``cls`` (nested dataclass fields are walked)."""
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     out = []
     for field in dataclasses.fields(cls):
         kind = hints[field.name]
@@ -100,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser, tree: Sequence[Setting], flat
             seen[flag] = setting.name
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = field.metadata.get("help", "")
-        options: dict[str, Any] = dict(dest=setting.dest, default=None)
+        options: dict[str, Any] = dict(dest=setting.name, default=None)
         if "item_type" in field.metadata:  # a repeatable flag
             options.update(type=field.metadata["item_type"], action="append")
         elif kind is bool:
@@ -108,10 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser, tree: Sequence[Setting], flat
         elif typing.get_origin(kind) is tuple:
             options.update(type=_parse_list(_item_type(kind)), metavar="A,B,...")
         else:
-            options.update(type=field.metadata.get("type", kind if isinstance(kind, type) else str),
-                           metavar=setting.path[-1].upper())
+            options.update(type=field.metadata.get("type", kind if isinstance(kind, type) else str))
         if "choices" in field.metadata:
             options["choices"] = list(field.metadata["choices"])
+        elif "action" not in options and "metavar" not in options:
+            options["metavar"] = setting.path[-1].upper()
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         options["help"] = f"{help_text} (default: {shown if shown != '' else 'none'})".strip()
         groups[parent].add_argument(*flags, **options)
@@ -121,7 +115,7 @@ def values_from_args(args: argparse.Namespace, tree: Sequence[Setting]) -> dict[
     """The settings the command line gave, by path."""
     values = {}
     for setting in tree:
-        value = getattr(args, setting.dest, None)
+        value = getattr(args, setting.name, None)
         if value is not None:
             values[setting.path] = tuple(value) if isinstance(value, list) else value
     return values
@@ -163,7 +157,7 @@ def values_from_toml(data: Mapping[str, Any], tree: Sequence[Setting], source: s
 def build(cls: type, values: Mapping[tuple[str, ...], Any], prefix: tuple[str, ...] = ()):
     """An instance of ``cls`` with the given settings (by path) over its defaults (nested configs
     built the same way; their own checks run)."""
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for field in dataclasses.fields(cls):
         path = (*prefix, field.name)

@@ -78,7 +78,7 @@ def median_run(results: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dtype", default="auto", help="weight format (jaxinfer.loader DTYPES)")
+    parser.add_argument("--dtype", default="auto", help="weight format (jaxinfer.config.WEIGHT_DTYPES)")
     parser.add_argument("--methods", default="plain,ngram,eagle,heterospec")
     parser.add_argument("--datasets", default="mt_bench,gsm8k")
     parser.add_argument("--batches", default="1,4")

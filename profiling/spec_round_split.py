@@ -27,10 +27,10 @@ from pathlib import Path
 import jax
 from step_breakdown import category, op_scopes
 
-from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from jaxinfer.config import WEIGHT_DTYPES, CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from jaxinfer.datasets import prompt_set
 from jaxinfer.engine.engine import Engine
-from jaxinfer.loader import DEFAULT_MODEL, DTYPES, load_model
+from jaxinfer.loader import DEFAULT_MODEL, load_model
 from jaxinfer.sampling_params import SamplingParams
 from jaxinfer.spec.batch import DraftShape, TreeShape
 from jaxinfer.spec.draft_head import prepare_speculative
@@ -49,7 +49,7 @@ def traced(engine: Engine, run, trace_dir: Path) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--dtype", default="auto", choices=WEIGHT_DTYPES)
     parser.add_argument("--method", default="heterospec", choices=("ngram", "eagle", "heterospec"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--nodes", type=int, default=8)

@@ -31,7 +31,7 @@ from jaxinfer.spec.tree import DraftTree, pack
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dtype", default="auto", help="weight format (jaxinfer.loader DTYPES)")
+    parser.add_argument("--dtype", default="auto", help="weight format (jaxinfer.config.WEIGHT_DTYPES)")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--nodes", default="2,4,8,16,32")
     parser.add_argument("--context", type=int, default=256, help="committed tokens per request")

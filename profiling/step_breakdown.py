@@ -28,10 +28,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxinfer.config import WEIGHT_DTYPES, CacheConfig, EngineConfig, SchedulerConfig
 from jaxinfer.engine.compile_plan import SamplerRows
 from jaxinfer.engine.engine import Engine
-from jaxinfer.loader import DEFAULT_MODEL, DTYPES, load_model
+from jaxinfer.loader import DEFAULT_MODEL, load_model
 from jaxinfer.sampling_params import SamplingParams
 
 CATEGORIES = [("kv write", "kv_write"), ("attention", "/attention/"), ("MLP", "/mlp/"), ("LM head", "lm_head"),
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps to trace (at least)")
     parser.add_argument("--decode-steps", type=int, default=SchedulerConfig().decode_steps,
                         help="decode steps per device call (1: one call per step)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--dtype", default="auto", choices=WEIGHT_DTYPES)
     parser.add_argument("--json")
     args = parser.parse_args()
 

@@ -18,7 +18,7 @@ def test_every_field_of_the_tree_has_a_flag_and_a_config_key():
     actions = _actions()
     assert len(tree) > 50
     for setting in tree:
-        assert setting.dest in actions, f"no flag for {setting.name}"
+        assert setting.name in actions, f"no flag for {setting.name}"
         default = setting.field.default
         table, key = setting.path[:-1], setting.path[-1]
         document = {key: list(default) if isinstance(default, tuple) else default}

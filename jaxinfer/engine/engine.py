@@ -416,7 +416,7 @@ class Engine:
     def info(self) -> EngineInfo:
         return EngineInfo(self.tokenizer, self.scheduler_config.max_model_len, self.model_config.vocab_size)
 
-    # -- a request's text stream, moved with it between replicas (jaxinfer.engine.migration_port) -------------
+    # -- a request's text stream, moved with it between replicas (jaxinfer.engine.migration_port) ---
 
     def has_stream(self, request_id: str) -> bool:
         """A request of this engine that has not finished."""

@@ -3,8 +3,8 @@
 Everything the runner will run is listed in its compile plan (``plan``: every bucketed step shape,
 their samplers, the programs spec/ hands down, migration transfers) and compiled ahead of time at
 warm-up; after that a step never compiles (``num_compiles`` stays at ``len(plan)``, which the
-compile-budget test checks). The KV
-pages and the sampler state are donated to every step and rebound to its results at once.
+compile-budget test checks). The KV pages and the sampler state are donated to every step and
+rebound to its results at once.
 """
 
 from __future__ import annotations

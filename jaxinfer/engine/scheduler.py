@@ -116,7 +116,7 @@ class Scheduler:
         seq.finish_reason = reason
         seq.finish_time = time.perf_counter()
 
-    # -- a running request moving to another replica (jaxinfer.engine.migration_port) -------------------------
+    # -- a running request moving to another replica (jaxinfer.engine.migration_port) -----------
 
     def detach(self, seq: Sequence) -> None:
         """Stop scheduling a running request; it keeps its pages and slot (``reattach`` or ``release``)."""
@@ -139,21 +139,18 @@ class Scheduler:
         """A slot, and pages for ``num_tokens`` tokens held by an empty shell sequence, for a request
         arriving from another replica (None: not free). ``cancel_arrival`` returns them; ``attach``
         installs the request in them."""
-        blocks = self.block_manager
-        if blocks.pages_needed(num_tokens) > blocks.num_free or not self._free_slots:
-            return None
         shell = Sequence(request_id, [], SamplingParams())
-        blocks.append(shell, num_tokens)
+        if not self._free_slots or not self.block_manager.can_append(shell, num_tokens):
+            return None
+        self.block_manager.append(shell, num_tokens)
         return shell, self._free_slots.pop()
 
     def grow_arrival(self, shell: Sequence, num_pages: int) -> bool:
         """At least ``num_pages`` pages for an arrival (False: not enough are free; nothing changed)."""
-        blocks = self.block_manager
-        missing = num_pages - len(shell.pages)
-        if missing > blocks.num_free:
+        tokens = num_pages * self.block_manager.page_size  # the shell computed nothing: pages from token 0
+        if not self.block_manager.can_append(shell, tokens):
             return False
-        if missing > 0:
-            blocks.append(shell, num_pages * blocks.page_size)
+        self.block_manager.append(shell, tokens)
         return True
 
     def cancel_arrival(self, shell: Sequence, slot: int) -> None:
@@ -168,7 +165,7 @@ class Scheduler:
         self.running.append(seq)
         self.block_manager.commit(seq)
 
-    # -- pages of running requests ----------------------------------------------------------------
+    # -- pages of running requests --------------------------------------------------------------
 
     def computed(self, seq: Sequence, count: int) -> None:
         """``count`` more of seq's tokens have their KV in its pages (a step, a burst or a verified

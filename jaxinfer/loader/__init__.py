@@ -11,7 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer.config import DEFAULT_MODEL, DTYPE_HELP, WEIGHT_DTYPES, ModelConfig  # noqa: F401 - re-exported
+from jaxinfer.config import DEFAULT_MODEL, WEIGHT_DTYPES, ModelConfig
 from jaxinfer.layers import quant
 from jaxinfer.layers.linear import QuantSpec
 from jaxinfer.loader.checkpoint import CheckpointDir, is_checkpoint_dir
@@ -24,7 +24,6 @@ from jaxinfer.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DTYPES = WEIGHT_DTYPES  # float weights, GGUF-style blocks (quant.QTYPES) or "auto"
 
 
 @dataclasses.dataclass
@@ -45,8 +44,8 @@ def parse_dtype(name: str):
 
 def weight_format(name: str, source=None) -> tuple[str, QuantSpec | None]:
     """``--dtype`` -> (float dtype name, quantization or None) for ``source`` (what resolve_source opened)."""
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r} (supported: {', '.join(DTYPES)})")
+    if name not in WEIGHT_DTYPES:
+        raise ValueError(f"unsupported dtype {name!r} (supported: {', '.join(WEIGHT_DTYPES)})")
     if name in FLOAT_DTYPES:
         return name, None
     if name in quant.QTYPES:
@@ -93,7 +92,7 @@ def resolve_source(spec: str):
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto") -> LoadedModel:
-    """Load weights, config and tokenizer in the format ``dtype`` names (see DTYPES and
+    """Load weights, config and tokenizer in the format ``dtype`` names (see jaxinfer.config.WEIGHT_DTYPES and
     ``weight_format``). Errors are ValueError/FileNotFoundError with one line."""
     start = time.perf_counter()
     source = resolve_source(spec)

@@ -1,15 +1,16 @@
 """Profile one replica's step time on this machine and save the cost model the CascadeInfer router
 and the simulator use (jaxinfer.router.cost_model.CostModel): the time of a decode step by (rows,
 KV length every row is padded to), of a prefill step by (prompt tokens, KV extent), the KV copy
-bandwidth between two replica groups and, for CPU replicas (virtual devices of one host), how much
-replicas stepping at once slow each other down.
+bandwidth between two replica groups, how much of a length-mixed decode batch's spread a step pays
+for and, for CPU replicas (virtual devices of one host), how much replicas stepping at once slow
+each other down.
 
     JAXINFER_CACHE=/tmp/jicache PYTHONPATH=. python launch/profile_cost_model.py \
         --out $JAXINFER_CACHE/cost_model.json       # found there by python -m jaxinfer.serve
 
 Each shape is compiled once and timed over --repeats runs (median). The step shapes are the
-engine's own: a step's cost depends on its padded shape, which is why a batch that mixes a short and
-a long context pays the long one for every row.
+engine's own; decode steps run with every row at the KV bucket's length (the kernels read each row's
+own pages, so a decode step's cost follows its rows' contexts, not the bucket).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax  # noqa: E402
 
 from jaxinfer.compile_cache import enable_compilation_cache  # noqa: E402
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from jaxinfer.engine.compile_plan import PageCopy  # noqa: E402
 from jaxinfer.engine.engine import Engine  # noqa: E402
 from jaxinfer.loader import DEFAULT_MODEL, load_model  # noqa: E402
 from jaxinfer.replicas.placement import replica_meshes  # noqa: E402
@@ -41,7 +43,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=ints, default=(1, 4, 16, 32), help="decode rows (the engine's buckets)")
-    parser.add_argument("--kv", type=ints, default=(256, 1024, 2048, 4096, 8192), help="decode KV buckets")
+    parser.add_argument("--kv", type=ints, default=(128, 512, 1024, 2048, 4096, 8192), help="decode KV buckets")
     parser.add_argument("--prefill-tokens", type=ints, default=(64, 256))
     parser.add_argument("--prefill-kv", type=ints, default=(256, 1024, 4096, 8192))
     parser.add_argument("--page-size", type=int, default=16)
@@ -61,9 +63,8 @@ def main(argv=None) -> None:
     devices = jax.local_devices()[:args.replicas]
     meshes = replica_meshes(len(devices), devices) if len(devices) > 1 else [None]
     engines = [Engine(loaded.model, loaded.tokenizer, config, mesh=mesh) for mesh in meshes]
-    for engine in engines[1:]:
-        engine.runner.warm_up_migration()
-    engines[0].runner.warm_up_migration()
+    for engine in engines:  # the page transfers the copy bandwidth is timed on
+        engine.runner.warm_up(e for e in engine.compile_plan(migration=True) if isinstance(e, PageCopy))
     result = profile(engines, decode_batch=args.batch, decode_kv=args.kv, prefill_tokens=args.prefill_tokens,
                      prefill_kv=args.prefill_kv, model=args.model, repeats=args.repeats,
                      log=lambda line: print(line, file=sys.stderr, flush=True))

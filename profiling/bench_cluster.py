@@ -145,8 +145,7 @@ def main(argv=None) -> None:
     engines = [Engine(loaded.model, loaded.tokenizer, config, mesh=mesh) for mesh in meshes]
     start = time.perf_counter()
     for engine in engines:
-        engine.warm_up()
-        engine.runner.warm_up_migration()
+        engine.warm_up(migration=True)
     print(f"warm-up of {args.replicas} replicas: {time.perf_counter() - start:.0f} s "
           f"({len(all_step_shapes(engines[0].scheduler_config))} step shapes each)", file=sys.stderr)
     rates = [float(r) for r in args.rates.split(",")]

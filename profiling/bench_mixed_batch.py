@@ -18,52 +18,18 @@ import datetime
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from jaxinfer.compile_cache import enable_compilation_cache
 from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
 from jaxinfer.engine.batch import StepShape
 from jaxinfer.engine.engine import Engine
-from jaxinfer.engine.scheduler import SchedulerOutput
-from jaxinfer.engine.sequence import Sequence
 from jaxinfer.loader import DEFAULT_MODEL, load_model
-from jaxinfer.sampling_params import SamplingParams
+from profiling.step_profile import step_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def decode_rows(lengths: list[int], page_size: int) -> list[Sequence]:
-    """Decoding requests with these context lengths on disjoint pages (their KV is whatever the pool
-    holds: only the time counts)."""
-    seqs, next_page = [], 0
-    for row, length in enumerate(lengths):
-        seq = Sequence(f"r{row}", [1 + (i % 97) for i in range(length)], SamplingParams(seed=row))
-        pages = -(-length // page_size)
-        seq.pages = list(range(next_page, next_page + pages))
-        seq.num_computed, seq.slot = length - 1, row
-        next_page += pages
-        seqs.append(seq)
-    return seqs
-
-
-def step_ms(engine: Engine, shape: StepShape, lengths: list[int], repeats: int) -> float:
-    """Median ms of one compiled decode step (forward and sampling) with rows at these lengths."""
-    runner = engine.runner
-    forward, sampler = runner.executable(shape)
-    out = SchedulerOutput(decode_rows(lengths, engine.block_manager.page_size), [], [])
-    batch = runner.builder.build(out, shape, impl=runner.impl, interpret=runner.interpret)
-    times = []
-    for _ in range(repeats + 1):  # the first run is a warm-up
-        start = time.perf_counter()
-        logits, runner.kv, runner.sampler = forward(runner.state, runner.kv, runner.sampler, batch)
-        results, runner.sampler = sampler(logits, runner.sampler, batch.sample)
-        jax.block_until_ready(results)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times[1:]))
 
 
 def main(argv=None) -> None:
@@ -99,7 +65,7 @@ def main(argv=None) -> None:
     results = {}
     for _ in range(2):  # two passes, cases interleaved: the VM drifts between runs
         for name, lengths in cases.items():
-            results.setdefault(name, []).append(step_ms(engine, shape, lengths, args.repeats))
+            results.setdefault(name, []).append(1e3 * step_seconds(engine, shape, args.repeats, lengths))
     table = {name: min(times) for name, times in results.items()}
     print(f"decode step, {rows} rows padded to KV {long}, {args.model} ({engine.runner.impl} attention)")
     print(f"{'batch':<44} {'ms/step':>8}")

@@ -21,17 +21,41 @@ from jaxinfer.engine.batch import STOP_WIDTH, BurstInput, StepShape
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.model_runner import Chain
 from jaxinfer.engine.scheduler import SchedulerOutput
+from jaxinfer.engine.sequence import Sequence as Seq
+from jaxinfer.sampling_params import SamplingParams
 
 
-def step_seconds(engine: Engine, shape: StepShape, repeats: int = 3) -> float:
-    """Median time of one compiled step (forward and sampling) of ``shape`` on empty inputs (a step
-    costs what its padded shape costs); of a decode shape that runs as bursts, a full burst's time
-    per step."""
+def decode_rows(lengths: Sequence[int], page_size: int, num_pages: int) -> list[Seq]:
+    """Decoding requests at these context lengths, each on its own pages while the pool has them
+    (then the page ids wrap around: rows read the same KV, which only the time depends on)."""
+    seqs, next_page = [], 0
+    for row, length in enumerate(lengths):
+        seq = Seq(f"r{row}", [1 + (i % 97) for i in range(length)], SamplingParams(seed=row))
+        pages = -(-length // page_size)
+        seq.pages = [(next_page + i) % num_pages for i in range(pages)]
+        seq.num_computed, seq.slot = length - 1, row
+        next_page += pages
+        seqs.append(seq)
+    return seqs
+
+
+def step_seconds(engine: Engine, shape: StepShape, repeats: int = 3,
+                 lengths: Sequence[int] | None = None) -> float:
+    """Median time of one compiled step (forward and sampling) of ``shape``; of a decode shape that
+    runs as bursts, a full burst's time per step. Decode rows read ``lengths`` tokens of context
+    each (default: every row at the shape's KV bucket, less the burst's steps, so the burst stays
+    inside it); a prompt step runs on empty inputs (it costs what its padded shape costs)."""
     runner = engine.runner
     forward, sampler = runner.executable(shape)
-    batch = runner.builder.build(SchedulerOutput([], [], []), shape, impl=runner.impl, interpret=runner.interpret)
     steps = runner.burst_steps if sampler is None else 1
-    if sampler is None:  # every row runs all steps (the pool is empty: what they write is never read)
+    out = SchedulerOutput([], [], [])
+    if shape.num_decode:
+        if lengths is None:
+            lengths = [max(shape.decode_kv_tokens - steps, 1)] * shape.num_decode
+        blocks = engine.block_manager
+        out = SchedulerOutput(decode_rows(lengths, blocks.page_size, blocks.num_pages), [], [])
+    batch = runner.builder.build(out, shape, impl=runner.impl, interpret=runner.interpret)
+    if sampler is None:  # every row runs all steps
         rows = shape.num_decode
         burst = BurstInput(budget=np.full(rows, steps, np.int32), stop_ids=np.full((rows, STOP_WIDTH), -1, np.int32))
         chain = Chain(batch.tokens, np.ones(rows, bool))
@@ -46,6 +70,30 @@ def step_seconds(engine: Engine, shape: StepShape, repeats: int = 3) -> float:
         jax.block_until_ready(results)
         times.append((time.perf_counter() - start) / steps)
     return float(np.median(times[1:]))
+
+
+def monotone(table: Sequence[Sequence[float]]) -> list[list[float]]:
+    """A step-time grid made non-decreasing along both axes (more rows or more context never makes a
+    step cheaper; a dip is the host's noise, e.g. another process during one shape's timing)."""
+    grid = np.maximum.accumulate(np.maximum.accumulate(np.asarray(table, float), axis=0), axis=1)
+    return grid.tolist()
+
+
+def mix_padding(engine: Engine, rows: int, short: int, long: int, repeats: int = 5) -> float:
+    """How much of a length-mixed decode batch's spread its step pays for, in [0, 1]: one row at
+    ``long`` among rows at ``short``, against homogeneous batches at the mixed batch's mean length
+    (0: the step follows the summed context) and at ``long`` (1: every row costs the longest), on
+    one compiled shape (the cost model's ``decode_mix_padding``). Two interleaved passes, the faster
+    of each (a VM's speed drifts between runs)."""
+    shape = StepShape(rows, long, 0, 0)
+    long = max(long - engine.runner.burst_steps, short)  # a burst's rows stay inside the KV bucket
+    mixed = [long] + [short] * (rows - 1)
+    mean = int(round(np.mean(mixed)))
+    cases = {"mixed": mixed, "mean": [mean] * rows, "long": [long] * rows}
+    best = {name: min(step_seconds(engine, shape, repeats, lengths) for _ in range(2))
+            for name, lengths in cases.items()}
+    spread = best["long"] - best["mean"]
+    return float(np.clip((best["mixed"] - best["mean"]) / spread, 0.0, 1.0)) if spread > 0 else 1.0
 
 
 def host_parallelism(engines: Sequence[Engine], shape: StepShape, repeats: int = 5) -> float:
@@ -78,8 +126,12 @@ def profile(engines: Sequence[Engine], *, decode_batch: Sequence[int], decode_kv
         if log is not None:
             log(f"{shape}: {1e3 * seconds:.1f} ms")
         return seconds
-    decode = [[timed(StepShape(b, s, 0, 0)) for s in decode_kv] for b in decode_batch]
-    prefill = [[timed(StepShape(0, 0, t, s)) for s in prefill_kv] for t in prefill_tokens]
+    decode = monotone([[timed(StepShape(b, s, 0, 0)) for s in decode_kv] for b in decode_batch])
+    prefill = monotone([[timed(StepShape(0, 0, t, s)) for s in prefill_kv] for t in prefill_tokens])
+    mix_rows = max([b for b in decode_batch if b <= 8], default=decode_batch[0])
+    mix = mix_padding(engine, mix_rows, max(decode_kv[-1] // 16, 1), decode_kv[-1], repeats)
+    if log is not None:
+        log(f"decode_mix_padding ({mix_rows} rows, one at {decode_kv[-1]}): {mix:.3f}")
     config, blocks = engine.scheduler_config, engine.block_manager
     result = {
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -90,7 +142,7 @@ def profile(engines: Sequence[Engine], *, decode_batch: Sequence[int], decode_kv
         "max_num_batched_tokens": config.max_num_batched_tokens,
         "decode": {"batch": list(decode_batch), "kv_len": list(decode_kv), "seconds": decode},
         "prefill": {"tokens": list(prefill_tokens), "kv_len": list(prefill_kv), "seconds": prefill},
-        "copy_bytes_per_second": 1e9, "mixed_prefill_kv": list(config.mixed_kv_buckets)}
+        "copy_bytes_per_second": 1e9, "mixed_prefill_kv": list(config.mixed_kv_buckets), "decode_mix_padding": mix}
     if len(engines) > 1:
         result["copy_bytes_per_second"] = copy_bandwidth(engines)
         if jax.devices()[0].platform == "cpu":  # the replicas are virtual devices of one host
@@ -131,8 +183,8 @@ def calibrate(profile_dict: dict, logs: Sequence[list]) -> dict:
         host = {"cores": cores, "decode_parallelism": float(decode_parallelism),
                 "prefill_parallelism": float(prefill_parallelism)}
         model = CostModel.from_dict({**profile_dict, "host": host, "step_overhead_seconds": 0.0})
-        stretched = np.array([_stretched(model, shape, busy) for shape, busy, _ in steps])
-        residuals = np.array([seconds for _, _, seconds in steps]) - stretched
+        stretched = np.array([_stretched(model, shape, busy, contexts) for shape, busy, _, contexts in steps])
+        residuals = np.array([seconds for _, _, seconds, _ in steps]) - stretched
         overhead = max(float(np.median(residuals)), 0.0)
         score = float(np.mean(np.abs(residuals - overhead)))
         if best is None or score < best[0]:
@@ -153,9 +205,8 @@ def host_drift(profile_dict: dict, logs: Sequence[list]) -> tuple[float, float]:
 
     model = CostModel.from_dict(profile_dict)
     decode_real = decode_model = rest_real = rest_decode = rest_prefill = 0.0
-    for shape, busy, seconds in _busy_steps(logs):
-        decode, prefill = model.step_parts(shape.num_decode, shape.decode_kv_tokens, shape.num_prefill_tokens,
-                                           shape.prefill_kv_tokens)
+    for shape, busy, seconds, contexts in _busy_steps(logs):
+        decode, prefill = _parts(model, shape, contexts)
         stretch = model.host_slowdown(busy)
         decode, prefill = decode * stretch[0] + model.step_overhead, prefill * stretch[1]
         if prefill:
@@ -186,14 +237,23 @@ def rescaled(profile_dict: dict, decode_factor: float, prefill_factor: float) ->
 
 
 def _busy_steps(logs: Sequence[list]) -> list:
-    """(shape, steps running at its start on the host including itself, seconds) of every logged step."""
-    intervals = [(start, end) for log in logs for _, start, end in log]
-    return [(shape, sum(1 for s, e in intervals if s <= start < e), end - start)
-            for log in logs for shape, start, end in log]
+    """(shape, steps running at its start on the host including itself, seconds, decode rows' contexts)
+    of every logged step."""
+    intervals = [(entry[1], entry[2]) for log in logs for entry in log]
+    return [(shape, sum(1 for s, e in intervals if s <= start < e), end - start, contexts)
+            for log in logs for shape, start, end, contexts in log]
 
 
-def _stretched(model, shape: StepShape, busy: int) -> float:
-    decode, prefill = model.step_parts(shape.num_decode, shape.decode_kv_tokens, shape.num_prefill_tokens,
-                                       shape.prefill_kv_tokens)
+def _parts(model, shape: StepShape, contexts) -> tuple[float, float]:
+    """A logged step's modelled (decode, prefill) seconds: its real decode rows at their contexts
+    (the shape's KV bucket for a step logged without them)."""
+    rows = len(contexts) or shape.num_decode
+    longest = max(contexts, default=shape.decode_kv_tokens)
+    mean = sum(contexts) / len(contexts) if contexts else None
+    return model.step_parts(rows, longest, shape.num_prefill_tokens, shape.prefill_kv_tokens, mean)
+
+
+def _stretched(model, shape: StepShape, busy: int, contexts) -> float:
+    decode, prefill = _parts(model, shape, contexts)
     stretch = model.host_slowdown(busy)
     return decode * stretch[0] + prefill * stretch[1]

@@ -149,7 +149,8 @@ class Engine:
         self.last_step_decode_tokens = 0
         self.generated_tokens_total = 0
         self.prompt_tokens_total = 0
-        self.step_log: list | None = None  # set to a list to record (shape, start, end) of every step
+        # set to a list to record (shape, start, end, decode rows' context lengths) of every step
+        self.step_log: list | None = None
         self._inflight: _Burst | None = None  # a burst dispatched, not yet collected
         self._pending: list[RequestOutput] = []  # outputs of a settled burst, returned by the next step
         self._collected = 0.0  # when the latest step's results came back
@@ -338,8 +339,10 @@ class Engine:
         self.num_steps += steps
         self.last_step_seconds = end - begin
         if self.step_log is not None:  # a burst as its steps, each an equal share of its time
-            self.step_log += [(burst.shape, begin + (end - begin) * i / steps,
-                               begin + (end - begin) * (i + 1) / steps) for i in range(steps)]
+            done = [seq.num_computed - int(n) for seq, n in zip(burst.out.decodes, result.counts, strict=False)]
+            self.step_log += [(burst.shape, begin + (end - begin) * i / steps, begin + (end - begin) * (i + 1) / steps,
+                               tuple(c + i + 1 for c, n in zip(done, result.counts, strict=False) if n > i))
+                              for i in range(steps)]
         self.last_step_tokens = self.last_step_decode_tokens = int(result.counts.sum())
         if self.spec is not None and not burst.compiled:
             self.spec.observe_step("plain", len(burst.out.decodes), self.last_step_tokens, end - begin)
@@ -349,6 +352,7 @@ class Engine:
         """An ordinary step (or a speculative round): run and read back at once."""
         generated = self.generated_tokens_total
         compile_seconds = self.runner.compile_seconds
+        contexts = tuple(seq.num_computed + 1 for seq in out.decodes) if self.step_log is not None else ()
         outputs = self._speculate(out.decodes) if speculate else None
         if outputs is None:  # a plain step (after a round with nothing drafted: what choosing a round gave)
             shape = self._shape(out)
@@ -362,7 +366,7 @@ class Engine:
         end = self._collected = time.perf_counter()
         self.last_step_seconds = end - start
         if self.step_log is not None:
-            self.step_log.append((self.runner.last_shape, start, end))
+            self.step_log.append((self.runner.last_shape, start, end, contexts))
         self.last_step_tokens = out.num_tokens
         self.last_step_decode_tokens = len(out.decodes)
         return outputs

@@ -8,12 +8,18 @@ It is written by ``launch/profile_cost_model.py`` as JSON:
      "max_num_seqs", "max_num_batched_tokens",
      "decode":  {"batch": [B...], "kv_len": [S...], "seconds": [[per kv_len] per batch]},
      "prefill": {"tokens": [T...], "kv_len": [S...], "seconds": [[per kv_len] per tokens]},
-     "copy_bytes_per_second"}
+     "copy_bytes_per_second", optional "decode_mix_padding"}
 
-Lookups round the batch / token count and the KV length UP to the grid's buckets, as the engine
-pads a step (every decode row is padded to the batch's longest context). Past the largest bucket
-the time is extrapolated from the grid's corner with a least-squares fit ``T = a + b*X + c*X*S``
-(X = batch rows or prompt tokens, S = KV length); it is never clamped.
+A decode entry is a step of B rows that each read S tokens of KV. The attention kernels read each
+row's own pages, so a batch whose rows differ costs what a homogeneous batch at an effective length
+costs: ``L = mean + mix * (longest - mean)``, where ``decode_mix_padding`` (mix, in [0, 1]) is how
+much of the spread the kernel pays for (measured by ``profiling/step_profile.py``: one long row
+among short ones against homogeneous batches; 0 = time follows the summed context, 1 = every row
+costs the longest, the value assumed when a profile lacks the key). Lookups round the batch UP to
+the grid's buckets (padded rows run through the matmuls) and interpolate linearly in the KV length
+(between 0 and the first bucket from the fit's zero-context time). Past the largest bucket the time
+is extrapolated from the grid's corner with a least-squares fit ``T = a + b*X + c*X*S`` (X = batch
+rows or prompt tokens, S = KV length); it is never clamped. Prefill entries round both axes up.
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ class CostModel:
                 for t in row:
                     if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
                         raise ValueError(f"cost model: {name}.seconds must be positive finite times, got {t!r}")
+        mix = self.extra.get("decode_mix_padding", 1.0)
+        if isinstance(mix, bool) or not isinstance(mix, int | float) or not 0 <= mix <= 1:
+            raise ValueError(f"cost model: decode_mix_padding must be a number in [0, 1], got {mix!r}")
         if "mixed_prefill_kv" in self.extra:
             _check_grid("mixed_prefill_kv", _int_tuple("mixed_prefill_kv", self.extra["mixed_prefill_kv"]))
         host = self.extra.get("host")
@@ -147,11 +156,15 @@ class CostModel:
                   prefill: tuple[float, float, float] = (6e-3, 5e-5, 1.5e-12), max_len: int = 131072,
                   kv_capacity_tokens: int = 450_000, kv_bytes_per_token: int = 131072, page_size: int = 16,
                   max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                  copy_bytes_per_second: float = 25e9) -> CostModel:
+                  copy_bytes_per_second: float = 25e9, mix_padding: float = 0.1) -> CostModel:
         """An analytic model: decode ``a + b*B + c*B*S``, prefill ``a + b*T + c*T*S`` evaluated on
         power-of-two grids (so the fit recovers the coefficients exactly). The defaults are roughly an
         8B model in bf16 on one H100: 6 ms of weight reads per step, 128 KiB of KV per token read at
-        ~2.6 TB/s, ~450K tokens of KV pool, and a 25 GB/s link between replicas."""
+        ~2.6 TB/s, ~450K tokens of KV pool, and a 25 GB/s link between replicas. ``mix_padding``
+        (``decode_mix_padding``): 0.1 puts the attention time of a length-mixed batch against a
+        homogeneous one of the same summed context at 1.2x (one 4K row among fifteen 1K rows) to 2.0x
+        (one 8K row among thirty-one 512-token rows), the 1.1-2.1x the CascadeInfer paper measured for
+        GPU decode kernels; not measured here (no GPU was lent)."""
         if any(not x >= 0 for x in (*decode, *prefill)) or decode[0] <= 0 or prefill[0] <= 0:
             raise ValueError(f"synthetic cost coefficients must be >= 0 with a > 0, got {decode=} {prefill=}")
         if max_len < 1:
@@ -169,7 +182,8 @@ class CostModel:
                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                    decode_batch=batch, decode_kv=kv, decode_table=table(decode, batch),
                    prefill_tokens=tokens, prefill_kv=kv, prefill_table=table(prefill, tokens),
-                   copy_bytes_per_second=float(copy_bytes_per_second), extra={"synthetic": True})
+                   copy_bytes_per_second=float(copy_bytes_per_second),
+                   extra={"synthetic": True, "decode_mix_padding": float(mix_padding)})
 
     def with_capacity(self, kv_capacity_tokens: int) -> CostModel:
         """The same step times with another KV pool size (cluster-size and long-context studies)."""
@@ -181,24 +195,57 @@ class CostModel:
     def kv_capacity_pages(self) -> int:
         return self.kv_capacity_tokens // self.page_size
 
-    def decode_seconds(self, batch: int, max_context: int) -> float:
-        """One decode-only step of ``batch`` rows padded to ``max_context`` (0 for an empty batch)."""
+    @property
+    def mix_padding(self) -> float:
+        """``decode_mix_padding``: the share of a decode batch's length spread its step pays for."""
+        return float(self.extra.get("decode_mix_padding", 1.0))
+
+    def effective_context(self, max_context, mean_context=None):
+        """The homogeneous row length a decode batch costs like (scalars or numpy arrays)."""
+        if mean_context is None:
+            return max_context
+        return mean_context + self.mix_padding * (max_context - mean_context)
+
+    def decode_seconds(self, batch: int, max_context: int, mean_context: float | None = None) -> float:
+        """One decode-only step of ``batch`` rows, the longest at ``max_context`` and on average at
+        ``mean_context`` (None: every row at max_context); 0 for an empty batch."""
         if batch <= 0:
             return 0.0
-        return _lookup(self.decode_batch, self.decode_kv, self.decode_table, self.decode_fit(), batch,
-                       max(max_context, 1))
+        s = max(self.effective_context(max_context, mean_context), 0.0)
+        rows, kv, table = self.decode_batch, self.decode_kv, self.decode_table
+        a, b, c = self.decode_fit()
+        i = bisect.bisect_left(rows, batch)
+        x = batch if i == len(rows) else rows[i]
+        i = min(i, len(rows) - 1)
+        row = table[i]
+        j = bisect.bisect_left(kv, s)
+        if j == len(kv):
+            t = row[-1] + c * rows[i] * (s - kv[-1])
+        elif j == 0:
+            floor = min(a + b * rows[i], row[0])
+            t = floor + (row[0] - floor) * s / kv[0]
+        else:
+            t = row[j - 1] + (row[j] - row[j - 1]) * (s - kv[j - 1]) / (kv[j] - kv[j - 1])
+        return float(t + (b + c * s) * (x - rows[i]))
 
-    def decode_seconds_array(self, batch, max_context) -> np.ndarray:
+    def decode_seconds_array(self, batch, max_context, mean_context=None) -> np.ndarray:
         """``decode_seconds`` over numpy arrays (broadcast together)."""
-        x, s = np.broadcast_arrays(np.asarray(batch), np.maximum(np.asarray(max_context), 1))
-        rows, kv = np.asarray(self.decode_batch), np.asarray(self.decode_kv)
+        context = self.effective_context(np.asarray(max_context, float),
+                                         None if mean_context is None else np.asarray(mean_context, float))
+        x, s = np.broadcast_arrays(np.asarray(batch), np.maximum(context, 0.0))
+        rows, kv = np.asarray(self.decode_batch), np.asarray(self.decode_kv, float)
+        table = np.asarray(self.decode_table, float)
+        a, b, c = self.decode_fit()
         i = np.minimum(np.searchsorted(rows, x, side="left"), len(rows) - 1)
-        j = np.minimum(np.searchsorted(kv, s, side="left"), len(kv) - 1)
         x_at = np.where(x <= rows[-1], rows[i], x)
-        s_at = np.where(s <= kv[-1], kv[j], s)
-        _, b, c = self.decode_fit()
-        out = np.asarray(self.decode_table, float)[i, j] + b * (x_at - rows[i]) + c * (x_at * s_at - rows[i] * kv[j])
-        return np.where(x <= 0, 0.0, out)
+        floor = np.minimum(a + b * rows, table[:, 0])
+        grid = np.concatenate([floor[:, None], table], axis=1)  # column 0: zero context
+        points = np.concatenate([[0.0], kv])
+        j = np.clip(np.searchsorted(points, s, side="left"), 1, len(points) - 1)
+        lo, hi = grid[i, j - 1], grid[i, j]
+        t = lo + (hi - lo) * (np.minimum(s, kv[-1]) - points[j - 1]) / (points[j] - points[j - 1])
+        t = t + c * rows[i] * np.maximum(s - kv[-1], 0.0) + (b + c * s) * (x_at - rows[i])
+        return np.where(x <= 0, 0.0, t)
 
     def prefill_seconds(self, tokens: int, kv_len: int) -> float:
         """One prefill-only step of ``tokens`` prompt tokens whose KV extent is ``kv_len`` (>= tokens)."""
@@ -207,14 +254,15 @@ class CostModel:
         return _lookup(self.prefill_tokens, self.prefill_kv, self.prefill_table, self.prefill_fit(), tokens,
                        max(kv_len, tokens))
 
-    def step_seconds(self, num_decode: int, max_decode_context: int, prefill_tokens: int, prefill_kv: int) -> float:
+    def step_seconds(self, num_decode: int, max_decode_context: int, prefill_tokens: int, prefill_kv: int,
+                     mean_decode_context: float | None = None) -> float:
         """A mixed step, taken as its decode part plus its prefill part plus the host overhead (0 for
         an empty step)."""
-        parts = self.step_parts(num_decode, max_decode_context, prefill_tokens, prefill_kv)
+        parts = self.step_parts(num_decode, max_decode_context, prefill_tokens, prefill_kv, mean_decode_context)
         return sum(parts) + self.step_overhead if num_decode or prefill_tokens else 0.0
 
-    def step_parts(self, num_decode: int, max_decode_context: int, prefill_tokens: int,
-                   prefill_kv: int) -> tuple[float, float]:
+    def step_parts(self, num_decode: int, max_decode_context: int, prefill_tokens: int, prefill_kv: int,
+                   mean_decode_context: float | None = None) -> tuple[float, float]:
         """(decode part, prefill part) of a step. With ``mixed_prefill_kv`` in the profile (the engine's
         mixed-step KV buckets), the prompt part of a step that also decodes is padded as the engine
         pads it: to the largest prompt bucket and to those KV buckets."""
@@ -224,7 +272,8 @@ class CostModel:
             prefill_kv = next((b for b in mixed if b >= prefill_kv), prefill_kv)
         if not num_decode and not prefill_tokens:
             return 0.0, 0.0
-        return self.decode_seconds(num_decode, max_decode_context), self.prefill_seconds(prefill_tokens, prefill_kv)
+        return (self.decode_seconds(num_decode, max_decode_context, mean_decode_context),
+                self.prefill_seconds(prefill_tokens, prefill_kv))
 
     @property
     def step_overhead(self) -> float:

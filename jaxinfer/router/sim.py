@@ -4,8 +4,9 @@ cluster (pure Python + numpy, no jax).
 ``SimReplica`` mimics the engine's continuous batching: at most max_num_seqs running, a token
 budget per step, chunked prefill of waiting requests first come first served, a paged KV pool
 (admission only when the chunk's pages fit), preemption by recompute of the newest running request
-when a running one cannot get a page, and a step that lasts
-``cost_model.step_seconds(decodes, longest decode context, prefill tokens, prefill KV extent)``.
+when a running one cannot get a page, and a step that lasts ``cost_model.step_seconds(decodes,
+longest decode context, prefill tokens, prefill KV extent, mean decode context)`` (a length-mixed
+batch costs by the profile's ``decode_mix_padding``).
 
 ``Simulator`` runs the event loop: arrivals (``router.dispatch``), step completions, and rebalance
 ticks every ``router.interval`` (``router.rebalance``), whose Migration orders it carries out:
@@ -177,7 +178,8 @@ class SimReplica:
         if not step:
             return None
         self.step, self.busy = step, True
-        decode, prefill = self.cost_model.step_parts(num_decode, max_ctx, prefill_tokens, prefill_kv)
+        decode, prefill = self.cost_model.step_parts(num_decode, max_ctx, prefill_tokens, prefill_kv,
+                                                     sum_ctx / num_decode if num_decode else None)
         self.step_parts = (decode, prefill)
         seconds = decode * slowdown[0] + prefill * slowdown[1] + self.cost_model.step_overhead
         self.last_step_seconds = seconds

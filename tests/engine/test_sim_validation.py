@@ -1,7 +1,8 @@
 """The simulator against the real cluster: the same small workload served by two real replica
 engines (tiny model) and simulated with a cost model profiled from those engines and fitted to the
 run's own step times; over three trials the median ratio of simulated to real mean E2E must be within
-15% of 1 and of mean TTFT within 20%."""
+15% of 1 and of mean TTFT within 20%, on a Poisson workload and on slices of the Azure conversation
+trace."""
 
 import asyncio
 import time
@@ -17,6 +18,7 @@ from jaxinfer.replicas.placement import replica_meshes
 from jaxinfer.router.baselines import make_router
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.router.sim import Simulator
+from jaxinfer.router.trace import load_azure
 from jaxinfer.sampling_params import SamplingParams
 from profiling.step_profile import calibrate, host_drift, profile, rescaled
 from tests.conftest import tiny_config
@@ -56,6 +58,19 @@ def workload(count=20, seed=3):
     prompts = rng.integers(8, 120, count)
     outputs = rng.integers(8, 60, count)
     return [(float(a), int(p), int(o)) for a, p, o in zip(arrivals, prompts, outputs, strict=True)]
+
+
+def azure_slice(count=12, seed=3):
+    """``count`` consecutive requests of the Azure conversation trace (from an offset set by the seed),
+    lengths scaled by 1/12 to the tiny model's context (prompt <= 160, output <= 60) and arrivals
+    re-timed to the same mean gap as ``workload``'s (1.2 s), keeping the trace's burstiness."""
+    trace = load_azure(limit=2000)
+    start = 200 * (seed - 2)
+    rows = trace[start:start + count]
+    gaps = np.diff([r.arrival for r in rows], prepend=rows[0].arrival)
+    gaps = gaps * 1.2 / max(float(gaps[1:].mean()), 1e-9)
+    return [(float(t), int(min(max(r.prompt_len // 12, 8), 160)), int(min(max(r.output_len // 12, 8), 60)))
+            for t, r in zip(np.cumsum(gaps), rows, strict=True)]
 
 
 def measure(engines, router, requests):
@@ -104,14 +119,20 @@ def trial(engines, measured, router, requests):
     return sim["mean_e2e"] / e2e, sim["mean_ttft"] / ttft
 
 
-@pytest.mark.parametrize("router", ["least-loaded"])
-def test_simulated_latency_matches_real_cluster(router):
+@pytest.fixture(scope="module")
+def engines_and_profile():
     engines = make_engines(2)
-    measured = profiled(engines)
+    return engines, profiled(engines)
+
+
+@pytest.mark.parametrize("router, requests", [("least-loaded", workload), ("least-loaded", azure_slice)],
+                         ids=["poisson", "azure-conv"])
+def test_simulated_latency_matches_real_cluster(engines_and_profile, router, requests):
+    engines, measured = engines_and_profile
     # Three trials of a 12-request workload, their median ratio: with one run a wandering host speed
     # (one drift factor per run cannot follow it) decided alone; here 9 trials gave sim / real E2E
-    # 0.91-1.03 and TTFT 0.90-1.05.
-    ratios = np.array([trial(engines, measured, router, workload(count=12, seed=seed)) for seed in (3, 4, 5)])
+    # 0.91-1.03 and TTFT 0.90-1.05 on the Poisson workload.
+    ratios = np.array([trial(engines, measured, router, requests(count=12, seed=seed)) for seed in (3, 4, 5)])
     e2e, ttft = np.median(ratios, axis=0)
     assert e2e == pytest.approx(1.0, rel=0.15), ratios
     assert ttft == pytest.approx(1.0, rel=0.20), ratios

@@ -31,11 +31,15 @@ def _prefill(t, s):
     return PA + PB * t + PC * t * s
 
 
-def test_lookup_rounds_up_to_buckets():
+def test_lookup_rounds_rows_up_and_interpolates_the_context():
     cm = CostModel.from_dict(_dict())
-    assert cm.decode_seconds(3, 300) == pytest.approx(_decode(4, 512))  # batch 3 -> 4, kv 300 -> 512
-    assert cm.decode_seconds(1, 1) == pytest.approx(_decode(1, 256))
+    assert cm.decode_seconds(3, 300) == pytest.approx(_decode(4, 300))  # batch 3 -> 4, kv between 256 and 512
+    # below the first KV bucket: from the fit's zero-context time (exact on a linear grid)
+    assert cm.decode_seconds(1, 1) == pytest.approx(_decode(1, 1))
     assert cm.decode_seconds(2, 256) == pytest.approx(_decode(2, 256))
+    d = _dict()  # a grid that is not linear in the context: the interpolation is between its points
+    d["decode"]["seconds"] = [[0.010, 0.030] for _ in d["decode"]["batch"]]
+    assert CostModel.from_dict(d).decode_seconds(1, 448) == pytest.approx(0.025)
     assert cm.prefill_seconds(65, 200) == pytest.approx(_prefill(128, 256))  # tokens 65 -> 128, kv 200 -> 256
     assert cm.decode_seconds(0, 1000) == 0.0 and cm.prefill_seconds(0, 10) == 0.0
 
@@ -45,6 +49,7 @@ def test_extrapolates_past_the_grid_from_the_corner():
     assert cm.decode_fit() == pytest.approx((A, B, C), rel=1e-6)
     # past the kv grid: the kv value is exact, the batch still rounds up (3 -> 4)
     assert cm.decode_seconds(3, 1000) == pytest.approx(_decode(4, 512) + C * (4 * 1000 - 4 * 512))
+    assert cm.decode_seconds(3, 1000) == pytest.approx(_decode(4, 1000))
     assert cm.decode_seconds(3, 1000) == pytest.approx(_decode(4, 1000))
     assert cm.decode_seconds(8, 2048) == pytest.approx(_decode(8, 2048))  # both past the grid
     assert cm.decode_seconds(16, 100_000) > cm.decode_seconds(8, 100_000) > cm.decode_seconds(8, 2048)
@@ -63,7 +68,7 @@ def test_noisy_grid_fit_drops_a_negative_slope():
 def test_step_transfer_recompute():
     cm = CostModel.from_dict(_dict())
     assert cm.step_seconds(0, 0, 0, 0) == 0.0
-    assert cm.step_seconds(2, 300, 64, 100) == pytest.approx(_decode(2, 512) + _prefill(64, 256))
+    assert cm.step_seconds(2, 300, 64, 100) == pytest.approx(_decode(2, 300) + _prefill(64, 256))
     assert cm.transfer_seconds(500) == pytest.approx(500 * 1000 / 1e6)
     # 300 tokens in chunks of 128: (128, kv 128 -> 256), (128, 256), (44 -> 64, kv 300 -> 512)
     expected = _prefill(128, 256) + _prefill(128, 256) + _prefill(64, 512)
@@ -89,7 +94,27 @@ def test_synthetic_recovers_its_coefficients():
     assert cm.decode_seconds(100, 100_000) == pytest.approx(0.005 + 1e-5 * 128 + 2e-8 * 128 * 100_000)  # 100 -> 128
 
 
+def test_a_mixed_batch_costs_its_effective_length():
+    # without decode_mix_padding every row costs the longest (the mean is ignored)
+    cm = CostModel.from_dict(_dict())
+    assert cm.decode_seconds(4, 500, 300) == pytest.approx(_decode(4, 500))
+    cm = CostModel.from_dict(_dict(decode_mix_padding=0.25))
+    assert cm.decode_seconds(4, 500, 300) == pytest.approx(_decode(4, 300 + 0.25 * 200))
+    assert cm.decode_seconds(4, 500, 500) == pytest.approx(_decode(4, 500))  # homogeneous: the table
+    assert cm.step_parts(4, 500, 0, 0, 300)[0] == cm.decode_seconds(4, 500, 300)
+    assert cm.decode_seconds_array([4, 2], [500, 500], [300, 500]) == pytest.approx(
+        [cm.decode_seconds(4, 500, 300), cm.decode_seconds(2, 500, 500)])
+    synthetic = CostModel.synthetic()
+    assert synthetic.mix_padding == 0.1
+    # the synthetic GPU profile's assumption: attention of one 8K row among 31 x 512 is ~2x a
+    # homogeneous batch of the same summed context (the paper's upper end)
+    c = synthetic.decode_fit()[2]
+    mixed = synthetic.decode_seconds(32, 8192, (8192 + 31 * 512) / 32) - synthetic.decode_seconds(32, 0)
+    assert mixed / (c * 32 * (8192 + 31 * 512) / 32) == pytest.approx(1.99, abs=0.01)
+
+
 @pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(decode_mix_padding=1.5), "decode_mix_padding must be a number in"),
     (lambda d: d.pop("page_size"), "missing keys: page_size"),
     (lambda d: d["decode"].pop("kv_len"), "decode is missing keys: kv_len"),
     (lambda d: d["decode"].update(batch=[1, 4, 2]), "decode.batch must be strictly increasing"),

@@ -49,8 +49,9 @@ def test_single_replica_fcfs_by_hand():
     a, b = result.records
     t1 = prefill(64, 256)  # A's first chunk alone: 64 tokens (budget), KV 64 -> bucket 256
     t2 = prefill(64, 256)  # A's last 36 + B's 20 = 56 -> 64 tokens, KV 100 + 20 -> 256
-    t3 = decode(2, 256)  # both decode, longest context 101 -> 256
-    t4 = decode(1, 256)  # A alone
+    # both decode: contexts 101 and 21 (synthetic mix 0.1: a row length of 61 + 0.1 * 40); then A alone
+    t3 = decode(2, 65)
+    t4 = decode(1, 102)
     assert a.first_token == pytest.approx(t1 + t2) and b.first_token == pytest.approx(t1 + t2)
     assert b.finish == pytest.approx(t1 + t2 + t3)
     assert a.finish == pytest.approx(t1 + t2 + t3 + t4)
@@ -155,7 +156,7 @@ def test_host_slowdown_stretches_concurrent_steps():
 
     apart = Simulator(Spread(), SMALL, 2, trace).run().records
     shared = Simulator(Spread(), SMALL, 2, trace, host_slowdown=[1.0, 3.0]).run().records
-    p, d = prefill(32, 256), decode(1, 256)  # prompt 20 -> 32 tokens, then one decode
+    p, d = prefill(32, 256), decode(1, 21)  # prompt 20 -> 32 tokens, then one decode at context 21
     assert apart[0].finish == pytest.approx(p + d) and apart[1].finish == pytest.approx(p + d)
     assert alone[1].finish > p + d
     # replica 0 starts alone, then decodes while replica 1 still prefills (x3); replica 1 prefills

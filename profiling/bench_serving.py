@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import dataclasses
 import datetime
 import json
@@ -39,7 +38,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from jaxinfer.datasets import prompt_set, trace_file
+from jaxinfer.datasets import prompt_set
+from jaxinfer.router.trace import load_azure
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = ("streams8", "poisson", "azure")
@@ -225,16 +225,10 @@ async def run_poisson(client, args, model: str, prompts: list[str]) -> dict:
 
 def azure_requests(args) -> tuple[list[tuple[float, int, int]], float]:
     """[(arrival offset s, prompt tokens, output tokens)] of the trace's first minutes, and the length scale."""
-    rows = []
-    with open(trace_file("azure_conv"), newline="") as f:
-        for row in csv.DictReader(f):
-            stamp = datetime.datetime.fromisoformat(row["TIMESTAMP"]).timestamp()
-            rows.append((stamp, int(row["ContextTokens"]), int(row["GeneratedTokens"])))
-    rows.sort()
-    rows = [r for r in rows if r[0] - rows[0][0] < args.azure_minutes * 60]
-    scale = min(1.0, (args.max_context - 1) / max(c + g for _, c, g in rows))
-    return [((t - rows[0][0]) / args.time_compress, max(1, int(c * scale)), max(1, int(g * scale)))
-            for t, c, g in rows], scale
+    rows = [r for r in load_azure() if r.arrival < args.azure_minutes * 60]
+    scale = min(1.0, (args.max_context - 1) / max(r.prompt_len + r.output_len for r in rows))
+    return [(r.arrival / args.time_compress, max(1, int(r.prompt_len * scale)), max(1, int(r.output_len * scale)))
+            for r in rows], scale
 
 
 async def run_azure(client, args, model: str, prompts: list[str]) -> dict:

@@ -1,14 +1,16 @@
-"""Request traces for router studies: the Azure LLM inference trace and a synthetic long-context
-mix, plus helpers to reshape them (pure Python + numpy, no jax).
+"""Request traces for router studies: the Azure LLM inference traces (CSV), the Mooncake traces (JSONL)
+and a synthetic long-context mix, plus helpers to reshape them (pure Python + numpy, no jax).
 
 A trace is a list of ``TraceRequest(arrival, prompt_len, output_len)``, arrivals in seconds from the
-first request, sorted.
+first request, sorted. Mooncake files hold one JSON object a line, ``{"timestamp": <ms, relative>,
+"input_length": N, "output_length": M, "hash_ids": [...]}``; the prefix-block ``hash_ids`` are not kept.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import json
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -17,7 +19,9 @@ import numpy as np
 
 from jaxinfer.datasets import trace_file
 
+TRACE_NAMES = ("azure_conv", "azure_code", "mooncake_conversation", "mooncake_synthetic")
 _AZURE_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+_MOONCAKE_KEYS = ("timestamp", "input_length", "output_length")
 
 
 class TraceRequest(NamedTuple):
@@ -51,6 +55,54 @@ def load_azure(path: str | Path | None = None, limit: int | None = None) -> list
                 raise ValueError(f"{path}:{line_no}: malformed row {row}") from None
             if rows[-1][1] < 1 or rows[-1][2] < 0:
                 raise ValueError(f"{path}:{line_no}: lengths must be prompt >= 1 and output >= 0, got {row}")
+    return _requests(path, rows)
+
+
+def load_mooncake(path: str | Path | None = None, limit: int | None = None) -> list[TraceRequest]:
+    """A Mooncake trace (JSONL, see the module docstring), by default the shared folder's conversation
+    trace. Millisecond timestamps become seconds; outputs of 0 tokens become 1, as in ``load_azure``."""
+    path = trace_file("mooncake_conversation") if path is None else Path(path)
+    if not path.is_file():
+        raise ValueError(f"trace file not found: {path}")
+    rows: list[tuple[float, int, int]] = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            if limit is not None and len(rows) >= limit:
+                break
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in _MOONCAKE_KEYS if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{line_no}: missing key {', '.join(missing)}")
+            stamp, prompt, output = (record[k] for k in _MOONCAKE_KEYS)
+            if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not math.isfinite(stamp):
+                raise ValueError(f"{path}:{line_no}: timestamp must be a number of milliseconds, got {stamp!r}")
+            for key, value in (("input_length", prompt), ("output_length", output)):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{path}:{line_no}: {key} must be an integer, got {value!r}")
+            if stamp < 0 or prompt < 1 or output < 0:
+                raise ValueError(f"{path}:{line_no}: need timestamp >= 0, input_length >= 1 and output_length >= 0, "
+                                 f"got {stamp!r}, {prompt}, {output}")
+            rows.append((stamp / 1000, prompt, output))
+    return _requests(path, rows)
+
+
+def load_trace(name: str, limit: int | None = None) -> list[TraceRequest]:
+    """One of the shared folder's traces by name (``TRACE_NAMES``); FileNotFoundError if it is missing there."""
+    if name not in TRACE_NAMES:
+        raise ValueError(f"unknown trace {name!r} (choices: {', '.join(TRACE_NAMES)})")
+    load = load_azure if name.startswith("azure_") else load_mooncake
+    return load(trace_file(name), limit)
+
+
+def _requests(path: Path, rows: list[tuple[float, int, int]]) -> list[TraceRequest]:
+    """(absolute seconds, prompt, output) rows as a trace: sorted, re-based to 0, outputs at least 1."""
     if not rows:
         raise ValueError(f"{path}: no requests")
     rows.sort(key=lambda r: r[0])

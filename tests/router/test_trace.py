@@ -1,12 +1,17 @@
 """Trace loading and reshaping."""
 
+import json
+
 import pytest
 
-from jaxinfer.datasets import TRACES, shared_file
+from jaxinfer.datasets import TRACES, shared_file, trace_file
 from jaxinfer.router.trace import (
+    TRACE_NAMES,
     TraceRequest,
     cap_lengths,
     load_azure,
+    load_mooncake,
+    load_trace,
     long_context_mix,
     scale_rate,
     stretch,
@@ -44,6 +49,74 @@ def test_load_errors(tmp_path):
     good.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\r\n2023-11-16 18:15:47.5,10,0\r\n"
                     "2023-11-16 18:15:46.0000001,20,5\r\n")
     assert load_azure(good) == [TraceRequest(0.0, 20, 5), TraceRequest(pytest.approx(1.4999999), 10, 1)]
+
+
+def test_load_mooncake(tmp_path):
+    lines = [{"timestamp": 2500, "input_length": 10, "output_length": 0, "hash_ids": [0, 1]},
+             {"timestamp": 1000, "input_length": 20, "output_length": 5, "hash_ids": []},
+             {"timestamp": 1250.5, "input_length": 30, "output_length": 7, "hash_ids": [2]}]
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(d) for d in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n")
+    assert load_mooncake(good) == [TraceRequest(0.0, 20, 5), TraceRequest(pytest.approx(0.2505), 30, 7),
+                                   TraceRequest(1.5, 10, 1)]
+    assert load_mooncake(good, limit=2) == [TraceRequest(0.0, 20, 5), TraceRequest(1.5, 10, 1)]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"timestamp": 0, "input_length": 5', r":2: malformed JSON \("),
+    ('[0, 5, 1]', ":2: expected a JSON object, got list"),
+    ('{"timestamp": 0, "input_length": 5}', ":2: missing key output_length"),
+    ('{"timestamp": "0", "input_length": 5, "output_length": 1}', ":2: timestamp must be a number"),
+    ('{"timestamp": 0, "input_length": 5.5, "output_length": 1}', ":2: input_length must be an integer, got 5.5"),
+    ('{"timestamp": 0, "input_length": 5, "output_length": true}', ":2: output_length must be an integer"),
+    ('{"timestamp": 0, "input_length": 5, "output_length": -1}', ":2: need timestamp >= 0, input_length >= 1"),
+    ('{"timestamp": 0, "input_length": 0, "output_length": 1}', ":2: need timestamp >= 0, input_length >= 1"),
+    ('{"timestamp": -3, "input_length": 5, "output_length": 1}', ":2: need timestamp >= 0, input_length >= 1"),
+])
+def test_load_mooncake_errors(tmp_path, line, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [0]}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message) as info:
+        load_mooncake(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_load_mooncake_missing_or_empty(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_mooncake(tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no requests"):
+        load_mooncake(empty)
+
+
+def test_load_trace_names():
+    assert set(TRACE_NAMES) == set(TRACES)
+    with pytest.raises(ValueError, match="unknown trace 'burstgpt'.*azure_conv, azure_code, mooncake_conversation"):
+        load_trace("burstgpt")
+
+
+# SOURCES.md's table: requests, input mean, output mean (Mooncake conversation's output mean is taken before
+# 0 outputs become 1, hence its wider tolerance).
+@pytest.mark.parametrize("name, count, prompt_mean, output_mean, tolerance", [
+    ("azure_conv", 19366, 1154.7, 211.1, 0.05),
+    ("azure_code", 8819, 2047.8, 27.9, 0.05),
+    ("mooncake_conversation", 12031, 12035.1, 342.6, 0.5),
+    ("mooncake_synthetic", 3993, 15325.5, 149.1, 0.05),
+])
+def test_shared_traces(name, count, prompt_mean, output_mean, tolerance):
+    try:
+        trace_file(name)
+    except FileNotFoundError:
+        pytest.skip(f"trace {name} not found in the shared data folder")
+    trace = load_trace(name)
+    stats = summarize(trace)
+    assert stats["requests"] == count
+    assert stats["prompt_mean"] == pytest.approx(prompt_mean, abs=0.05)
+    assert stats["output_mean"] == pytest.approx(output_mean, abs=tolerance)
+    assert trace[0].arrival == 0.0 and all(a.arrival <= b.arrival for a, b in zip(trace, trace[1:], strict=False))
+    assert all(r.prompt_len >= 1 and r.output_len >= 1 for r in trace)
+    assert load_trace(name, limit=5) == trace[:5]
 
 
 def test_reshaping():

@@ -1,12 +1,15 @@
 """Routers compared in the cluster simulator (no jax): cascade, round-robin, least-loaded and
-llumnix on the Azure conversation trace or a synthetic long-context mix, at several offered loads.
+llumnix on the shared request traces (Azure conversation and code, Mooncake conversation and
+synthetic) or a synthetic long-context mix, at several offered loads.
 
     PYTHONPATH=. python profiling/bench_router_sim.py [--cost-model profiling/results/cost_model.json]
-        [--replicas 16] [--loads 0.2,0.3,0.4,0.5] [--requests 6000] [--trace azure|long]
+        [--replicas 16] [--loads 0.2,0.3,0.4,0.5] [--requests 6000] [--trace azure_conv|...|long|all]
 
 Loads are fractions of the cluster's estimated capacity: the replica-seconds of marginal work per
 request under the cost model (decode rows at their context, prefill chunks) against the replicas'
-seconds; the Azure trace is time-compressed to reach that rate, the long mix is generated at it.
+seconds; a recorded trace is time-compressed (or stretched) to reach that rate, the long mix is
+generated at it. Lengths past the profile's context (``--max-len``, at most one replica's KV pool)
+are cut to it.
 That capacity ignores the step overhead and the padding of decode rows to the batch's longest
 context, so length-agnostic routers saturate well below load 1 (around 0.4 with the synthetic model).
 The cascade is planned from a sample of requests that precede the simulated ones (the operator's
@@ -34,7 +37,7 @@ from jaxinfer.router.baselines import ROUTERS, make_router
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.router.partition import default_grid, demand_from_requests, partition
 from jaxinfer.router.sim import Simulator
-from jaxinfer.router.trace import cap_lengths, load_azure, long_context_mix, scale_rate, summarize, take
+from jaxinfer.router.trace import TRACE_NAMES, cap_lengths, load_trace, long_context_mix, scale_rate, summarize, take
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("mean_e2e", "p50_e2e", "p99_e2e", "mean_ttft", "p99_ttft", "mean_tpot", "requests_per_second",
@@ -58,11 +61,12 @@ def unloaded_e2e(cm: CostModel, prompt: int, output: int) -> float:
 def workload(args, cm: CostModel, load: float, capacity_rps: float, base: list):
     """(sample for the cascade's plan, simulated requests, offered rate) at ``load``."""
     rate = load * capacity_rps
-    if args.trace == "azure":
+    if base is not None:
         native = len(base) / max(base[-1].arrival - base[0].arrival, 1e-9)
         trace = scale_rate(base, rate / native)
     else:
-        trace = long_context_mix(args.sample + args.requests, rate, seed=args.seed, max_len=args.max_len)
+        trace = long_context_mix(args.sample + args.requests, rate, seed=args.seed, max_len=args.max_len,
+                                 min_len=min(1024, args.max_len // 32))
     return trace[:args.sample], take(trace[args.sample:], count=args.requests), rate
 
 
@@ -109,6 +113,11 @@ def microbench(cm: CostModel, max_len: int, pairs, num_replicas: int = 64, per_r
             orders += len(router.rebalance(snaps, 0.1 * (k + 1)))
         out[name] = {"dispatch_ms": dispatch_ms, "rebalance_ms": (time.perf_counter() - start) / 100 * 1e3,
                      "orders_per_rebalance": orders / 100}
+    sample = pairs[:1000]
+    window = float(np.sum(work_seconds(cm, sample))) / (0.3 * num_replicas)  # the sample at 30% load
+    checked = make_router("cascade", num_replicas, cm, max_len, sample=sample, sample_window_seconds=window)
+    out["checked_replan_ms"] = 1e3 * checked.last_check["seconds"]
+    out["checked_replan"] = {k: v for k, v in checked.last_check.items() if k != "seconds"}
     grid = default_grid(max_len, num_buckets=32, page_size=cm.page_size)
     demand = demand_from_requests(pairs, grid, 60.0)
     start = time.perf_counter()
@@ -170,38 +179,53 @@ def main() -> None:
                         help="a profile from launch/profile_cost_model.py, or 'synthetic' (analytic 8B-on-H100-like)")
     parser.add_argument("--kv-capacity", type=int, default=0, help="override the KV pool (tokens per replica)")
     parser.add_argument("--replicas", type=int, default=16)
-    parser.add_argument("--loads", default="0.2,0.3,0.4,0.5", help="offered load, fractions of estimated capacity")
+    parser.add_argument("--loads", default="0.1,0.2,0.3,0.4,0.5,0.6",
+                        help="offered load, fractions of estimated capacity")
     parser.add_argument("--requests", type=int, default=6000)
     parser.add_argument("--sample", type=int, default=1000, help="requests before the simulated ones, for the plan")
-    parser.add_argument("--trace", choices=("azure", "long"), default="azure")
-    parser.add_argument("--max-len", type=int, default=0, help="default: 16384 (azure), 131072 (long)")
+    parser.add_argument("--trace", default="azure_conv",
+                        help=f"comma list of {', '.join(TRACE_NAMES)}, long (synthetic long-context mix), or all")
+    parser.add_argument("--max-len", type=int, default=0, help="default: 131072 (a synthetic profile) or the "
+                        "profile's KV pool")
     parser.add_argument("--routers", default=",".join(ROUTERS))
     parser.add_argument("--migration", choices=("live", "recompute", "auto"), default="live")
     parser.add_argument("--slo-factor", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="one trace only: where to write its JSON")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-microbench", action="store_true")
     args = parser.parse_args()
-    args.max_len = args.max_len or (16384 if args.trace == "azure" else 131072)
+    traces = [*TRACE_NAMES, "long"] if args.trace == "all" else args.trace.split(",")
+    for name in traces:
+        if name not in (*TRACE_NAMES, "long"):
+            parser.error(f"unknown trace {name!r}")
     synthetic = args.cost_model == "synthetic"
-    suffix = ("" if args.trace == "azure" else "_long") + ("_synthetic" if synthetic else "_cpu")
-    out_path = args.json or RESULTS / f"router_sim{suffix}.json"
-
     if synthetic:
         cm = CostModel.synthetic(max_len=max(args.max_len, 131072))
         note = "SYNTHETIC: analytic 8B-on-H100-like model (not measured)"
     else:
         cm, note = CostModel.load(args.cost_model), f"profiled: {args.cost_model}"
+        if "host" in cm.extra:  # a profile of replicas sharing this host's cores: here each has its own host
+            cm = CostModel.from_dict({k: v for k, v in cm.to_dict().items() if k != "host"})
+            note += " (host sharing dropped: one host per replica)"
     if args.kv_capacity:
         cm = cm.with_capacity(args.kv_capacity)
-    max_len = min(args.max_len, cm.kv_capacity_tokens)  # a request must fit one replica's pool
+    max_len = min(args.max_len or 131072, cm.kv_capacity_tokens)  # a request must fit one replica's pool
+    for name in traces:
+        run_trace(args, name, cm, note, max_len, synthetic)
 
-    if args.trace == "azure":
-        base = cap_lengths(load_azure(), max_len)
+
+def run_trace(args, trace_name: str, cm: CostModel, note: str, max_len: int, synthetic: bool) -> None:
+    args.trace, args.max_len = trace_name, max_len
+    suffix = f"_{trace_name}_{'synthetic' if synthetic else 'cpu'}_{args.replicas}"
+    out_path = args.json or RESULTS / f"router_sim{suffix}.json"
+    if trace_name != "long":
+        base = cap_lengths(load_trace(trace_name), max_len)
         pairs = [(r.prompt_len, r.output_len) for r in base]
     else:
         base = None
-        pairs = [(r.prompt_len, r.output_len) for r in long_context_mix(4000, 1.0, seed=args.seed, max_len=max_len)]
+        pairs = [(r.prompt_len, r.output_len) for r in long_context_mix(4000, 1.0, seed=args.seed, max_len=max_len,
+                                                                   min_len=min(1024, max_len // 32))]
     capacity_rps = args.replicas / float(np.mean(work_seconds(cm, pairs)))
     result = {"benchmark": "router_sim", "date": datetime.date.today().isoformat(), "trace": args.trace,
               "replicas": args.replicas, "requests": args.requests, "plan_sample": args.sample, "max_len": max_len,
@@ -250,9 +274,12 @@ def main() -> None:
         name: max([r["rate_rps"] for r in result["runs"] if r["router"] == name and r["slo_attainment"] >= 0.9],
                   default=0.0) for name in args.routers.split(",")}
     print("throughput at SLO (req/s):", {k: round(v, 2) for k, v in result["throughput_at_slo_rps"].items()})
-    result["microbench"] = microbench(cm, max_len, pairs)
-    print("decision time at 64 replicas (ms):", {k: v for k, v in result["microbench"].items() if isinstance(v, dict)},
-          f"DP K=32 N=64: {result['microbench']['dp_ms_k32']:.1f} ms")
+    if not args.no_microbench:
+        result["microbench"] = microbench(cm, max_len, pairs)
+        print("decision time at 64 replicas (ms):",
+              {k: v for k, v in result["microbench"].items() if isinstance(v, dict)},
+              f"DP K=32 N=64: {result['microbench']['dp_ms_k32']:.1f} ms, checked re-plan: "
+              f"{result['microbench']['checked_replan_ms']:.0f} ms")
     if not args.no_plots:
         result["plots"] = plot(result, cdfs, occupancy, suffix)
     out_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -155,6 +155,7 @@ class Cluster:
             self._task.cancel()
         for replica in self.replicas:
             replica.shutdown(timeout)
+        self.router.close()
 
     def describe(self) -> dict:
         """Router state, per-replica load and migration counters (Stats, /metrics, admin)."""

@@ -105,6 +105,9 @@ class Router:
         """JSON-able state for Stats, /metrics and the admin API."""
         return {"router": self.name}
 
+    def close(self) -> None:
+        """Release what the router holds (a worker thread); the cluster calls it on shutdown."""
+
 
 def accepting(replicas: Sequence[ReplicaLoad]) -> list[ReplicaLoad]:
     """The replicas that may take work; raises if there is none."""

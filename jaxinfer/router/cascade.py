@@ -27,8 +27,10 @@ import bisect
 import dataclasses
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -44,6 +46,7 @@ from jaxinfer.router.partition import (
     partition,
     stage_costs,
 )
+from jaxinfer.router.sim import Simulator
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +63,31 @@ class CascadeConfig:
     refine_interval: float = 2.0
     refine_eps: float = 0.05  # relative drop of the two stages' modelled cost that moves a boundary
     refine_persist: int = 2  # consecutive imbalanced checks before a move
+    load_gap: float = 0.15  # measured pressure gap between neighbouring stages that moves their boundary
+    replica_gap: float = 0.4  # ... that moves a replica from the cooler stage to the hotter one
     max_reversals: int = 2  # a boundary that undid its last move this often stays until the next re-plan
     replan_interval: float = 30.0
     window_seconds: float = 60.0  # length history the re-plan is fit to
     replan_kl: float = 0.25  # histogram drift (KL divergence, nats) that triggers the DP
     min_replan_samples: int = 200  # finished requests in the window before refining or re-planning
     max_utilisation: float = 0.9  # DP feasibility cap
+    check_plans: bool = True  # score the DP's candidates and the deployed plan in the simulator, deploy the best
+    score_requests: int = 800  # requests each candidate is simulated on
+    score_replicas: int = 16  # candidates run on a cluster of at most this many replicas (stages and rate scaled)
+    switch_gain: float = 0.05  # a new plan must beat the deployed one's simulated score by this (relative)
 
     def __post_init__(self):
         for name in ("interval", "refine_interval", "replan_interval", "window_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CascadeConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.score_requests < 10 or self.score_replicas < 1 or self.switch_gain < 0:
+            raise ValueError(f"need score_requests >= 10, score_replicas >= 1, switch_gain >= 0, got "
+                             f"{self.score_requests}, {self.score_replicas}, {self.switch_gain}")
         if self.max_concurrent < 1 or self.refine_persist < 1:
             raise ValueError(f"max_concurrent and refine_persist must be >= 1, got {self.max_concurrent}, "
                              f"{self.refine_persist}")
+        if not 0 < self.load_gap <= self.replica_gap:
+            raise ValueError(f"need 0 < load_gap <= replica_gap, got {self.load_gap}, {self.replica_gap}")
         if not (0 <= self.slack_fraction < 1 and self.balance_theta >= 0 and self.refine_eps >= 0):
             raise ValueError(f"need 0 <= slack_fraction < 1, balance_theta >= 0, refine_eps >= 0, got "
                              f"{self.slack_fraction}, {self.balance_theta}, {self.refine_eps}")
@@ -85,10 +99,13 @@ class CascadeRouter(Router):
     def __init__(self, num_replicas: int, cost_model: CostModel, max_len: int, *, plan: StagePlan | None = None,
                  grid: Sequence[int] | None = None, sample: Sequence[tuple[int, int]] | None = None,
                  sample_window_seconds: float | None = None, qoe: QoE = mean_e2e_qoe, refine: bool = True,
-                 replan: bool = True, config: CascadeConfig | None = None, **overrides):
+                 replan: bool = True, background: bool = False, config: CascadeConfig | None = None,
+                 **overrides):
         """plan: the initial stages (None: the DP on ``sample`` of (prompt, output) lengths observed over
         ``sample_window_seconds``, or, without a window, at the rate that loads the cluster about half;
         without a sample, on a default length mix). grid: candidate boundaries (0 ... max_len).
+        background: choose re-plans on a worker thread (a live cluster, whose router loop must not
+        stall while candidates are simulated); the simulator keeps it off, deterministic.
         overrides: CascadeConfig fields."""
         if num_replicas < 1 or max_len < 2:
             raise ValueError(f"need num_replicas >= 1 and max_len >= 2, got {num_replicas}, {max_len}")
@@ -102,13 +119,18 @@ class CascadeRouter(Router):
         g = self.grid
         if g[0] != 0 or g[-1] != max_len or any(y <= x for x, y in zip(g, g[1:], strict=False)):
             raise ValueError(f"grid must go strictly up from 0 to max_len={max_len}, got {list(self.grid)}")
-        self.num_refinements = self.num_replans = self.num_handoffs = self.num_balances = 0
+        self.num_refinements = self.num_replans = self.num_handoffs = self.num_balances = self.num_replica_moves = 0
         self._ticks = 0
         self._finished: deque[tuple[float, int, int]] = deque()  # (time, prompt, output) of finished requests
         self._arrivals: deque[tuple[float, int]] = deque()  # (time, prompt) of dispatched requests
         self._next_refine = self.config.refine_interval
+        self._pressure: dict[int, float] = {}  # per replica: smoothed KV usage (used + queued) plus queue share
         self._next_replan = self.config.replan_interval
         self._reference_hist: np.ndarray | None = None
+        self.background = background
+        self._executor: ThreadPoolExecutor | None = None
+        self._job: Future | None = None  # a re-plan being chosen on the worker thread
+        self.last_check: dict = {}  # the last plan check: candidates' scores, the pick, seconds
         if plan is None:
             plan = self._initial_plan(sample, sample_window_seconds)
             self._replan_on_data = sample is None  # a default plan is replaced once data arrives
@@ -133,7 +155,10 @@ class CascadeRouter(Router):
             return StagePlan.single(self.num_replicas, self.max_len)
         if window is None:
             window = self._work_seconds(sample) / (0.5 * self.num_replicas)
-        return self._run_dp(sample, window)
+            return self._run_dp(sample, window)
+        demand = demand_from_requests(sample, self.grid, window)
+        self._reference_hist = _histogram(demand.decode, demand.arrivals)
+        return self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None)
 
     def _work_seconds(self, sample) -> float:
         """Replica-seconds the sample needs: decode rows at their context (no step overhead) and prefill."""
@@ -205,7 +230,14 @@ class CascadeRouter(Router):
         stages = [{"lo": self.boundaries[s], "hi": self.boundaries[s + 1], "replicas": list(members)}
                   for s, members in enumerate(self._stage_members)]
         return {"router": self.name, "stages": stages, "refinements": self.num_refinements,
-                "replans": self.num_replans, "handoffs": self.num_handoffs, "balances": self.num_balances}
+                "replans": self.num_replans, "handoffs": self.num_handoffs, "balances": self.num_balances,
+                "replica_moves": self.num_replica_moves, "stage_pressure": self.stage_pressure(),
+                "last_check": self.last_check}
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     # ---- decisions ------------------------------------------------------------------------------------
 
@@ -235,7 +267,11 @@ class CascadeRouter(Router):
 
     def rebalance(self, replicas: Sequence[ReplicaLoad], now: float) -> list[Migration]:
         self._ticks += 1
+        if self._job is not None and self._job.done():
+            job, self._job = self._job, None
+            self._deploy(job.result())
         mine = {r.replica: r for r in replicas if r.replica in self._replica_stage}
+        self._observe(mine)
         warm = self._replan_on_data and len(self._finished) >= self.config.min_replan_samples
         replan = self.replan_enabled and (now >= self._next_replan or warm)
         refine = self.refine_enabled and now >= self._next_refine
@@ -247,8 +283,7 @@ class CascadeRouter(Router):
                     self._maybe_replan(*demand)
             if refine:
                 self._next_refine = now + self.config.refine_interval
-                if demand is not None:
-                    self._refine(now, demand[0])
+                self._refine(now, demand[0] if demand is not None else None)
         in_flight = {i: r.migrations_in_flight for i, r in mine.items()}
         usage = {i: r.usage for i, r in mine.items()}
         moved: set[str] = set()
@@ -358,48 +393,98 @@ class CascadeRouter(Router):
         return stage_costs(demand, self.grid, self.num_replicas, self.cost_model, qoe=self.qoe,
                            max_utilisation=self.config.max_utilisation)
 
-    def _refine(self, now: float, demand: Demand) -> None:
-        """Local search on the partition's objective under the observed demand, replica counts fixed:
-        a boundary moves one grid step when that lowers its two stages' modelled cost by more than
-        ``refine_eps`` (relative) in ``refine_persist`` consecutive checks."""
+    def _observe(self, mine: dict[int, ReplicaLoad]) -> None:
+        """Smooth each replica's measured pressure: its virtual KV usage (held plus queued pages over
+        the pool) plus its queue over ``max_num_seqs``, averaged over about ``refine_interval``."""
+        keep = min(1.0, self.config.interval / self.config.refine_interval)
+        for i, r in mine.items():
+            now = r.usage + r.num_waiting / self.cost_model.max_num_seqs
+            self._pressure[i] = self._pressure.get(i, now) * (1 - keep) + now * keep
+
+    def stage_pressure(self) -> list[float]:
+        """Per stage, its replicas' mean smoothed pressure (0 for a stage not yet observed)."""
+        return [float(np.mean([self._pressure.get(i, 0.0) for i in members])) for members in self._stage_members]
+
+    def _refine(self, now: float, demand: Demand | None) -> None:
+        """Move stage boundaries (and replicas) one step at a time, replica counts otherwise fixed.
+        Measured load first: when a stage's pressure exceeds its neighbour's by ``load_gap``, their
+        boundary moves one grid step toward the hot stage (its range shrinks); by ``replica_gap``, the
+        neighbour's nearest replica joins it instead (the neighbour keeping one). Otherwise the model:
+        a boundary moves when that lowers its two stages' modelled cost under the observed demand
+        by more than ``refine_eps`` (relative). Either needs ``refine_persist`` consecutive checks."""
         index = [self._grid_index.get(b) for b in self.boundaries]
         if None in index:
             return  # an operator's off-grid boundaries: left alone
-        q, eps = self._stage_costs(demand), self.config.refine_eps
+        cfg = self.config
+        q = self._stage_costs(demand) if demand is not None else None
         counts = [len(m) for m in self._stage_members]
+        pressure = self.stage_pressure()
         for b in range(1, self.num_stages):
             lo, cur, hi = index[b - 1], index[b], index[b + 1]
+            gap = pressure[b - 1] - pressure[b]  # > 0: the stage below the boundary is the hotter one
+            action = "boundary"
+            if abs(gap) > cfg.load_gap:  # measured: relieve the hot side (-1: the lower stage, +1: the upper)
+                sign = -1 if gap > 0 else 1
+                cold = b if sign < 0 else b - 1
+                if abs(gap) > cfg.replica_gap and counts[cold] > 1:
+                    action = "replica"
+                elif not lo < cur + sign < hi:
+                    sign = 0
+                gain = abs(gap)
+                strong = abs(gap) > 2 * cfg.load_gap
+            elif q is not None:
+                def pair(i, lo=lo, hi=hi, b=b, counts=counts):
+                    return q[lo, i, counts[b - 1]] + q[i, hi, counts[b]]
 
-            def pair(i, lo=lo, hi=hi, b=b):
-                return q[lo, i, counts[b - 1]] + q[i, hi, counts[b]]
-
-            options = [(pair(i), i) for i in (cur - 1, cur + 1) if lo < i < hi]
-            best_cost, best = min(options) if options else (math.inf, cur)
-            now_cost = pair(cur)
-            if math.isinf(now_cost):
-                gain = math.inf if math.isfinite(best_cost) else 0.0
+                options = [(pair(i), i) for i in (cur - 1, cur + 1) if lo < i < hi]
+                best_cost, best = min(options) if options else (math.inf, cur)
+                now_cost = pair(cur)
+                if math.isinf(now_cost):
+                    gain = math.inf if math.isfinite(best_cost) else 0.0
+                else:
+                    gain = (now_cost - best_cost) / max(now_cost, 1e-12)
+                sign = (1 if best > cur else -1) if gain > cfg.refine_eps else 0
+                strong = gain > 2 * cfg.refine_eps
             else:
-                gain = (now_cost - best_cost) / max(now_cost, 1e-12)
-            sign = (1 if best > cur else -1) if gain > eps else 0
+                sign, strong = 0, False
             prev_sign, count = self._pending[b]
             count = count + 1 if sign and sign == prev_sign else int(sign != 0)
             self._pending[b] = (sign, count)
-            if count < self.config.refine_persist:
+            if count < cfg.refine_persist:
                 continue
             undo = self._last_move[b] == -sign
-            if now < self._frozen_until[b] or (undo and gain <= 2 * eps):
+            if now < self._frozen_until[b] or (undo and not strong):
                 continue  # backing off, or would undo the last move without a clear gain
             if undo:
                 self._reversals[b] += 1
-                self._frozen_until[b] = now + self.config.refine_interval * 2 ** self._reversals[b]
-                if self._reversals[b] >= self.config.max_reversals:
-                    self._frozen_until[b] = math.inf  # dithering between two grid steps: stay
-            logger.debug("boundary %d: %d -> %d (modelled gain %.3f)", b, self.boundaries[b], self.grid[best], gain)
-            index[b] = best
-            self.boundaries[b] = self.grid[best]
+                self._frozen_until[b] = now + cfg.refine_interval * 2 ** self._reversals[b]
+                if self._reversals[b] >= cfg.max_reversals:
+                    self._frozen_until[b] = math.inf  # dithering between two steps: stay
+            if action == "replica":
+                self._move_replica(b, sign)
+                counts = [len(m) for m in self._stage_members]
+            else:
+                logger.debug("boundary %d: %d -> %d (gain %.3f)", b, self.boundaries[b], self.grid[cur + sign], gain)
+                index[b] = cur + sign
+                self.boundaries[b] = self.grid[cur + sign]
             self._last_move[b] = sign
             self._pending[b] = (0, 0)
             self.num_refinements += 1
+
+    def _move_replica(self, b: int, sign: int) -> None:
+        """Boundary ``b``'s nearest replica of the cooler stage joins the hotter one (sign -1: the
+        upper stage's first replica joins the lower stage; +1: the lower stage's last joins the
+        upper). Its requests stay; those past its new stage's range are handed off as usual."""
+        lower, upper = self._stage_members[b - 1], self._stage_members[b]
+        if sign < 0:
+            lower.append(upper.pop(0))
+            self._replica_stage[lower[-1]] = b - 1
+        else:
+            upper.insert(0, lower.pop())
+            self._replica_stage[upper[0]] = b
+        logger.debug("replica moves across boundary %d (%s)", b, "down" if sign < 0 else "up")
+        self.plan = StagePlan(tuple(self.boundaries), tuple(len(m) for m in self._stage_members))
+        self.num_replica_moves += 1
 
     def _maybe_replan(self, demand: Demand, sample, weights, window: float) -> None:
         """Run the DP when the length histogram drifted or the current stages are infeasible under
@@ -414,14 +499,95 @@ class CascadeRouter(Router):
             self._stage_costs(demand)[index[s], index[s + 1], len(m)] for s, m in enumerate(self._stage_members)))
         if not (self._replan_on_data or drift > self.config.replan_kl or infeasible):
             return
+        if self._job is not None:
+            return  # a re-plan is being chosen
         self._replan_on_data = False
-        plan = self._run_dp(sample, window, weights)
+        self._reference_hist = hist
+        logger.info("re-plan check (drift %.3f, infeasible %s)", drift, infeasible)
+        incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts)
+        rate = len(self._arrivals) / window
+        if self.background:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-replan")
+            self._job = self._executor.submit(self._choose_plan, demand, sample, weights, rate, incumbent)
+        else:
+            self._deploy(self._choose_plan(demand, sample, weights, rate, incumbent))
+
+    def _deploy(self, plan: StagePlan) -> None:
         self._reset_refinement()
         if plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts:
-            logger.info("re-plan (drift %.3f, infeasible %s): %s x %s", drift, infeasible, plan.boundaries,
-                        plan.replica_counts)
+            logger.info("re-plan: %s x %s", plan.boundaries, plan.replica_counts)
             self._apply_plan(plan)
             self.num_replans += 1
+
+    # ---- checked plans ---------------------------------------------------------------------------------
+
+    def _candidates(self, demand: Demand) -> list[StagePlan]:
+        """The DP's optimum, its optima with a per-stage penalty (fewer stages) and at lower and higher
+        load (plans that hold up when the rate moves), and the one-stage plan (least-loaded dispatch)."""
+        kw = dict(qoe=self.qoe, max_utilisation=self.config.max_utilisation)
+        best = partition(demand, self.grid, self.num_replicas, self.cost_model, **kw)
+        plans = [best]
+        if math.isfinite(best.cost) and best.cost > 0:
+            plans += [partition(demand, self.grid, self.num_replicas, self.cost_model,
+                                stage_penalty=share * best.cost, **kw) for share in (0.05, 0.25, 1.0)]
+        plans += [partition(demand.scaled(f), self.grid, self.num_replicas, self.cost_model, **kw) for f in (0.5, 2.0)]
+        plans.append(StagePlan.single(self.num_replicas, self.max_len))
+        return plans
+
+    def _choose_plan(self, demand: Demand, sample, weights, rate: float,
+                     incumbent: StagePlan | None) -> StagePlan:
+        """The plan to deploy: without checks the DP's optimum; with them, the candidate (the deployed
+        plan among them) with the best simulated latency on requests drawn from the window's length
+        mix at its arrival rate; a new plan must beat the deployed one by ``switch_gain``."""
+        start = time.perf_counter()
+        candidates = self._candidates(demand)
+        if not self.config.check_plans:
+            return candidates[0]
+        unique: dict[tuple, StagePlan] = {}
+        for plan in ([incumbent] if incumbent is not None else []) + candidates:
+            unique.setdefault((plan.boundaries, plan.replica_counts), plan)
+        replicas = self.num_replicas
+        if max(len(p.replica_counts) for p in unique.values()) <= self.config.score_replicas < replicas:
+            replicas = self.config.score_replicas
+        requests = self._score_requests(sample, weights, rate * replicas / self.num_replicas)
+        scores = {key: self._score(plan, requests, replicas) for key, plan in unique.items()}
+        key = min(scores, key=scores.get)
+        if incumbent is not None:
+            kept = (incumbent.boundaries, incumbent.replica_counts)
+            if scores[key] > scores[kept] * (1 - self.config.switch_gain):
+                key = kept
+        self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "score": scores[(b, c)]}
+                                          for b, c in scores], "chosen": {"boundaries": list(key[0]),
+                                                                          "replica_counts": list(key[1])},
+                           "scored_replicas": replicas, "scored_requests": len(requests),
+                           "seconds": time.perf_counter() - start}
+        return unique[key]
+
+    def _score_requests(self, sample, weights, rate: float) -> list[tuple[float, int, int]]:
+        """``score_requests`` requests with lengths drawn from the weighted sample and Poisson arrivals
+        at ``rate`` (a fixed seed: every candidate sees the same ones)."""
+        rng = np.random.default_rng(len(sample))
+        n = self.config.score_requests
+        w = np.asarray(weights, float)
+        picks = rng.choice(len(sample), n, p=w / w.sum())
+        arrivals = np.cumsum(rng.exponential(1 / max(rate, 1e-9), n))
+        cap = min(self.max_len, self.cost_model.kv_capacity_tokens)
+        out = []
+        for t, k in zip(arrivals.tolist(), picks.tolist(), strict=True):
+            prompt = min(max(int(sample[k][0]), 1), cap - 1)
+            out.append((t, prompt, max(min(int(sample[k][1]), cap - prompt), 1)))
+        return out
+
+    def _score(self, plan: StagePlan, requests, replicas: int) -> float:
+        """Simulated geometric mean of mean and P99 E2E latency of ``plan`` (its replica counts scaled
+        to ``replicas``, each stage keeping at least one)."""
+        counts = _scaled_counts(plan.replica_counts, replicas)
+        scaled = StagePlan(plan.boundaries, counts)
+        router = CascadeRouter(replicas, self.cost_model, self.max_len, plan=scaled, grid=self.grid, refine=False,
+                               replan=False, config=dataclasses.replace(self.config, check_plans=False))
+        summary = Simulator(router, self.cost_model, replicas, requests).run().summary
+        return math.sqrt(summary["mean_e2e"] * summary["p99_e2e"])
 
     def _window_sample(self) -> tuple[list[tuple[int, int]], np.ndarray]:
         """The window's finished (prompt, output) pairs, re-weighted per prompt bucket to the window's
@@ -441,6 +607,20 @@ class CascadeRouter(Router):
             sample.append((int(arr[k_arr == k].mean()), max(int(fin[:, 1].mean()), 1)))
             weights = np.append(weights, n_arr[k])
         return sample, weights
+
+def _scaled_counts(counts: tuple[int, ...], total: int) -> tuple[int, ...]:
+    """Replica counts scaled to sum to ``total`` (largest remainders), every stage keeping one."""
+    if sum(counts) == total:
+        return tuple(counts)
+    share = np.asarray(counts, float) * total / sum(counts)
+    out = np.maximum(np.floor(share).astype(int), 1)
+    while out.sum() < total:
+        out[int(np.argmax(share - out))] += 1
+    while out.sum() > total:
+        k = int(np.argmax(np.where(out > 1, out - share, -np.inf)))
+        out[k] -= 1
+    return tuple(int(x) for x in out)
+
 
 def _load_key(r: ReplicaLoad) -> tuple:
     return (r.usage, len(r.requests), r.replica)

@@ -295,13 +295,15 @@ def _steady_batch(need: np.ndarray, top: np.ndarray, g: np.ndarray, cost_model: 
     return batch, seconds, peak
 
 
-def partition(demand: Demand, boundaries, num_replicas: int, cost_model: CostModel, **kw) -> StagePlan:
-    """The plan minimising the summed stage cost with every replica used (see the module doc). If no
-    plan is feasible the demand is halved until one is, and the plan records that ``load_scale``."""
+def partition(demand: Demand, boundaries, num_replicas: int, cost_model: CostModel, *, stage_penalty: float = 0.0,
+              **kw) -> StagePlan:
+    """The plan minimising the summed stage cost with every replica used (see the module doc); with
+    ``stage_penalty``, every stage costs that much more (plans with fewer stages). If no plan is
+    feasible the demand is halved until one is, and the plan records that ``load_scale``."""
     scale = 1.0
     for _ in range(40):
         q = stage_costs(demand.scaled(scale) if scale != 1.0 else demand, boundaries, num_replicas, cost_model, **kw)
-        plan = _solve(q, boundaries, num_replicas, scale)
+        plan = _solve(q + stage_penalty, boundaries, num_replicas, scale)
         if plan is not None:
             return plan
         scale /= 2

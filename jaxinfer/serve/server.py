@@ -183,7 +183,9 @@ class Server:
         engine = engines[0]
         cost_model = load_cost_model(cluster.cost_model, self._progress).with_capacity(
             engine.block_manager.num_pages * engine.block_manager.page_size)
-        router = make_router(cluster.router, len(engines), cost_model, engine.scheduler_config.max_model_len)
+        # a live cluster chooses re-plans off its router loop (the cascade simulates candidate plans)
+        kw = {"background": True} if cluster.router == "cascade" else {}
+        router = make_router(cluster.router, len(engines), cost_model, engine.scheduler_config.max_model_len, **kw)
         self._progress(f"{len(engines)} replica groups, router {cluster.router}, migration {cluster.migration}")
         return Cluster(engines, router, migration=cluster.migration, cost_model=cost_model)
 

@@ -166,7 +166,7 @@ def test_refinement_settles_on_a_stationary_simulated_workload():
     # plan for a shorter mix than the one that comes: refinement has to adapt the boundaries
     sample = [(max(p // 4, 1), o) for _, p, o in trace[:500]]
     r = CascadeRouter(6, CM, 16384, sample=sample, sample_window_seconds=trace[499][0], grid=GRID, replan=False,
-                      refine_interval=1.0)
+                      refine_interval=1.0, check_plans=False)
     result = Simulator(r, CM, 6, trace).run()
     history = result.occupancy["boundaries"]
     assert len(history) > 1000 and r.describe()["refinements"] > 0  # it did refine, then settled
@@ -223,3 +223,110 @@ def test_admin_api_validation_and_describe():
         router(balance_theta=-1)
     with pytest.raises(ValueError, match="the plan covers 5 replicas up to 16384 tokens, the router 6"):
         CascadeRouter(6, CM, 16384, plan=PLAN)
+
+
+def _two_mix_trace(n, rate, seed, long_fraction):
+    """Poisson arrivals; short chats (prompts 100-600) and, a ``long_fraction`` of them, long documents
+    (prompts 6000-12000 with long answers)."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1 / rate, n))
+    long = rng.random(n) < long_fraction
+    prompts = np.where(long, rng.integers(6000, 12000, n), rng.integers(100, 600, n))
+    outputs = np.where(long, rng.integers(200, 1000, n), rng.integers(20, 200, n))
+    return list(zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True))
+
+
+def _checked(trace, cost_model, **kw):
+    sample = [(p, o) for _, p, o in trace[:500]]
+    return CascadeRouter(8, cost_model, 16384, sample=sample, sample_window_seconds=trace[499][0], grid=GRID,
+                         replan=False, refine=False, score_requests=400, **kw)
+
+
+def test_checked_plan_is_one_stage_when_stages_do_not_help():
+    # one length class: the DP still proposes a split, the simulator finds it slower than one stage
+    r = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM)
+    scores = {(tuple(c["boundaries"]), tuple(c["replica_counts"])): c["score"] for c in r.last_check["candidates"]}
+    assert any(len(counts) > 1 for _, counts in scores) and r.num_stages == 1
+    assert scores[((0, 16384), (8,))] == min(scores.values())
+    unchecked = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM, check_plans=False)
+    assert unchecked.num_stages > 1  # what the DP alone would have deployed
+
+
+def test_checked_plan_is_multi_stage_when_they_help():
+    # long documents among chats on a kernel that pads every row to the longest: stages pay off
+    padded = CostModel.synthetic(max_len=16384, mix_padding=1.0)
+    r = _checked(_two_mix_trace(500, 20.0, 1, 0.15), padded)
+    scores = {(tuple(c["boundaries"]), tuple(c["replica_counts"])): c["score"] for c in r.last_check["candidates"]}
+    assert r.num_stages > 1
+    assert scores[((0, 16384), (8,))] > 1.2 * min(scores.values())
+    chosen = r.last_check["chosen"]
+    assert scores[(tuple(chosen["boundaries"]), tuple(chosen["replica_counts"]))] == min(scores.values())
+
+
+def test_a_new_plan_must_beat_the_deployed_one_by_the_switch_gain():
+    from jaxinfer.router.partition import demand_from_requests
+
+    deployed = StagePlan((0, 500, 16384), (5, 3))
+    sample = [(p, o) for _, p, o in _two_mix_trace(500, 60.0, 1, 0.0)]
+    args = (demand_from_requests(sample, GRID, 8.0), sample, np.ones(len(sample)), len(sample) / 8.0)
+    eager = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM, switch_gain=0.0)
+    assert eager._choose_plan(*args, deployed).num_stages == 1  # one stage simulates faster: switch
+    scores = [c["score"] for c in eager.last_check["candidates"]]
+    gain = 1 - min(scores) / eager.last_check["candidates"][0]["score"]  # the deployed plan is scored first
+    assert 0 < gain < 0.9
+    sticky = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM, switch_gain=0.9)
+    assert sticky._choose_plan(*args, deployed) == deployed  # not better by 90%: keep it
+
+
+def test_background_replan_is_chosen_off_the_router_loop():
+    r = router(replan=True, replan_interval=1.0, window_seconds=5.0, min_replan_samples=50, background=True,
+               score_requests=200)
+    r.set_plan(PLAN)
+    rng = np.random.default_rng(0)
+    t, k = 0.0, 0
+    for phase in range(2):
+        for _ in range(60):
+            t += 0.1
+            for _ in range(2):
+                p, o = (8000, 400) if phase else (int(rng.integers(100, 600)), int(rng.integers(50, 200)))
+                r.dispatch(NewRequest(f"q{k}", p, o), [rep(i) for i in range(5)], t)
+                r.on_finish(f"q{k}", p, o, t)
+                k += 1
+            r.rebalance([rep(i) for i in range(5)], t)
+    assert r._job is not None or r.describe()["replans"] >= 1
+    if r._job is not None:
+        r._job.result(timeout=60)  # the worker thread finishes; the next tick deploys
+        r.rebalance([rep(i) for i in range(5)], t + 0.1)
+    assert r._job is None and r.last_check["seconds"] > 0
+    r.close()
+
+
+def test_load_feedback_refinement_follows_a_drifting_mix():
+    # chats with a few documents, then a third of the traffic long documents: the upper stage, two
+    # replicas sized for the first mix, overloads unless boundaries and replicas follow the load
+    def phase(n, rate, seed, long_fraction, start):
+        rng = np.random.default_rng(seed)
+        arrivals = start + np.cumsum(rng.exponential(1 / rate, n))
+        long = rng.random(n) < long_fraction
+        prompts = np.where(long, rng.integers(3000, 7000, n), rng.integers(100, 900, n))
+        outputs = np.where(long, rng.integers(200, 800, n), rng.integers(20, 300, n))
+        return list(zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True))
+
+    first = phase(2000, 30.0, 1, 0.05, 0.0)
+    drift_at = first[-1][0]
+    trace = first + phase(2000, 12.0, 2, 0.4, drift_at)
+
+    def run(refine):
+        r = CascadeRouter(6, CM, 16384, plan=StagePlan((0, 2000, 16384), (4, 2)), grid=GRID, replan=False,
+                          refine=refine, refine_interval=1.0)
+        result = Simulator(r, CM, 6, trace).run()
+        late = [x.finish - x.arrival for x in result.records if x.arrival > drift_at + 10]
+        return r, result, float(np.mean(late))
+
+    fixed, _, fixed_e2e = run(False)
+    r, result, refined_e2e = run(True)
+    assert refined_e2e < 0.3 * fixed_e2e  # measured: 4.3 s against 39 s
+    assert r.boundaries[1] > 2000 or len(r._stage_members[1]) > 2  # the long stage got relief
+    history = result.occupancy["boundaries"]
+    tail = [row[1] for row in history[len(history) * 3 // 4:]]
+    assert sum(a != b for a, b in zip(tail, tail[1:], strict=False)) <= 1  # and it settled

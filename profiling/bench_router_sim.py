@@ -134,8 +134,11 @@ def _save(plt, fig, name: str) -> str:
 
 
 def plot(result: dict, cdfs: dict, occupancy: dict | None, suffix: str) -> list[str]:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("plots skipped: they need matplotlib (pip install -e '.[train]')")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -539,7 +539,8 @@ class CascadeRouter(Router):
                      incumbent: StagePlan | None) -> StagePlan:
         """The plan to deploy: without checks the DP's optimum; with them, the candidate (the deployed
         plan among them) with the best simulated latency on requests drawn from the window's length
-        mix at its arrival rate; a new plan must beat the deployed one by ``switch_gain``."""
+        mix at its arrival rate; a new plan must beat the deployed one (at start, the one-stage plan)
+        by ``switch_gain``."""
         start = time.perf_counter()
         candidates = self._candidates(demand)
         if not self.config.check_plans:
@@ -553,10 +554,11 @@ class CascadeRouter(Router):
         requests = self._score_requests(sample, weights, rate * replicas / self.num_replicas)
         scores = {key: self._score(plan, requests, replicas) for key, plan in unique.items()}
         key = min(scores, key=scores.get)
-        if incumbent is not None:
-            kept = (incumbent.boundaries, incumbent.replica_counts)
-            if scores[key] > scores[kept] * (1 - self.config.switch_gain):
-                key = kept
+        # a change must pay: beat the deployed plan (at start, the one-stage plan) by switch_gain
+        default = incumbent if incumbent is not None else StagePlan.single(self.num_replicas, self.max_len)
+        kept = (default.boundaries, default.replica_counts)
+        if scores[key] > scores[kept] * (1 - self.config.switch_gain):
+            key = kept
         self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "score": scores[(b, c)]}
                                           for b, c in scores], "chosen": {"boundaries": list(key[0]),
                                                                           "replica_counts": list(key[1])},

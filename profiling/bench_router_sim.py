@@ -54,6 +54,12 @@ def work_seconds(cm: CostModel, pairs) -> np.ndarray:
     return o * (b + c * (p + o / 2)) + np.ceil(p / cm.max_num_batched_tokens) * pa + pb * p + pc * p * p / 2
 
 
+def throughput_at_slo(runs: list[dict], routers) -> dict[str, float]:
+    """Per router, the highest offered rate at which at least 90% of its requests met the SLO."""
+    return {name: max([r["rate_rps"] for r in runs if r["router"] == name and r["slo_attainment"] >= 0.9],
+                      default=0.0) for name in routers}
+
+
 def unloaded_e2e(cm: CostModel, prompt: int, output: int) -> float:
     return cm.recompute_seconds(prompt) + (output - 1) * cm.decode_seconds(1, prompt + output // 2)
 
@@ -273,9 +279,7 @@ def run_trace(args, trace_name: str, cm: CostModel, note: str, max_len: int, syn
                   f"{s['router_ms_per_decision']:9.3f} {wall:6.1f}", flush=True)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(result, indent=1) + "\n")
-    result["throughput_at_slo_rps"] = {
-        name: max([r["rate_rps"] for r in result["runs"] if r["router"] == name and r["slo_attainment"] >= 0.9],
-                  default=0.0) for name in args.routers.split(",")}
+    result["throughput_at_slo_rps"] = throughput_at_slo(result["runs"], args.routers.split(","))
     print("throughput at SLO (req/s):", {k: round(v, 2) for k, v in result["throughput_at_slo_rps"].items()})
     if not args.no_microbench:
         result["microbench"] = microbench(cm, max_len, pairs)

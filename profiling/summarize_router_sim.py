@@ -3,7 +3,7 @@
 worse on mean and P99 E2E at any load; at the highest load some baseline sustains (>= 90% within the
 SLO), at least 50% lower mean and P99; at least 2x throughput at the SLO.
 
-    python profiling/summarize_router_sim.py [profiling/results/router_sim_*_16.json ...]
+    PYTHONPATH=. python profiling/summarize_router_sim.py [profiling/results/router_sim_*_16.json ...]
 
 Prints a table; writes profiling/results/router_sim_summary.json and router_sim_summary.png.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from profiling.bench_router_sim import throughput_at_slo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("round-robin", "least-loaded", "llumnix")
@@ -34,8 +36,7 @@ def summarize(path: Path) -> dict:
                      "cascade_p99": cascade["p99_e2e"], "best_p99": best_p99,
                      "mean_ratio": cascade["mean_e2e"] / best_mean, "p99_ratio": cascade["p99_e2e"] / best_p99,
                      "baseline_sustains": sustained, "stages": len(cascade["router_state"].get("stages", []))})
-    tput = {name: max([r["rate_rps"] for r in runs if r["router"] == name and r["slo_attainment"] >= 0.9],
-                      default=0.0) for name in {r["router"] for r in runs}}  # as bench_router_sim defines it
+    tput = throughput_at_slo(runs, sorted({r["router"] for r in runs}))
     best_tput = max((tput.get(b, 0.0) for b in BASELINES), default=0.0)
     top = max((r for r in rows if r["baseline_sustains"]), key=lambda r: r["load"], default=None)
     return {"file": path.name, "trace": data["trace"], "replicas": data["replicas"],

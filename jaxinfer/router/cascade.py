@@ -9,16 +9,21 @@
   offset rotates every tick) and moves a request when the KV usage gap exceeds ``balance_theta``.
 - Observed demand: the requests finished in the last ``window_seconds``, re-weighted per prompt
   bucket to that window's arrivals (see ``_window_sample``).
-- Range refinement (§3.3), every ``refine_interval``: local search on the partition's objective
-  under the observed demand with the replica counts fixed. A boundary moves one grid step when that
-  lowers its two stages' modelled cost by more than ``refine_eps`` (relative) in ``refine_persist``
-  consecutive checks (or makes an infeasible pair feasible). Hysteresis: undoing the boundary's
-  last move needs twice that gain and freezes it for ``refine_interval * 2**reversals``, for good
-  after ``max_reversals`` (it dithers between two grid steps), so it settles on a stationary load.
-  A stationary load that matches the plan moves nothing: the plan is already the optimum.
-- Re-plan, every ``replan_interval``: the DP runs on the observed demand when its length histogram
-  drifted (KL divergence from the one the plan was fit to above ``replan_kl``) or the current
-  stages are infeasible under it; only a re-plan changes how many replicas a stage has.
+- Range refinement (§3.3), every ``refine_interval``, one step at a time. Measured load first: a
+  stage whose smoothed pressure (virtual KV usage plus queue share) exceeds its neighbour's by
+  ``load_gap`` gets their boundary moved one grid step toward it, by ``replica_gap`` the
+  neighbour's nearest replica. Otherwise the model: a boundary moves when that lowers its two
+  stages' modelled cost under the observed demand by more than ``refine_eps`` (relative; or makes
+  an infeasible pair feasible). Either needs ``refine_persist`` consecutive checks. Hysteresis:
+  undoing the boundary's last move needs twice the threshold and freezes it for
+  ``refine_interval * 2**reversals``, for good after ``max_reversals``, so it settles on a
+  stationary load.
+- Re-plan, every ``replan_interval``, when the length histogram drifted (KL divergence from the one
+  the plan was fit to above ``replan_kl``) or the current stages are infeasible under the observed
+  demand: the DP proposes candidates (its optimum, with a per-stage penalty, at half and double the
+  load) beside the one-stage plan, each is simulated on requests drawn from the window's mix, and
+  the best is deployed if it beats the deployed plan by ``switch_gain`` (with ``background``, on a
+  worker thread).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from jaxinfer.router.partition import (
     stage_costs,
 )
 from jaxinfer.router.sim import Simulator
+from jaxinfer.router.trace import TraceRequest, cap_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +159,13 @@ class CascadeRouter(Router):
         sample = [(int(p), int(o)) for p, o in sample]
         if not sample:
             return StagePlan.single(self.num_replicas, self.max_len)
-        if window is None:
+        observed = window is not None  # a sample without its window (or the default mix): the DP alone
+        if not observed:
             window = self._work_seconds(sample) / (0.5 * self.num_replicas)
-            return self._run_dp(sample, window)
         demand = demand_from_requests(sample, self.grid, window)
         self._reference_hist = _histogram(demand.decode, demand.arrivals)
+        if not observed:
+            return self._dp(demand)
         return self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None)
 
     def _work_seconds(self, sample) -> float:
@@ -168,12 +176,9 @@ class CascadeRouter(Router):
         chunks = np.ceil(p / self.cost_model.max_num_batched_tokens)
         return float(np.sum(o * (b + c * (p + o / 2)) + chunks * pa + pb * p + pc * p * p / 2)) or 1.0
 
-    def _run_dp(self, sample, window: float, weights=None) -> StagePlan:
-        demand = demand_from_requests(sample, self.grid, window, weights)
-        plan = partition(demand, self.grid, self.num_replicas, self.cost_model, qoe=self.qoe,
-                         max_utilisation=self.config.max_utilisation)
-        self._reference_hist = _histogram(demand.decode, demand.arrivals)
-        return plan
+    def _dp(self, demand: Demand, stage_penalty: float = 0.0) -> StagePlan:
+        return partition(demand, self.grid, self.num_replicas, self.cost_model, qoe=self.qoe,
+                         max_utilisation=self.config.max_utilisation, stage_penalty=stage_penalty)
 
     def _apply_plan(self, plan: StagePlan) -> None:
         self.plan = plan
@@ -525,13 +530,11 @@ class CascadeRouter(Router):
     def _candidates(self, demand: Demand) -> list[StagePlan]:
         """The DP's optimum, its optima with a per-stage penalty (fewer stages) and at lower and higher
         load (plans that hold up when the rate moves), and the one-stage plan (least-loaded dispatch)."""
-        kw = dict(qoe=self.qoe, max_utilisation=self.config.max_utilisation)
-        best = partition(demand, self.grid, self.num_replicas, self.cost_model, **kw)
+        best = self._dp(demand)
         plans = [best]
         if math.isfinite(best.cost) and best.cost > 0:
-            plans += [partition(demand, self.grid, self.num_replicas, self.cost_model,
-                                stage_penalty=share * best.cost, **kw) for share in (0.05, 0.25, 1.0)]
-        plans += [partition(demand.scaled(f), self.grid, self.num_replicas, self.cost_model, **kw) for f in (0.5, 2.0)]
+            plans += [self._dp(demand, share * best.cost) for share in (0.05, 0.25, 1.0)]
+        plans += [self._dp(demand.scaled(f)) for f in (0.5, 2.0)]
         plans.append(StagePlan.single(self.num_replicas, self.max_len))
         return plans
 
@@ -541,12 +544,11 @@ class CascadeRouter(Router):
         plan among them) with the best simulated latency on requests drawn from the window's length
         mix at its arrival rate; a new plan must beat the deployed one (at start, the one-stage plan)
         by ``switch_gain``."""
-        start = time.perf_counter()
-        candidates = self._candidates(demand)
         if not self.config.check_plans:
-            return candidates[0]
+            return self._dp(demand)
+        start = time.perf_counter()
         unique: dict[tuple, StagePlan] = {}
-        for plan in ([incumbent] if incumbent is not None else []) + candidates:
+        for plan in ([incumbent] if incumbent is not None else []) + self._candidates(demand):
             unique.setdefault((plan.boundaries, plan.replica_counts), plan)
         replicas = self.num_replicas
         if max(len(p.replica_counts) for p in unique.values()) <= self.config.score_replicas < replicas:
@@ -566,7 +568,7 @@ class CascadeRouter(Router):
                            "seconds": time.perf_counter() - start}
         return unique[key]
 
-    def _score_requests(self, sample, weights, rate: float) -> list[tuple[float, int, int]]:
+    def _score_requests(self, sample, weights, rate: float) -> list[TraceRequest]:
         """``score_requests`` requests with lengths drawn from the weighted sample and Poisson arrivals
         at ``rate`` (a fixed seed: every candidate sees the same ones)."""
         rng = np.random.default_rng(len(sample))
@@ -574,12 +576,9 @@ class CascadeRouter(Router):
         w = np.asarray(weights, float)
         picks = rng.choice(len(sample), n, p=w / w.sum())
         arrivals = np.cumsum(rng.exponential(1 / max(rate, 1e-9), n))
-        cap = min(self.max_len, self.cost_model.kv_capacity_tokens)
-        out = []
-        for t, k in zip(arrivals.tolist(), picks.tolist(), strict=True):
-            prompt = min(max(int(sample[k][0]), 1), cap - 1)
-            out.append((t, prompt, max(min(int(sample[k][1]), cap - prompt), 1)))
-        return out
+        drawn = [TraceRequest(t, max(int(sample[k][0]), 1), max(int(sample[k][1]), 1))
+                 for t, k in zip(arrivals.tolist(), picks.tolist(), strict=True)]
+        return cap_lengths(drawn, min(self.max_len, self.cost_model.kv_capacity_tokens))
 
     def _score(self, plan: StagePlan, requests, replicas: int) -> float:
         """Simulated geometric mean of mean and P99 E2E latency of ``plan`` (its replica counts scaled

@@ -17,9 +17,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxinfer.datasets import trace_file
+from jaxinfer.datasets import TRACES, trace_file
 
-TRACE_NAMES = ("azure_conv", "azure_code", "mooncake_conversation", "mooncake_synthetic")
+TRACE_NAMES = tuple(TRACES)  # the shared folder's traces, by name
 _AZURE_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
 _MOONCAKE_KEYS = ("timestamp", "input_length", "output_length")
 

@@ -225,14 +225,15 @@ def test_admin_api_validation_and_describe():
         CascadeRouter(6, CM, 16384, plan=PLAN)
 
 
-def _two_mix_trace(n, rate, seed, long_fraction):
-    """Poisson arrivals; short chats (prompts 100-600) and, a ``long_fraction`` of them, long documents
-    (prompts 6000-12000 with long answers)."""
+def _two_mix_trace(n, rate, seed, long_fraction, *, start=0.0, short=((100, 600), (20, 200)),
+                   long=((6000, 12000), (200, 1000))):
+    """Poisson arrivals from ``start``; short chats and, a ``long_fraction`` of them, long documents
+    (each a (prompt range, output range) pair)."""
     rng = np.random.default_rng(seed)
-    arrivals = np.cumsum(rng.exponential(1 / rate, n))
-    long = rng.random(n) < long_fraction
-    prompts = np.where(long, rng.integers(6000, 12000, n), rng.integers(100, 600, n))
-    outputs = np.where(long, rng.integers(200, 1000, n), rng.integers(20, 200, n))
+    arrivals = start + np.cumsum(rng.exponential(1 / rate, n))
+    is_long = rng.random(n) < long_fraction
+    prompts = np.where(is_long, rng.integers(*long[0], n), rng.integers(*short[0], n))
+    outputs = np.where(is_long, rng.integers(*long[1], n), rng.integers(*short[1], n))
     return list(zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True))
 
 
@@ -305,12 +306,8 @@ def test_load_feedback_refinement_follows_a_drifting_mix():
     # chats with a few documents, then a third of the traffic long documents: the upper stage, two
     # replicas sized for the first mix, overloads unless boundaries and replicas follow the load
     def phase(n, rate, seed, long_fraction, start):
-        rng = np.random.default_rng(seed)
-        arrivals = start + np.cumsum(rng.exponential(1 / rate, n))
-        long = rng.random(n) < long_fraction
-        prompts = np.where(long, rng.integers(3000, 7000, n), rng.integers(100, 900, n))
-        outputs = np.where(long, rng.integers(200, 800, n), rng.integers(20, 300, n))
-        return list(zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True))
+        return _two_mix_trace(n, rate, seed, long_fraction, start=start, short=((100, 900), (20, 300)),
+                              long=((3000, 7000), (200, 800)))
 
     first = phase(2000, 30.0, 1, 0.05, 0.0)
     drift_at = first[-1][0]

@@ -342,6 +342,8 @@ class CascadeRouter(Router):
 
     def _balance(self, mine, in_flight, usage, moved) -> list[Migration]:
         cfg, orders = self.config, []
+        if self.num_stages == 1:
+            return orders  # the one-stage plan is least-loaded dispatch, nothing more
         for members in self._stage_members:
             live = [i for i in members if i in mine and mine[i].accepting]
             if len(live) < 2:
@@ -624,7 +626,9 @@ def _scaled_counts(counts: tuple[int, ...], total: int) -> tuple[int, ...]:
 
 
 def _load_key(r: ReplicaLoad) -> tuple:
-    return (r.usage, len(r.requests), r.replica)
+    """Least-loaded dispatch's key: virtual KV usage, then the shorter queue (the one-stage plan is
+    exactly least-loaded dispatch)."""
+    return (r.usage, r.num_waiting, r.replica)
 
 
 def _pages(req: RequestLoad, rep: ReplicaLoad) -> int:

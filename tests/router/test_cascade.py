@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.router.base import NewRequest, ReplicaLoad, RequestLoad
+from jaxinfer.router.baselines import LeastLoadedRouter
 from jaxinfer.router.cascade import CascadeRouter
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.router.partition import StagePlan
@@ -30,15 +31,28 @@ def router(plan=PLAN, **kw):
 
 def test_dispatch_picks_the_stage_then_the_least_loaded():
     r = router()
-    snaps = [rep(0, used=500), rep(1, used=200), rep(2, [req("x", 10)], used=100), rep(3, [req("y", 10)] * 2, used=100),
-             rep(4, used=900)]
+    snaps = [rep(0, used=500), rep(1, used=200), rep(2, [req("x", 10, running=False)], used=100),
+             rep(3, [req("y", 10)] * 2, used=100), rep(4, used=900)]
     assert r.dispatch(NewRequest("a", 500, 10), snaps, 0.0) == 1
-    assert r.dispatch(NewRequest("b", 2000, 10), snaps, 0.0) == 2  # usage tie: fewer requests
+    assert r.dispatch(NewRequest("b", 2000, 10), snaps, 0.0) == 3  # usage tie: the shorter queue
     assert r.dispatch(NewRequest("c", 20000, 10), snaps, 0.0) == 4  # past max_len: the last stage
     snaps[4] = rep(4, accepting=False)
-    assert r.dispatch(NewRequest("d", 9000, 10), snaps, 0.0) == 2  # nearest stage with a live replica
+    assert r.dispatch(NewRequest("d", 9000, 10), snaps, 0.0) == 3  # nearest stage with a live replica
     snaps[2], snaps[3], snaps[4] = rep(2, accepting=False), rep(3, accepting=False), rep(4)
     assert r.dispatch(NewRequest("e", 2000, 10), snaps, 0.0) == 4  # equidistant: downstream first
+
+
+def test_one_stage_plan_is_least_loaded_dispatch():
+    r = router(plan=StagePlan.single(4, 16384))
+    ll = LeastLoadedRouter()
+    rng = np.random.default_rng(0)
+    for t in range(50):
+        snaps = [rep(i, [req(f"{i}-{k}", int(rng.integers(10, 3000)), running=bool(rng.integers(2)))
+                         for k in range(int(rng.integers(0, 4)))], used=int(rng.integers(0, 3)) * 100)
+                 for i in range(4)]
+        new = NewRequest(f"n{t}", int(rng.integers(1, 16384)), 10)
+        assert r.dispatch(new, snaps, t) == ll.dispatch(new, snaps, t)
+        assert r.rebalance(snaps, t) == []  # no within-stage moves: usage gaps up to 0.2 stay
 
 
 def test_handoff_goes_downstream_to_the_owning_stage_past_the_slack():

@@ -187,6 +187,9 @@ def main() -> None:
     parser.add_argument("--cost-model", default=str(RESULTS / "cost_model.json"),
                         help="a profile from launch/profile_cost_model.py, or 'synthetic' (analytic 8B-on-H100-like)")
     parser.add_argument("--kv-capacity", type=int, default=0, help="override the KV pool (tokens per replica)")
+    parser.add_argument("--mix-padding", type=float, default=None,
+                        help="override the profile's decode_mix_padding (0: rows cost their own context, 1: "
+                             "every row costs the batch's longest); a sensitivity study")
     parser.add_argument("--replicas", type=int, default=16)
     parser.add_argument("--loads", default="0.1,0.2,0.3,0.4,0.5,0.6",
                         help="offered load, fractions of estimated capacity")
@@ -219,6 +222,9 @@ def main() -> None:
             note += " (host sharing dropped: one host per replica)"
     if args.kv_capacity:
         cm = cm.with_capacity(args.kv_capacity)
+    if args.mix_padding is not None:
+        cm = CostModel.from_dict({**cm.to_dict(), "decode_mix_padding": args.mix_padding})
+        note += f" (decode_mix_padding set to {args.mix_padding})"
     max_len = min(args.max_len or 131072, cm.kv_capacity_tokens)  # a request must fit one replica's pool
     for name in traces:
         run_trace(args, name, cm, note, max_len, synthetic)
@@ -227,6 +233,8 @@ def main() -> None:
 def run_trace(args, trace_name: str, cm: CostModel, note: str, max_len: int, synthetic: bool) -> None:
     args.trace, args.max_len = trace_name, max_len
     suffix = f"_{trace_name}_{'synthetic' if synthetic else 'cpu'}_{args.replicas}"
+    if args.mix_padding is not None:
+        suffix += f"_mix{args.mix_padding:g}"
     out_path = args.json or RESULTS / f"router_sim{suffix}.json"
     if trace_name != "long":
         base = cap_lengths(load_trace(trace_name), max_len)

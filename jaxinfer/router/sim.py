@@ -9,7 +9,8 @@ longest decode context, prefill tokens, prefill KV extent, mean decode context)`
 batch costs by the profile's ``decode_mix_padding``).
 
 ``Simulator`` runs the event loop: arrivals (``router.dispatch``), step completions, and rebalance
-ticks every ``router.interval`` (``router.rebalance``), whose Migration orders it carries out:
+ticks every ``router.interval`` (``router.rebalance``; while the cluster is empty the ticks skip to the
+next arrival), whose Migration orders it carries out:
 
 - live: pre-copy rounds copy the request's full pages at the cost model's copy bandwidth while it
   keeps decoding at the source (at most ``max_precopy_rounds``); then the request pauses for a
@@ -360,7 +361,12 @@ class Simulator:
                     self._start(order, now)
                 if ticks % sample_every == 0:
                     self._sample(occupancy, now)
-                push(now + interval, "tick")
+                skip = 1
+                if num_dispatch == len(self.requests) - unfinished and not self._busy and events:
+                    # an empty cluster: the next tick that can see anything is the first at or after the next
+                    # event (the ticks between would find nothing to do; long idle gaps at light load)
+                    skip = max(1, int(np.ceil((events[0][0] - now) / interval - 1e-9)))
+                push(now + skip * interval, "tick")
             else:
                 self._advance(kind, data, now)
             self._run_kicks(now)

@@ -125,6 +125,29 @@ def test_abort_when_the_request_finishes_during_precopy():
     assert result.summary["migrations"]["aborted_finished"] == 1 and rec.replica == 0 and rec.migrations == 0
 
 
+class Counting(Fixed):
+    def __init__(self):
+        super().__init__()
+        self.ticks = []
+
+    def rebalance(self, replicas, now):
+        self.ticks.append((now, sum(len(r.requests) for r in replicas)))
+        return []
+
+
+def test_ticks_skip_the_idle_gaps_and_only_them():
+    router = Counting()
+    result = Simulator(router, SMALL, 1, [(0.0, 100, 3), (1000.0, 20, 2)]).run()
+    assert [r.finish is not None for r in result.records] == [True, True]
+    # busy ticks every interval; across the 1000 s gap a single tick (not 20000) lands on the next arrival
+    assert len(router.ticks) < 20
+    times = [t for t, _ in router.ticks]
+    assert all(b - a == pytest.approx(0.05) for a, b in zip(times, times[1:], strict=False) if b < 1000)
+    later = [t for t in times if t >= 1000]
+    assert later and later[0] - 1000 < 0.05 + 1e-9  # the first tick after the gap is on the old grid, not late
+    assert sum(n == 0 for _, n in router.ticks) == 1  # the one tick that found the cluster empty and skipped
+
+
 def test_deterministic():
     cm = CostModel.synthetic(max_len=8192, kv_capacity_tokens=50000)
     trace = _trace(400, seed=2, rate=30.0)

@@ -4,16 +4,15 @@
 - round-robin: the next accepting replica in index order;
 - least-loaded: the lowest virtual KV usage (used + waiting pages), ties to the shorter queue;
 - llumnix: Llumnix's default policies (AlibabaPAI/llumnix): dispatch to the freest replica by
-  ``(free pages - waiting pages) / requests`` (its "remaining steps"), and every tick pair the least
-  free replicas with the freest ones while the gap exceeds a threshold, moving the source's
-  shortest running request when that narrows the gap without reversing it (one migration in flight
-  per replica).
+  ``(free pages - waiting pages) / requests`` (its "remaining steps"), and every tick its balancing
+  migrations (jaxinfer.router.balance), one migration in flight per replica.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from jaxinfer.router.balance import balance_moves, freeness
 from jaxinfer.router.base import Migration, NewRequest, ReplicaLoad, Router, accepting
 from jaxinfer.router.cascade import CascadeRouter
 from jaxinfer.router.cost_model import CostModel
@@ -39,12 +38,6 @@ class LeastLoadedRouter(Router):
         return min(accepting(replicas), key=lambda r: (r.usage, r.num_waiting, r.replica)).replica
 
 
-def freeness(r: ReplicaLoad) -> float:
-    """Llumnix's remaining-steps load metric, in pages per request; higher is freer."""
-    free = r.kv_pages_total - r.kv_pages_used - r.waiting_pages
-    return free / max(len(r.requests), 1)
-
-
 class LlumnixRouter(Router):
     name = "llumnix"
 
@@ -61,33 +54,12 @@ class LlumnixRouter(Router):
 
     def rebalance(self, replicas: Sequence[ReplicaLoad], now: float) -> list[Migration]:
         free = [r for r in accepting(replicas) if r.migrations_in_flight < self.max_concurrent]
-        order = sorted(free, key=lambda r: (freeness(r), r.replica))
-        orders = []
-        lo, hi = 0, len(order) - 1  # lo: least free (source), hi: freest (destination)
-        while lo < hi:
-            src, dst = order[lo], order[hi]
-            if freeness(dst) - freeness(src) <= self.gap_pages:
-                break
-            running = [q for q in src.requests if q.running and not q.migrating]
-            if running:
-                req = min(running, key=lambda q: (q.context_len, q.request_id))
-                if _improves(src, dst, req):
-                    orders.append(Migration(req.request_id, src.replica, dst.replica, "balance"))
-            lo, hi = lo + 1, hi - 1
+        orders = balance_moves(free, self.gap_pages)
         self.num_migrations += len(orders)
         return orders
 
     def describe(self) -> dict:
         return {"router": self.name, "migrations": self.num_migrations}
-
-
-def _improves(src: ReplicaLoad, dst: ReplicaLoad, req) -> bool:
-    """Llumnix's 'balanced' pair check: after the move the destination is still the freer one, by
-    less than before (no overshoot, so no ping-pong)."""
-    pages = -(-req.context_len // src.page_size)
-    free_src = (src.kv_pages_total - src.kv_pages_used - src.waiting_pages + pages) / max(len(src.requests) - 1, 1)
-    free_dst = (dst.kv_pages_total - dst.kv_pages_used - dst.waiting_pages - pages) / (len(dst.requests) + 1)
-    return 0 <= free_dst - free_src < freeness(dst) - freeness(src)
 
 
 ROUTERS = ("cascade", "round-robin", "least-loaded", "llumnix")

@@ -5,8 +5,9 @@
   request goes to the least-loaded replica of the stage that owns its prompt length.
 - Context only grows, so a running request that outgrows its stage (by a slack) is handed off
   downstream to the stage that owns its length; it never moves upstream.
-- Within a stage, each replica compares itself with one peer (a deterministic ring neighbour whose
-  offset rotates every tick) and moves a request when the KV usage gap exceeds ``balance_theta``.
+- Within a stage, balancing migrations (Llumnix's policy, jaxinfer.router.balance), when they pay:
+  ``balance`` "auto" lets the plan check decide (the one-stage plan without them is exactly
+  least-loaded dispatch), "on"/"off" force it.
 - Observed demand: the requests finished in the last ``window_seconds``, re-weighted per prompt
   bucket to that window's arrivals (see ``_window_sample``).
 - Range refinement (§3.3), every ``refine_interval``, one step at a time. Measured load first: a
@@ -39,6 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from jaxinfer.router.balance import balance_moves
 from jaxinfer.router.base import Migration, NewRequest, ReplicaLoad, RequestLoad, Router, accepting
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.router.partition import (
@@ -65,7 +67,8 @@ class CascadeConfig:
     slack_fraction: float = 0.04  # hand off at context >= hi + max(page, slack_fraction * hi)
     handoff_usage_cap: float = 0.9  # a hand-off destination's KV usage must stay below this
     max_concurrent: int = 4  # migrations in flight per replica (in or out): every long request crosses stages
-    balance_theta: float = 0.1  # within-stage KV usage gap that triggers a balance move
+    balance: str = "auto"  # within-stage balancing migrations: auto (the plan check decides), on, off
+    balance_gap_pages: float = 3.0  # freeness gap (free pages per request) a balancing pair must exceed
     refine_interval: float = 2.0
     refine_eps: float = 0.05  # relative drop of the two stages' modelled cost that moves a boundary
     refine_persist: int = 2  # consecutive imbalanced checks before a move
@@ -94,9 +97,11 @@ class CascadeConfig:
                              f"{self.refine_persist}")
         if not 0 < self.load_gap <= self.replica_gap:
             raise ValueError(f"need 0 < load_gap <= replica_gap, got {self.load_gap}, {self.replica_gap}")
-        if not (0 <= self.slack_fraction < 1 and self.balance_theta >= 0 and self.refine_eps >= 0):
-            raise ValueError(f"need 0 <= slack_fraction < 1, balance_theta >= 0, refine_eps >= 0, got "
-                             f"{self.slack_fraction}, {self.balance_theta}, {self.refine_eps}")
+        if not (0 <= self.slack_fraction < 1 and self.balance_gap_pages >= 0 and self.refine_eps >= 0):
+            raise ValueError(f"need 0 <= slack_fraction < 1, balance_gap_pages >= 0, refine_eps >= 0, got "
+                             f"{self.slack_fraction}, {self.balance_gap_pages}, {self.refine_eps}")
+        if self.balance not in ("auto", "on", "off"):
+            raise ValueError(f"balance must be auto, on or off, got {self.balance!r}")
 
 
 class CascadeRouter(Router):
@@ -137,8 +142,11 @@ class CascadeRouter(Router):
         self._executor: ThreadPoolExecutor | None = None
         self._job: Future | None = None  # a re-plan being chosen on the worker thread
         self.last_check: dict = {}  # the last plan check: candidates' scores, the pick, seconds
+        # without a plan check: balancing within stages (the paper's design), none in the one-stage plan
+        self.balance_enabled = self.config.balance == "on" or (self.config.balance == "auto" and plan is not None
+                                                               and plan.num_stages > 1)
         if plan is None:
-            plan = self._initial_plan(sample, sample_window_seconds)
+            plan, self.balance_enabled = self._initial_plan(sample, sample_window_seconds)
             self._replan_on_data = sample is None  # a default plan is replaced once data arrives
         elif plan.num_replicas != num_replicas or plan.max_len != max_len:
             raise ValueError(f"the plan covers {plan.num_replicas} replicas up to {plan.max_len} tokens, the "
@@ -149,7 +157,8 @@ class CascadeRouter(Router):
 
     # ---- plan state ---------------------------------------------------------------------------------
 
-    def _initial_plan(self, sample, window) -> StagePlan:
+    def _initial_plan(self, sample, window) -> tuple[StagePlan, bool]:
+        """The first plan and whether it balances within stages."""
         if sample is None:
             rng = np.random.default_rng(0)
             prompts = np.minimum(rng.lognormal(math.log(min(1024, self.max_len // 4)), 1.0, 2000), self.max_len // 2)
@@ -158,14 +167,15 @@ class CascadeRouter(Router):
                               strict=True))
         sample = [(int(p), int(o)) for p, o in sample]
         if not sample:
-            return StagePlan.single(self.num_replicas, self.max_len)
+            return StagePlan.single(self.num_replicas, self.max_len), self.config.balance == "on"
         observed = window is not None  # a sample without its window (or the default mix): the DP alone
         if not observed:
             window = self._work_seconds(sample) / (0.5 * self.num_replicas)
         demand = demand_from_requests(sample, self.grid, window)
         self._reference_hist = _histogram(demand.decode, demand.arrivals)
         if not observed:
-            return self._dp(demand)
+            plan = self._dp(demand)
+            return plan, self.config.balance == "on" or (self.config.balance == "auto" and plan.num_stages > 1)
         return self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None)
 
     def _work_seconds(self, sample) -> float:
@@ -235,7 +245,8 @@ class CascadeRouter(Router):
         stages = [{"lo": self.boundaries[s], "hi": self.boundaries[s + 1], "replicas": list(members)}
                   for s, members in enumerate(self._stage_members)]
         return {"router": self.name, "stages": stages, "refinements": self.num_refinements,
-                "replans": self.num_replans, "handoffs": self.num_handoffs, "balances": self.num_balances,
+                "replans": self.num_replans, "handoffs": self.num_handoffs, "balancing": self.balance_enabled,
+                "balances": self.num_balances,
                 "replica_moves": self.num_replica_moves, "stage_pressure": self.stage_pressure(),
                 "last_check": self.last_check}
 
@@ -274,7 +285,7 @@ class CascadeRouter(Router):
         self._ticks += 1
         if self._job is not None and self._job.done():
             job, self._job = self._job, None
-            self._deploy(job.result())
+            self._deploy(*job.result())
         mine = {r.replica: r for r in replicas if r.replica in self._replica_stage}
         self._observe(mine)
         warm = self._replan_on_data and len(self._finished) >= self.config.min_replan_samples
@@ -341,36 +352,18 @@ class CascadeRouter(Router):
         return best
 
     def _balance(self, mine, in_flight, usage, moved) -> list[Migration]:
-        cfg, orders = self.config, []
-        if self.num_stages == 1:
-            return orders  # the one-stage plan is least-loaded dispatch, nothing more
+        """Balancing moves within each stage, among its replicas with no move in flight (this tick's
+        hand-offs included)."""
+        orders = []
+        if not self.balance_enabled:
+            return orders
         for members in self._stage_members:
-            live = [i for i in members if i in mine and mine[i].accepting]
-            if len(live) < 2:
-                continue
-            offset = 1 + self._ticks % (len(live) - 1)
-            for pos, i in enumerate(live):
-                peer = live[(pos + offset) % len(live)]
-                gap = usage[i] - usage[peer]
-                if gap <= cfg.balance_theta or in_flight[i] >= cfg.max_concurrent \
-                        or in_flight[peer] >= cfg.max_concurrent:
-                    continue
-                src, dst = mine[i], mine[peer]
-                best = None
-                for req in src.requests:
-                    if not req.running or req.migrating or req.request_id in moved:
-                        continue
-                    shift = _pages(req, src) / max(src.kv_pages_total, 1) + _pages(req, dst) / max(
-                        dst.kv_pages_total, 1)
-                    after = abs(gap - shift)
-                    if after >= gap:
-                        continue
-                    key = (round(after, 2), req.context_len, req.request_id)  # near-equal gains: the shortest
-                    if best is None or key < best[0]:
-                        best = (key, req)
-                if best is not None:
-                    orders.append(Migration(best[1].request_id, i, peer, "balance"))
-                    self._account(best[1], src, dst, in_flight, usage, moved)
+            free = [mine[i] for i in members if i in mine and mine[i].accepting and in_flight[i] == 0]
+            for order in balance_moves(free, self.config.balance_gap_pages, skip=moved):
+                src, dst = mine[order.src], mine[order.dst]
+                req = next(r for r in src.requests if r.request_id == order.request_id)
+                orders.append(order)
+                self._account(req, src, dst, in_flight, usage, moved)
         return orders
 
     @staticmethod
@@ -511,21 +504,24 @@ class CascadeRouter(Router):
         self._replan_on_data = False
         self._reference_hist = hist
         logger.info("re-plan check (drift %.3f, infeasible %s)", drift, infeasible)
-        incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts)
+        incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts), self.balance_enabled
         rate = len(self._arrivals) / window
         if self.background:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-replan")
             self._job = self._executor.submit(self._choose_plan, demand, sample, weights, rate, incumbent)
         else:
-            self._deploy(self._choose_plan(demand, sample, weights, rate, incumbent))
+            self._deploy(*self._choose_plan(demand, sample, weights, rate, incumbent))
 
-    def _deploy(self, plan: StagePlan) -> None:
+    def _deploy(self, plan: StagePlan, balance: bool) -> None:
         self._reset_refinement()
-        if plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts:
-            logger.info("re-plan: %s x %s", plan.boundaries, plan.replica_counts)
-            self._apply_plan(plan)
+        changed = plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts
+        if changed or balance != self.balance_enabled:
+            logger.info("re-plan: %s x %s, balancing %s", plan.boundaries, plan.replica_counts, balance)
+            self.balance_enabled = balance
             self.num_replans += 1
+        if changed:
+            self._apply_plan(plan)
 
     # ---- checked plans ---------------------------------------------------------------------------------
 
@@ -541,31 +537,39 @@ class CascadeRouter(Router):
         return plans
 
     def _choose_plan(self, demand: Demand, sample, weights, rate: float,
-                     incumbent: StagePlan | None) -> StagePlan:
-        """The plan to deploy: without checks the DP's optimum; with them, the candidate (the deployed
-        plan among them) with the best simulated latency on requests drawn from the window's length
-        mix at its arrival rate; a new plan must beat the deployed one (at start, the one-stage plan)
-        by ``switch_gain``."""
+                     incumbent: tuple[StagePlan, bool] | None) -> tuple[StagePlan, bool]:
+        """The plan to deploy and whether it balances within stages: without checks the DP's optimum
+        (balancing as configured); with them, the candidate (the deployed one among them) with the best
+        simulated latency on requests drawn from the window's length mix at its arrival rate. Every
+        plan is scored without balancing, the DP's optimum and the one-stage plan also with it (under
+        ``balance`` auto). A change must beat the deployed plan (at start, the one-stage plan without
+        balancing: least-loaded dispatch) by ``switch_gain``."""
+        mode = self.config.balance
         if not self.config.check_plans:
-            return self._dp(demand)
+            plan = self._dp(demand)
+            return plan, mode == "on" or (mode == "auto" and plan.num_stages > 1)
         start = time.perf_counter()
-        unique: dict[tuple, StagePlan] = {}
-        for plan in ([incumbent] if incumbent is not None else []) + self._candidates(demand):
-            unique.setdefault((plan.boundaries, plan.replica_counts), plan)
+        plans = self._candidates(demand)
+        options = [(p, mode == "on") for p in plans]
+        if mode == "auto":
+            options += [(plans[0], True), (plans[-1], True)]
+        default = incumbent if incumbent is not None else (StagePlan.single(self.num_replicas, self.max_len),
+                                                           mode == "on")
+        unique: dict[tuple, tuple[StagePlan, bool]] = {}
+        for plan, balance in [default, *options]:
+            unique.setdefault((plan.boundaries, plan.replica_counts, balance), (plan, balance))
         replicas = self.num_replicas
-        if max(len(p.replica_counts) for p in unique.values()) <= self.config.score_replicas < replicas:
+        if max(len(p.replica_counts) for p, _ in unique.values()) <= self.config.score_replicas < replicas:
             replicas = self.config.score_replicas
         requests = self._score_requests(sample, weights, rate * replicas / self.num_replicas)
-        scores = {key: self._score(plan, requests, replicas) for key, plan in unique.items()}
+        scores = {key: self._score(*option, requests, replicas) for key, option in unique.items()}
         key = min(scores, key=scores.get)
-        # a change must pay: beat the deployed plan (at start, the one-stage plan) by switch_gain
-        default = incumbent if incumbent is not None else StagePlan.single(self.num_replicas, self.max_len)
-        kept = (default.boundaries, default.replica_counts)
-        if scores[key] > scores[kept] * (1 - self.config.switch_gain):
+        kept = (default[0].boundaries, default[0].replica_counts, default[1])
+        if scores[key] > scores[kept] * (1 - self.config.switch_gain):  # a change must pay
             key = kept
-        self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "score": scores[(b, c)]}
-                                          for b, c in scores], "chosen": {"boundaries": list(key[0]),
-                                                                          "replica_counts": list(key[1])},
+        self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "balance": bal,
+                                           "score": score} for (b, c, bal), score in scores.items()],
+                           "chosen": {"boundaries": list(key[0]), "replica_counts": list(key[1]), "balance": key[2]},
                            "scored_replicas": replicas, "scored_requests": len(requests),
                            "seconds": time.perf_counter() - start}
         return unique[key]
@@ -582,13 +586,14 @@ class CascadeRouter(Router):
                  for t, k in zip(arrivals.tolist(), picks.tolist(), strict=True)]
         return cap_lengths(drawn, min(self.max_len, self.cost_model.kv_capacity_tokens))
 
-    def _score(self, plan: StagePlan, requests, replicas: int) -> float:
+    def _score(self, plan: StagePlan, balance: bool, requests, replicas: int) -> float:
         """Simulated geometric mean of mean and P99 E2E latency of ``plan`` (its replica counts scaled
-        to ``replicas``, each stage keeping at least one)."""
+        to ``replicas``, each stage keeping at least one), balancing within stages or not."""
         counts = _scaled_counts(plan.replica_counts, replicas)
         scaled = StagePlan(plan.boundaries, counts)
+        config = dataclasses.replace(self.config, check_plans=False, balance="on" if balance else "off")
         router = CascadeRouter(replicas, self.cost_model, self.max_len, plan=scaled, grid=self.grid, refine=False,
-                               replan=False, config=dataclasses.replace(self.config, check_plans=False))
+                               replan=False, config=config)
         summary = Simulator(router, self.cost_model, replicas, requests).run().summary
         return math.sqrt(summary["mean_e2e"] * summary["p99_e2e"])
 

@@ -81,16 +81,20 @@ def test_handoff_never_upstream_and_respects_limits():
     assert r.rebalance(snaps, 0.3) == []
 
 
-def test_within_stage_balance_moves_the_best_and_shortest_request():
+def test_within_stage_balance_moves_the_shortest_request_to_the_freest_peer_of_its_stage():
     plan = StagePlan((0, 8000, 16384), (2, 1))
     r = router(plan=plan)
+    assert r.balance_enabled  # an operator's multi-stage plan balances (balance auto, no check)
     heavy = [req("a", 1600), req("b", 1610), req("c", 160), req("d", 6400)]  # 100, 101, 10, 400 pages
     snaps = [rep(0, heavy, used=500), rep(1, used=100), rep(2)]
     orders = r.rebalance(snaps, 0.1)
-    # gap 0.4; moving p pages closes 2p/1000: a and b both leave ~0.2, so the shorter one goes
-    assert [(o.request_id, o.src, o.dst, o.reason) for o in orders] == [("a", 0, 1, "balance")]
-    snaps = [rep(0, heavy, used=150), rep(1, used=100), rep(2)]
-    assert r.rebalance(snaps, 0.2) == []  # gap 0.05 <= theta
+    # freeness (free pages per request): 125, 900 and 1000, but replica 2 is another stage's
+    assert [(o.request_id, o.src, o.dst, o.reason) for o in orders] == [("c", 0, 1, "balance")]
+    snaps = [rep(0, [req("c", 160)], used=100), rep(1, used=100), rep(2)]
+    assert r.rebalance(snaps, 0.2) == []  # freeness gap 0 <= balance_gap_pages
+    snaps = [rep(0, heavy, used=500), rep(1, used=100, inflight=1), rep(2)]
+    assert r.rebalance(snaps, 0.3) == []  # one move at a time per replica
+    assert router(plan=plan, balance="off").rebalance([rep(0, heavy, used=500), rep(1, used=100), rep(2)], 0.1) == []
 
 
 def _ticks(r, t0, seconds, arrivals=()):
@@ -233,8 +237,10 @@ def test_admin_api_validation_and_describe():
         r.set_plan(StagePlan((0, 4000, 16384), (3, 1)))
     with pytest.raises(ValueError, match="needs 'boundaries' and 'replica_counts'"):
         r.set_plan({"boundaries": [0, 16384]})
-    with pytest.raises(ValueError, match="balance_theta"):
-        router(balance_theta=-1)
+    with pytest.raises(ValueError, match="balance_gap_pages"):
+        router(balance_gap_pages=-1)
+    with pytest.raises(ValueError, match="balance must be"):
+        router(balance="sometimes")
     with pytest.raises(ValueError, match="the plan covers 5 replicas up to 16384 tokens, the router 6"):
         CascadeRouter(6, CM, 16384, plan=PLAN)
 
@@ -257,12 +263,23 @@ def _checked(trace, cost_model, **kw):
                          replan=False, refine=False, score_requests=400, **kw)
 
 
+def _scores(r):
+    """The last check's scores by (boundaries, replica counts, balancing)."""
+    return {(tuple(c["boundaries"]), tuple(c["replica_counts"]), c["balance"]): c["score"]
+            for c in r.last_check["candidates"]}
+
+
 def test_checked_plan_is_one_stage_when_stages_do_not_help():
     # one length class: the DP still proposes a split, the simulator finds it slower than one stage
     r = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM)
-    scores = {(tuple(c["boundaries"]), tuple(c["replica_counts"])): c["score"] for c in r.last_check["candidates"]}
-    assert any(len(counts) > 1 for _, counts in scores) and r.num_stages == 1
-    assert scores[((0, 16384), (8,))] == min(scores.values())
+    scores = _scores(r)
+    assert any(len(counts) > 1 for _, counts, _ in scores) and r.num_stages == 1
+    assert min(scores[((0, 16384), (8,), False)], scores[((0, 16384), (8,), True)]) == min(scores.values())
+    # balancing within stages is scored for the DP's optimum and the one-stage plan, and deployed as chosen
+    assert sum(balance for _, _, balance in scores) == 2
+    assert r.balance_enabled == r.last_check["chosen"]["balance"]
+    assert not any(balance for _, _, balance in _scores(_checked(_two_mix_trace(500, 60.0, 1, 0.0), CM,
+                                                                 balance="off")))
     unchecked = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM, check_plans=False)
     assert unchecked.num_stages > 1  # what the DP alone would have deployed
 
@@ -271,11 +288,12 @@ def test_checked_plan_is_multi_stage_when_they_help():
     # long documents among chats on a kernel that pads every row to the longest: stages pay off
     padded = CostModel.synthetic(max_len=16384, mix_padding=1.0)
     r = _checked(_two_mix_trace(500, 20.0, 1, 0.15), padded)
-    scores = {(tuple(c["boundaries"]), tuple(c["replica_counts"])): c["score"] for c in r.last_check["candidates"]}
+    scores = _scores(r)
     assert r.num_stages > 1
-    assert scores[((0, 16384), (8,))] > 1.2 * min(scores.values())
+    assert min(scores[((0, 16384), (8,), False)], scores[((0, 16384), (8,), True)]) > 1.2 * min(scores.values())
     chosen = r.last_check["chosen"]
-    assert scores[(tuple(chosen["boundaries"]), tuple(chosen["replica_counts"]))] == min(scores.values())
+    assert scores[(tuple(chosen["boundaries"]), tuple(chosen["replica_counts"]), chosen["balance"])] == min(
+        scores.values())
 
 
 def test_a_new_plan_must_beat_the_deployed_one_by_the_switch_gain():
@@ -285,12 +303,12 @@ def test_a_new_plan_must_beat_the_deployed_one_by_the_switch_gain():
     sample = [(p, o) for _, p, o in _two_mix_trace(500, 60.0, 1, 0.0)]
     args = (demand_from_requests(sample, GRID, 8.0), sample, np.ones(len(sample)), len(sample) / 8.0)
     eager = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM, switch_gain=0.0)
-    assert eager._choose_plan(*args, deployed).num_stages == 1  # one stage simulates faster: switch
+    assert eager._choose_plan(*args, (deployed, True))[0].num_stages == 1  # one stage simulates faster: switch
     scores = [c["score"] for c in eager.last_check["candidates"]]
     gain = 1 - min(scores) / eager.last_check["candidates"][0]["score"]  # the deployed plan is scored first
     assert 0 < gain < 0.9
     sticky = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM, switch_gain=0.9)
-    assert sticky._choose_plan(*args, deployed) == deployed  # not better by 90%: keep it
+    assert sticky._choose_plan(*args, (deployed, True)) == (deployed, True)  # not better by 90%: keep it
 
 
 def test_background_replan_is_chosen_off_the_router_loop():

@@ -5,9 +5,10 @@
   request goes to the least-loaded replica of the stage that owns its prompt length.
 - Context only grows, so a running request that outgrows its stage (by a slack) is handed off
   downstream to the stage that owns its length; it never moves upstream.
-- Within a stage, balancing migrations (Llumnix's policy, jaxinfer.router.balance), when they pay:
-  ``balance`` "auto" lets the plan check decide (the one-stage plan without them is exactly
-  least-loaded dispatch), "on"/"off" force it.
+- Within a stage, a policy: ``least-loaded`` (the lowest virtual KV usage, then the shorter queue)
+  or ``llumnix`` (the freest replica by free pages per request, and balancing migrations:
+  jaxinfer.router.balance). ``within_stage`` "auto" lets the plan check choose; the one-stage plan
+  is then exactly the least-loaded or the llumnix baseline.
 - Observed demand: the requests finished in the last ``window_seconds``, re-weighted per prompt
   bucket to that window's arrivals (see ``_window_sample``).
 - Range refinement (§3.3), every ``refine_interval``, one step at a time. Measured load first: a
@@ -40,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from jaxinfer.router.balance import balance_moves
+from jaxinfer.router.balance import balance_moves, freeness
 from jaxinfer.router.base import Migration, NewRequest, ReplicaLoad, RequestLoad, Router, accepting
 from jaxinfer.router.cost_model import CostModel
 from jaxinfer.router.partition import (
@@ -59,6 +60,7 @@ from jaxinfer.router.trace import TraceRequest, cap_lengths
 logger = logging.getLogger(__name__)
 
 _MAX_HISTORY = 50_000  # length samples kept for re-planning
+WITHIN_STAGE = ("least-loaded", "llumnix")  # dispatch (and balancing) policies inside a stage
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,7 +69,7 @@ class CascadeConfig:
     slack_fraction: float = 0.04  # hand off at context >= hi + max(page, slack_fraction * hi)
     handoff_usage_cap: float = 0.9  # a hand-off destination's KV usage must stay below this
     max_concurrent: int = 4  # migrations in flight per replica (in or out): every long request crosses stages
-    balance: str = "auto"  # within-stage balancing migrations: auto (the plan check decides), on, off
+    within_stage: str = "auto"  # least-loaded, llumnix, or auto (the plan check chooses)
     balance_gap_pages: float = 3.0  # freeness gap (free pages per request) a balancing pair must exceed
     refine_interval: float = 2.0
     refine_eps: float = 0.05  # relative drop of the two stages' modelled cost that moves a boundary
@@ -100,8 +102,8 @@ class CascadeConfig:
         if not (0 <= self.slack_fraction < 1 and self.balance_gap_pages >= 0 and self.refine_eps >= 0):
             raise ValueError(f"need 0 <= slack_fraction < 1, balance_gap_pages >= 0, refine_eps >= 0, got "
                              f"{self.slack_fraction}, {self.balance_gap_pages}, {self.refine_eps}")
-        if self.balance not in ("auto", "on", "off"):
-            raise ValueError(f"balance must be auto, on or off, got {self.balance!r}")
+        if self.within_stage not in ("auto", *WITHIN_STAGE):
+            raise ValueError(f"within_stage must be auto, {' or '.join(WITHIN_STAGE)}, got {self.within_stage!r}")
 
 
 class CascadeRouter(Router):
@@ -142,11 +144,9 @@ class CascadeRouter(Router):
         self._executor: ThreadPoolExecutor | None = None
         self._job: Future | None = None  # a re-plan being chosen on the worker thread
         self.last_check: dict = {}  # the last plan check: candidates' scores, the pick, seconds
-        # without a plan check: balancing within stages (the paper's design), none in the one-stage plan
-        self.balance_enabled = self.config.balance == "on" or (self.config.balance == "auto" and plan is not None
-                                                               and plan.num_stages > 1)
+        self.within_stage = self._unchecked_policy(plan)
         if plan is None:
-            plan, self.balance_enabled = self._initial_plan(sample, sample_window_seconds)
+            plan, self.within_stage = self._initial_plan(sample, sample_window_seconds)
             self._replan_on_data = sample is None  # a default plan is replaced once data arrives
         elif plan.num_replicas != num_replicas or plan.max_len != max_len:
             raise ValueError(f"the plan covers {plan.num_replicas} replicas up to {plan.max_len} tokens, the "
@@ -157,8 +157,15 @@ class CascadeRouter(Router):
 
     # ---- plan state ---------------------------------------------------------------------------------
 
-    def _initial_plan(self, sample, window) -> tuple[StagePlan, bool]:
-        """The first plan and whether it balances within stages."""
+    def _unchecked_policy(self, plan: StagePlan | None) -> str:
+        """The within-stage policy of a plan no check chose: as configured, or under auto balancing
+        stages (the paper's design) and least-loaded dispatch for a single stage."""
+        if self.config.within_stage != "auto":
+            return self.config.within_stage
+        return "llumnix" if plan is not None and plan.num_stages > 1 else "least-loaded"
+
+    def _initial_plan(self, sample, window) -> tuple[StagePlan, str]:
+        """The first plan and its within-stage policy."""
         if sample is None:
             rng = np.random.default_rng(0)
             prompts = np.minimum(rng.lognormal(math.log(min(1024, self.max_len // 4)), 1.0, 2000), self.max_len // 2)
@@ -167,7 +174,8 @@ class CascadeRouter(Router):
                               strict=True))
         sample = [(int(p), int(o)) for p, o in sample]
         if not sample:
-            return StagePlan.single(self.num_replicas, self.max_len), self.config.balance == "on"
+            plan = StagePlan.single(self.num_replicas, self.max_len)
+            return plan, self._unchecked_policy(plan)
         observed = window is not None  # a sample without its window (or the default mix): the DP alone
         if not observed:
             window = self._work_seconds(sample) / (0.5 * self.num_replicas)
@@ -175,7 +183,7 @@ class CascadeRouter(Router):
         self._reference_hist = _histogram(demand.decode, demand.arrivals)
         if not observed:
             plan = self._dp(demand)
-            return plan, self.config.balance == "on" or (self.config.balance == "auto" and plan.num_stages > 1)
+            return plan, self._unchecked_policy(plan)
         return self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None)
 
     def _work_seconds(self, sample) -> float:
@@ -245,7 +253,7 @@ class CascadeRouter(Router):
         stages = [{"lo": self.boundaries[s], "hi": self.boundaries[s + 1], "replicas": list(members)}
                   for s, members in enumerate(self._stage_members)]
         return {"router": self.name, "stages": stages, "refinements": self.num_refinements,
-                "replans": self.num_replans, "handoffs": self.num_handoffs, "balancing": self.balance_enabled,
+                "replans": self.num_replans, "handoffs": self.num_handoffs, "within_stage": self.within_stage,
                 "balances": self.num_balances,
                 "replica_moves": self.num_replica_moves, "stage_pressure": self.stage_pressure(),
                 "last_check": self.last_check}
@@ -265,7 +273,7 @@ class CascadeRouter(Router):
             if s is not None:
                 by_stage.setdefault(s, []).append(r)
         if not by_stage:
-            return min(live, key=_load_key).replica
+            return self._pick(live)
         self._arrivals.append((now, request.prompt_len))
         if len(self._arrivals) > _MAX_HISTORY:
             self._arrivals.popleft()
@@ -273,8 +281,13 @@ class CascadeRouter(Router):
         for distance in range(self.num_stages):
             for s in (home + distance, home - distance):  # at equal distance downstream first
                 if s in by_stage:
-                    return min(by_stage[s], key=_load_key).replica
+                    return self._pick(by_stage[s])
         raise AssertionError("unreachable: some stage has a live replica")
+
+    def _pick(self, replicas: list[ReplicaLoad]) -> int:
+        if self.within_stage == "llumnix":
+            return max(replicas, key=lambda r: (freeness(r), -r.replica)).replica
+        return min(replicas, key=_load_key).replica
 
     def on_finish(self, request_id: str, prompt_len: int, output_len: int, now: float) -> None:
         self._finished.append((now, prompt_len, output_len))
@@ -355,7 +368,7 @@ class CascadeRouter(Router):
         """Balancing moves within each stage, among its replicas with no move in flight (this tick's
         hand-offs included)."""
         orders = []
-        if not self.balance_enabled:
+        if self.within_stage != "llumnix":
             return orders
         for members in self._stage_members:
             free = [mine[i] for i in members if i in mine and mine[i].accepting and in_flight[i] == 0]
@@ -504,7 +517,7 @@ class CascadeRouter(Router):
         self._replan_on_data = False
         self._reference_hist = hist
         logger.info("re-plan check (drift %.3f, infeasible %s)", drift, infeasible)
-        incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts), self.balance_enabled
+        incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts), self.within_stage
         rate = len(self._arrivals) / window
         if self.background:
             if self._executor is None:
@@ -513,12 +526,12 @@ class CascadeRouter(Router):
         else:
             self._deploy(*self._choose_plan(demand, sample, weights, rate, incumbent))
 
-    def _deploy(self, plan: StagePlan, balance: bool) -> None:
+    def _deploy(self, plan: StagePlan, within_stage: str) -> None:
         self._reset_refinement()
         changed = plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts
-        if changed or balance != self.balance_enabled:
-            logger.info("re-plan: %s x %s, balancing %s", plan.boundaries, plan.replica_counts, balance)
-            self.balance_enabled = balance
+        if changed or within_stage != self.within_stage:
+            logger.info("re-plan: %s x %s, %s within stages", plan.boundaries, plan.replica_counts, within_stage)
+            self.within_stage = within_stage
             self.num_replans += 1
         if changed:
             self._apply_plan(plan)
@@ -537,27 +550,27 @@ class CascadeRouter(Router):
         return plans
 
     def _choose_plan(self, demand: Demand, sample, weights, rate: float,
-                     incumbent: tuple[StagePlan, bool] | None) -> tuple[StagePlan, bool]:
-        """The plan to deploy and whether it balances within stages: without checks the DP's optimum
-        (balancing as configured); with them, the candidate (the deployed one among them) with the best
-        simulated latency on requests drawn from the window's length mix at its arrival rate. Every
-        plan is scored without balancing, the DP's optimum and the one-stage plan also with it (under
-        ``balance`` auto). A change must beat the deployed plan (at start, the one-stage plan without
-        balancing: least-loaded dispatch) by ``switch_gain``."""
-        mode = self.config.balance
+                     incumbent: tuple[StagePlan, str] | None) -> tuple[StagePlan, str]:
+        """The plan to deploy and its within-stage policy: without checks the DP's optimum; with them,
+        the candidate (the deployed one among them) with the best simulated latency on requests drawn
+        from the window's length mix at its arrival rate. Under ``within_stage`` auto every plan is
+        scored with least-loaded stages, the DP's optimum and the one-stage plan also with llumnix
+        stages. A change must beat the deployed plan (at start, the one-stage least-loaded plan, i.e.
+        least-loaded dispatch) by ``switch_gain``."""
         if not self.config.check_plans:
             plan = self._dp(demand)
-            return plan, mode == "on" or (mode == "auto" and plan.num_stages > 1)
+            return plan, self._unchecked_policy(plan)
         start = time.perf_counter()
         plans = self._candidates(demand)
-        options = [(p, mode == "on") for p in plans]
-        if mode == "auto":
-            options += [(plans[0], True), (plans[-1], True)]
-        default = incumbent if incumbent is not None else (StagePlan.single(self.num_replicas, self.max_len),
-                                                           mode == "on")
-        unique: dict[tuple, tuple[StagePlan, bool]] = {}
-        for plan, balance in [default, *options]:
-            unique.setdefault((plan.boundaries, plan.replica_counts, balance), (plan, balance))
+        forced = self.config.within_stage
+        options = [(p, forced if forced != "auto" else "least-loaded") for p in plans]
+        if forced == "auto":
+            options += [(plans[0], "llumnix"), (plans[-1], "llumnix")]
+        single = StagePlan.single(self.num_replicas, self.max_len)
+        default = incumbent if incumbent is not None else (single, self._unchecked_policy(single))
+        unique: dict[tuple, tuple[StagePlan, str]] = {}
+        for plan, policy in [default, *options]:
+            unique.setdefault((plan.boundaries, plan.replica_counts, policy), (plan, policy))
         replicas = self.num_replicas
         if max(len(p.replica_counts) for p, _ in unique.values()) <= self.config.score_replicas < replicas:
             replicas = self.config.score_replicas
@@ -567,9 +580,10 @@ class CascadeRouter(Router):
         kept = (default[0].boundaries, default[0].replica_counts, default[1])
         if scores[key] > scores[kept] * (1 - self.config.switch_gain):  # a change must pay
             key = kept
-        self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "balance": bal,
-                                           "score": score} for (b, c, bal), score in scores.items()],
-                           "chosen": {"boundaries": list(key[0]), "replica_counts": list(key[1]), "balance": key[2]},
+        self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "within_stage": w,
+                                           "score": score} for (b, c, w), score in scores.items()],
+                           "chosen": {"boundaries": list(key[0]), "replica_counts": list(key[1]),
+                                      "within_stage": key[2]},
                            "scored_replicas": replicas, "scored_requests": len(requests),
                            "seconds": time.perf_counter() - start}
         return unique[key]
@@ -586,12 +600,12 @@ class CascadeRouter(Router):
                  for t, k in zip(arrivals.tolist(), picks.tolist(), strict=True)]
         return cap_lengths(drawn, min(self.max_len, self.cost_model.kv_capacity_tokens))
 
-    def _score(self, plan: StagePlan, balance: bool, requests, replicas: int) -> float:
+    def _score(self, plan: StagePlan, within_stage: str, requests, replicas: int) -> float:
         """Simulated geometric mean of mean and P99 E2E latency of ``plan`` (its replica counts scaled
-        to ``replicas``, each stage keeping at least one), balancing within stages or not."""
+        to ``replicas``, each stage keeping at least one) with ``within_stage`` in its stages."""
         counts = _scaled_counts(plan.replica_counts, replicas)
         scaled = StagePlan(plan.boundaries, counts)
-        config = dataclasses.replace(self.config, check_plans=False, balance="on" if balance else "off")
+        config = dataclasses.replace(self.config, check_plans=False, within_stage=within_stage)
         router = CascadeRouter(replicas, self.cost_model, self.max_len, plan=scaled, grid=self.grid, refine=False,
                                replan=False, config=config)
         summary = Simulator(router, self.cost_model, replicas, requests).run().summary
@@ -631,8 +645,7 @@ def _scaled_counts(counts: tuple[int, ...], total: int) -> tuple[int, ...]:
 
 
 def _load_key(r: ReplicaLoad) -> tuple:
-    """Least-loaded dispatch's key: virtual KV usage, then the shorter queue (the one-stage plan is
-    exactly least-loaded dispatch)."""
+    """Least-loaded dispatch's key: virtual KV usage, then the shorter queue."""
     return (r.usage, r.num_waiting, r.replica)
 
 

@@ -30,7 +30,7 @@ def router(plan=PLAN, **kw):
 
 
 def test_dispatch_picks_the_stage_then_the_least_loaded():
-    r = router()
+    r = router(within_stage="least-loaded")
     snaps = [rep(0, used=500), rep(1, used=200), rep(2, [req("x", 10, running=False)], used=100),
              rep(3, [req("y", 10)] * 2, used=100), rep(4, used=900)]
     assert r.dispatch(NewRequest("a", 500, 10), snaps, 0.0) == 1
@@ -40,6 +40,15 @@ def test_dispatch_picks_the_stage_then_the_least_loaded():
     assert r.dispatch(NewRequest("d", 9000, 10), snaps, 0.0) == 3  # nearest stage with a live replica
     snaps[2], snaps[3], snaps[4] = rep(2, accepting=False), rep(3, accepting=False), rep(4)
     assert r.dispatch(NewRequest("e", 2000, 10), snaps, 0.0) == 4  # equidistant: downstream first
+
+
+def test_llumnix_stages_dispatch_to_the_freest_replica_of_the_stage():
+    r = router()  # an operator's multi-stage plan: llumnix within stages
+    # stage 0: replica 0 has 500 free pages for 1 request, replica 1 has 800 for 4 (200 per request)
+    snaps = [rep(0, [req("x", 10)], used=500), rep(1, [req(f"y{k}", 10) for k in range(4)], used=200), rep(2),
+             rep(3), rep(4)]
+    assert r.dispatch(NewRequest("a", 500, 10), snaps, 0.0) == 0  # least-loaded would pick replica 1
+    assert router(within_stage="least-loaded").dispatch(NewRequest("a", 500, 10), snaps, 0.0) == 1
 
 
 def test_one_stage_plan_is_least_loaded_dispatch():
@@ -84,7 +93,7 @@ def test_handoff_never_upstream_and_respects_limits():
 def test_within_stage_balance_moves_the_shortest_request_to_the_freest_peer_of_its_stage():
     plan = StagePlan((0, 8000, 16384), (2, 1))
     r = router(plan=plan)
-    assert r.balance_enabled  # an operator's multi-stage plan balances (balance auto, no check)
+    assert r.within_stage == "llumnix"  # an operator's multi-stage plan balances (within_stage auto, no check)
     heavy = [req("a", 1600), req("b", 1610), req("c", 160), req("d", 6400)]  # 100, 101, 10, 400 pages
     snaps = [rep(0, heavy, used=500), rep(1, used=100), rep(2)]
     orders = r.rebalance(snaps, 0.1)
@@ -94,7 +103,8 @@ def test_within_stage_balance_moves_the_shortest_request_to_the_freest_peer_of_i
     assert r.rebalance(snaps, 0.2) == []  # freeness gap 0 <= balance_gap_pages
     snaps = [rep(0, heavy, used=500), rep(1, used=100, inflight=1), rep(2)]
     assert r.rebalance(snaps, 0.3) == []  # one move at a time per replica
-    assert router(plan=plan, balance="off").rebalance([rep(0, heavy, used=500), rep(1, used=100), rep(2)], 0.1) == []
+    off = router(plan=plan, within_stage="least-loaded")
+    assert off.rebalance([rep(0, heavy, used=500), rep(1, used=100), rep(2)], 0.1) == []
 
 
 def _ticks(r, t0, seconds, arrivals=()):
@@ -239,8 +249,8 @@ def test_admin_api_validation_and_describe():
         r.set_plan({"boundaries": [0, 16384]})
     with pytest.raises(ValueError, match="balance_gap_pages"):
         router(balance_gap_pages=-1)
-    with pytest.raises(ValueError, match="balance must be"):
-        router(balance="sometimes")
+    with pytest.raises(ValueError, match="within_stage must be"):
+        router(within_stage="sometimes")
     with pytest.raises(ValueError, match="the plan covers 5 replicas up to 16384 tokens, the router 6"):
         CascadeRouter(6, CM, 16384, plan=PLAN)
 
@@ -265,7 +275,7 @@ def _checked(trace, cost_model, **kw):
 
 def _scores(r):
     """The last check's scores by (boundaries, replica counts, balancing)."""
-    return {(tuple(c["boundaries"]), tuple(c["replica_counts"]), c["balance"]): c["score"]
+    return {(tuple(c["boundaries"]), tuple(c["replica_counts"]), c["within_stage"]): c["score"]
             for c in r.last_check["candidates"]}
 
 
@@ -274,12 +284,13 @@ def test_checked_plan_is_one_stage_when_stages_do_not_help():
     r = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM)
     scores = _scores(r)
     assert any(len(counts) > 1 for _, counts, _ in scores) and r.num_stages == 1
-    assert min(scores[((0, 16384), (8,), False)], scores[((0, 16384), (8,), True)]) == min(scores.values())
-    # balancing within stages is scored for the DP's optimum and the one-stage plan, and deployed as chosen
-    assert sum(balance for _, _, balance in scores) == 2
-    assert r.balance_enabled == r.last_check["chosen"]["balance"]
-    assert not any(balance for _, _, balance in _scores(_checked(_two_mix_trace(500, 60.0, 1, 0.0), CM,
-                                                                 balance="off")))
+    assert min(scores[((0, 16384), (8,), "least-loaded")], scores[((0, 16384), (8,), "llumnix")]) == min(
+        scores.values())
+    # llumnix stages are scored for the DP's optimum and the one-stage plan, and deployed as chosen
+    assert sum(policy == "llumnix" for _, _, policy in scores) == 2
+    assert r.within_stage == r.last_check["chosen"]["within_stage"]
+    assert not any(policy == "llumnix" for _, _, policy in _scores(_checked(_two_mix_trace(500, 60.0, 1, 0.0), CM,
+                                                                 within_stage="least-loaded")))
     unchecked = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM, check_plans=False)
     assert unchecked.num_stages > 1  # what the DP alone would have deployed
 
@@ -290,9 +301,10 @@ def test_checked_plan_is_multi_stage_when_they_help():
     r = _checked(_two_mix_trace(500, 20.0, 1, 0.15), padded)
     scores = _scores(r)
     assert r.num_stages > 1
-    assert min(scores[((0, 16384), (8,), False)], scores[((0, 16384), (8,), True)]) > 1.2 * min(scores.values())
+    assert min(scores[((0, 16384), (8,), "least-loaded")], scores[((0, 16384), (8,), "llumnix")]) > 1.2 * min(
+        scores.values())
     chosen = r.last_check["chosen"]
-    assert scores[(tuple(chosen["boundaries"]), tuple(chosen["replica_counts"]), chosen["balance"])] == min(
+    assert scores[(tuple(chosen["boundaries"]), tuple(chosen["replica_counts"]), chosen["within_stage"])] == min(
         scores.values())
 
 
@@ -303,12 +315,12 @@ def test_a_new_plan_must_beat_the_deployed_one_by_the_switch_gain():
     sample = [(p, o) for _, p, o in _two_mix_trace(500, 60.0, 1, 0.0)]
     args = (demand_from_requests(sample, GRID, 8.0), sample, np.ones(len(sample)), len(sample) / 8.0)
     eager = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM, switch_gain=0.0)
-    assert eager._choose_plan(*args, (deployed, True))[0].num_stages == 1  # one stage simulates faster: switch
+    assert eager._choose_plan(*args, (deployed, "llumnix"))[0].num_stages == 1  # one stage simulates faster: switch
     scores = [c["score"] for c in eager.last_check["candidates"]]
     gain = 1 - min(scores) / eager.last_check["candidates"][0]["score"]  # the deployed plan is scored first
     assert 0 < gain < 0.9
     sticky = _checked(_two_mix_trace(500, 60.0, 1, 0.0), CM, switch_gain=0.9)
-    assert sticky._choose_plan(*args, (deployed, True)) == (deployed, True)  # not better by 90%: keep it
+    assert sticky._choose_plan(*args, (deployed, "llumnix")) == (deployed, "llumnix")  # not better by 90%: keep it
 
 
 def test_background_replan_is_chosen_off_the_router_loop():

@@ -265,8 +265,8 @@ def run_trace(args, trace_name: str, cm: CostModel, note: str, max_len: int, syn
         window = max(sample[-1].arrival - sample[0].arrival, 1e-3)
         slo = np.array([args.slo_factor * unloaded_e2e(cm, r.prompt_len, r.output_len) for r in requests])
         for name in args.routers.split(","):
-            kw = {"sample": [(r.prompt_len, r.output_len) for r in sample], "sample_window_seconds": window} \
-                if name == "cascade" else {}
+            kw = {"sample": [(r.arrival, r.prompt_len, r.output_len) for r in sample],
+                  "sample_window_seconds": window} if name == "cascade" else {}
             router = make_router(name, args.replicas, cm, max_len, **kw)
             start = time.perf_counter()
             sim = Simulator(router, cm, args.replicas, [tuple(r) for r in requests], migration=args.migration).run()

@@ -23,9 +23,9 @@
 - Re-plan, every ``replan_interval``, when the length histogram drifted (KL divergence from the one
   the plan was fit to above ``replan_kl``) or the current stages are infeasible under the observed
   demand: the DP proposes candidates (its optimum, with a per-stage penalty, at half and double the
-  load) beside the one-stage plan, each is simulated on requests drawn from the window's mix, and
-  the best is deployed if it beats the deployed plan by ``switch_gain`` (with ``background``, on a
-  worker thread).
+  load) beside the one-stage plan, each with least-loaded (and some with llumnix) stages, is
+  simulated on the window's requests replayed as they arrived, and the best is deployed if it
+  beats the deployed plan by ``switch_gain`` (with ``background``, on a worker thread).
 """
 
 from __future__ import annotations
@@ -110,13 +110,14 @@ class CascadeRouter(Router):
     name = "cascade"
 
     def __init__(self, num_replicas: int, cost_model: CostModel, max_len: int, *, plan: StagePlan | None = None,
-                 grid: Sequence[int] | None = None, sample: Sequence[tuple[int, int]] | None = None,
+                 grid: Sequence[int] | None = None, sample: Sequence[tuple] | None = None,
                  sample_window_seconds: float | None = None, qoe: QoE = mean_e2e_qoe, refine: bool = True,
                  replan: bool = True, background: bool = False, config: CascadeConfig | None = None,
                  **overrides):
-        """plan: the initial stages (None: the DP on ``sample`` of (prompt, output) lengths observed over
-        ``sample_window_seconds``, or, without a window, at the rate that loads the cluster about half;
-        without a sample, on a default length mix). grid: candidate boundaries (0 ... max_len).
+        """plan: the initial stages (None: the checked plan for ``sample``, (prompt, output) lengths or
+        (arrival, prompt, output) requests, observed over ``sample_window_seconds``; without a window
+        the DP's at the rate that loads the cluster about half; without a sample, on a default mix).
+        grid: candidate boundaries (0 ... max_len).
         background: choose re-plans on a worker thread (a live cluster, whose router loop must not
         stall while candidates are simulated); the simulator keeps it off, deterministic.
         overrides: CascadeConfig fields."""
@@ -135,7 +136,8 @@ class CascadeRouter(Router):
         self.num_refinements = self.num_replans = self.num_handoffs = self.num_balances = self.num_replica_moves = 0
         self._ticks = 0
         self._finished: deque[tuple[float, int, int]] = deque()  # (time, prompt, output) of finished requests
-        self._arrivals: deque[tuple[float, int]] = deque()  # (time, prompt) of dispatched requests
+        self._arrivals: deque[tuple[float, int, str]] = deque()  # (time, prompt, id) of dispatched requests
+        self._outputs: dict[str, int] = {}  # output length of the finished requests among the arrivals
         self._next_refine = self.config.refine_interval
         self._pressure: dict[int, float] = {}  # per replica: smoothed KV usage (used + queued) plus queue share
         self._next_replan = self.config.replan_interval
@@ -172,6 +174,10 @@ class CascadeRouter(Router):
             outputs = np.minimum(rng.lognormal(math.log(256), 0.8, 2000), self.max_len // 2)
             sample = list(zip(np.maximum(prompts, 1).astype(int).tolist(), np.maximum(outputs, 1).astype(int).tolist(),
                               strict=True))
+        replay = None
+        if sample and len(sample[0]) == 3:  # (arrival, prompt, output): replayed as they came
+            replay = [TraceRequest(float(t), max(int(p), 1), max(int(o), 1)) for t, p, o in sample]
+            sample = [(r.prompt_len, r.output_len) for r in replay]
         sample = [(int(p), int(o)) for p, o in sample]
         if not sample:
             plan = StagePlan.single(self.num_replicas, self.max_len)
@@ -184,7 +190,7 @@ class CascadeRouter(Router):
         if not observed:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
-        return self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None)
+        return self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None, replay)
 
     def _work_seconds(self, sample) -> float:
         """Replica-seconds the sample needs: decode rows at their context (no step overhead) and prefill."""
@@ -274,9 +280,9 @@ class CascadeRouter(Router):
                 by_stage.setdefault(s, []).append(r)
         if not by_stage:
             return self._pick(live)
-        self._arrivals.append((now, request.prompt_len))
+        self._arrivals.append((now, request.prompt_len, request.request_id))
         if len(self._arrivals) > _MAX_HISTORY:
-            self._arrivals.popleft()
+            self._outputs.pop(self._arrivals.popleft()[2], None)
         home = self.stage_of(request.prompt_len)
         for distance in range(self.num_stages):
             for s in (home + distance, home - distance):  # at equal distance downstream first
@@ -291,6 +297,7 @@ class CascadeRouter(Router):
 
     def on_finish(self, request_id: str, prompt_len: int, output_len: int, now: float) -> None:
         self._finished.append((now, prompt_len, output_len))
+        self._outputs[request_id] = output_len
         if len(self._finished) > _MAX_HISTORY:
             self._finished.popleft()
 
@@ -393,9 +400,10 @@ class CascadeRouter(Router):
     def _window_demand(self, now: float) -> tuple[Demand, list, np.ndarray, float] | None:
         """The demand of the last ``window_seconds`` (None with too few finished requests), with the
         sample, weights and window it came from."""
-        for history in (self._finished, self._arrivals):
-            while history and history[0][0] < now - self.config.window_seconds:
-                history.popleft()
+        while self._finished and self._finished[0][0] < now - self.config.window_seconds:
+            self._finished.popleft()
+        while self._arrivals and self._arrivals[0][0] < now - self.config.window_seconds:
+            self._outputs.pop(self._arrivals.popleft()[2], None)
         if len(self._finished) < self.config.min_replan_samples or not self._arrivals:
             return None
         sample, weights = self._window_sample()
@@ -519,12 +527,13 @@ class CascadeRouter(Router):
         logger.info("re-plan check (drift %.3f, infeasible %s)", drift, infeasible)
         incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts), self.within_stage
         rate = len(self._arrivals) / window
+        args = (demand, sample, weights, rate, incumbent, self._window_replay(sample, weights))
         if self.background:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-replan")
-            self._job = self._executor.submit(self._choose_plan, demand, sample, weights, rate, incumbent)
+            self._job = self._executor.submit(self._choose_plan, *args)
         else:
-            self._deploy(*self._choose_plan(demand, sample, weights, rate, incumbent))
+            self._deploy(*self._choose_plan(*args))
 
     def _deploy(self, plan: StagePlan, within_stage: str) -> None:
         self._reset_refinement()
@@ -549,11 +558,12 @@ class CascadeRouter(Router):
         plans.append(StagePlan.single(self.num_replicas, self.max_len))
         return plans
 
-    def _choose_plan(self, demand: Demand, sample, weights, rate: float,
-                     incumbent: tuple[StagePlan, str] | None) -> tuple[StagePlan, str]:
+    def _choose_plan(self, demand: Demand, sample, weights, rate: float, incumbent: tuple[StagePlan, str] | None,
+                     replay: list[TraceRequest] | None = None) -> tuple[StagePlan, str]:
         """The plan to deploy and its within-stage policy: without checks the DP's optimum; with them,
-        the candidate (the deployed one among them) with the best simulated latency on requests drawn
-        from the window's length mix at its arrival rate. Under ``within_stage`` auto every plan is
+        the candidate (the deployed one among them) with the best simulated latency on the window's
+        requests replayed as they arrived (``replay``; else requests drawn from its length mix with
+        Poisson arrivals at its rate). Under ``within_stage`` auto every plan is
         scored with least-loaded stages, the DP's optimum and the one-stage plan also with llumnix
         stages. A change must beat the deployed plan (at start, the one-stage least-loaded plan, i.e.
         least-loaded dispatch) by ``switch_gain``."""
@@ -574,7 +584,7 @@ class CascadeRouter(Router):
         replicas = self.num_replicas
         if max(len(p.replica_counts) for p, _ in unique.values()) <= self.config.score_replicas < replicas:
             replicas = self.config.score_replicas
-        requests = self._score_requests(sample, weights, rate * replicas / self.num_replicas)
+        requests = self._score_requests(sample, weights, rate, replicas, replay)
         scores = {key: self._score(*option, requests, replicas) for key, option in unique.items()}
         key = min(scores, key=scores.get)
         kept = (default[0].boundaries, default[0].replica_counts, default[1])
@@ -588,17 +598,27 @@ class CascadeRouter(Router):
                            "seconds": time.perf_counter() - start}
         return unique[key]
 
-    def _score_requests(self, sample, weights, rate: float) -> list[TraceRequest]:
-        """``score_requests`` requests with lengths drawn from the weighted sample and Poisson arrivals
-        at ``rate`` (a fixed seed: every candidate sees the same ones)."""
+    def _score_requests(self, sample, weights, rate: float, replicas: int,
+                        replay: list[TraceRequest] | None) -> list[TraceRequest]:
+        """What the candidates are simulated on (a fixed seed: every candidate sees the same): the last
+        ``score_requests`` of ``replay`` (bursts and length runs as they came), thinned to ``replicas``
+        when fewer than the cluster's; without a replay, as many requests with lengths drawn from the
+        weighted sample and Poisson arrivals at ``rate`` scaled to ``replicas``."""
         rng = np.random.default_rng(len(sample))
         n = self.config.score_requests
+        cap = min(self.max_len, self.cost_model.kv_capacity_tokens)
+        if replay:
+            share = replicas / self.num_replicas
+            last = replay[-int(math.ceil(n / share)):]
+            kept = [r for r, keep in zip(last, rng.random(len(last)) < share, strict=True) if keep]
+            return cap_lengths(kept or last[-1:], cap)
+        rate *= replicas / self.num_replicas
         w = np.asarray(weights, float)
         picks = rng.choice(len(sample), n, p=w / w.sum())
         arrivals = np.cumsum(rng.exponential(1 / max(rate, 1e-9), n))
         drawn = [TraceRequest(t, max(int(sample[k][0]), 1), max(int(sample[k][1]), 1))
                  for t, k in zip(arrivals.tolist(), picks.tolist(), strict=True)]
-        return cap_lengths(drawn, min(self.max_len, self.cost_model.kv_capacity_tokens))
+        return cap_lengths(drawn, cap)
 
     def _score(self, plan: StagePlan, within_stage: str, requests, replicas: int) -> float:
         """Simulated geometric mean of mean and P99 E2E latency of ``plan`` (its replica counts scaled
@@ -611,13 +631,32 @@ class CascadeRouter(Router):
         summary = Simulator(router, self.cost_model, replicas, requests).run().summary
         return math.sqrt(summary["mean_e2e"] * summary["p99_e2e"])
 
+    def _window_replay(self, sample, weights) -> list[TraceRequest]:
+        """The window's arrivals as they came, each with its output length once it finished, else one
+        drawn from the weighted sample's requests of its prompt bucket (any bucket if it has none)."""
+        rng = np.random.default_rng(len(self._arrivals))
+        buckets = len(self.grid) - 1
+        prompts = np.array([p for p, _ in sample], float)
+        k_sample = np.minimum(np.searchsorted(self.grid, prompts, side="right") - 1, buckets - 1)
+        w = np.asarray(weights, float)
+        replay = []
+        for t, p, request_id in self._arrivals:
+            out = self._outputs.get(request_id)
+            if out is None:
+                k = min(bisect.bisect_right(self.grid, p) - 1, buckets - 1)
+                pool = np.flatnonzero(k_sample == k)
+                pool = pool if len(pool) else np.arange(len(sample))
+                out = sample[int(rng.choice(pool, p=w[pool] / w[pool].sum()))][1]
+            replay.append(TraceRequest(t, max(int(p), 1), max(int(out), 1)))
+        return replay
+
     def _window_sample(self) -> tuple[list[tuple[int, int]], np.ndarray]:
         """The window's finished (prompt, output) pairs, re-weighted per prompt bucket to the window's
         arrivals: long requests finish late (and not at all in an overloaded stage), so finished
         requests alone under-count them. A bucket with arrivals but nothing finished yet gets one
         pseudo-request (its mean prompt, the overall mean output) weighted by its arrivals."""
         buckets = len(self.grid) - 1
-        arr = np.array([p for _, p in self._arrivals], float)
+        arr = np.array([p for _, p, _ in self._arrivals], float)
         fin = np.array([(p, o) for _, p, o in self._finished], float)
         k_arr = np.minimum(np.searchsorted(self.grid, arr, side="right") - 1, buckets - 1)
         k_fin = np.minimum(np.searchsorted(self.grid, fin[:, 0], side="right") - 1, buckets - 1)

@@ -371,3 +371,21 @@ def test_load_feedback_refinement_follows_a_drifting_mix():
     history = result.occupancy["boundaries"]
     tail = [row[1] for row in history[len(history) * 3 // 4:]]
     assert sum(a != b for a, b in zip(tail, tail[1:], strict=False)) <= 1  # and it settled
+
+
+def test_plans_are_scored_on_the_window_replayed_as_it_came():
+    r = router(replan=True, score_requests=40)
+    for k in range(60):  # a burst of 20 at t=1, the rest one a second; every other one finished
+        t = 1.0 if k < 20 else float(k - 18)
+        r.dispatch(NewRequest(f"q{k}", 100 + k, 10), [rep(i) for i in range(5)], t)
+        if k % 2 == 0:
+            r.on_finish(f"q{k}", 100 + k, 30 + k, t + 0.5)
+    sample, weights = r._window_sample()
+    replay = r._window_replay(sample, weights)
+    assert [(q.arrival, q.prompt_len) for q in replay] == [(t, p) for t, p, _ in r._arrivals]
+    assert all(q.output_len == 30 + k for k, q in enumerate(replay) if k % 2 == 0)  # finished: as observed
+    assert all(q.output_len in {30 + j for j in range(0, 60, 2)} for q in replay)  # else drawn from the window
+    scored = r._score_requests(sample, weights, 1.0, 5, replay)
+    assert [tuple(q) for q in scored] == [tuple(q) for q in replay[-40:]]  # the last score_requests, bursts kept
+    thinned = r._score_requests(sample, weights, 1.0, 2, replay)  # 2 of 5 replicas: about 2/5 of them
+    assert set(map(tuple, thinned)) <= set(map(tuple, replay)) and 14 <= len(thinned) <= 36

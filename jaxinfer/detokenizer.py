@@ -23,6 +23,13 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # start of the window that is decoded again
         self._read_offset = 0  # tokens before this index have been emitted
 
+    def __getstate__(self) -> dict:
+        """Pickled without the tokenizer (a request moving to another process): ``bind`` one there."""
+        return {**self.__dict__, "tokenizer": None}
+
+    def bind(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 

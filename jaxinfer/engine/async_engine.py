@@ -97,11 +97,13 @@ class AsyncEngine:
         return self._error is None and self._thread.is_alive()
 
     async def add_request(self, prompt: str | Seq[int], params: SamplingParams,
-                          request_id: str | None = None, owner=None) -> RequestStream:
+                          request_id: str | None = None, owner=None, stream=None) -> RequestStream:
+        """stream: where the outputs go (default: a new RequestStream whose early exit aborts via
+        ``owner``); anything with ``request_id`` and ``_put(output or error) -> bool``."""
         if not self.alive:
             raise EngineDeadError(f"engine is not running ({self._error or 'stopped'})")
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        stream = RequestStream("", owner or self)
+        stream = stream if stream is not None else RequestStream("", owner or self)
         self._commands.put(("add", (prompt, params, request_id, stream), accepted))
         stream.request_id = await asyncio.wrap_future(accepted)
         return stream

@@ -432,6 +432,7 @@ class Engine:
 
     def give_stream(self, request_id: str, stream: TextStream) -> None:
         """Take over an arriving request's stream (or one that comes back)."""
+        stream.bind(self.tokenizer)
         self._streams[request_id] = stream
 
     def _advance(self, seq: Sequence, tokens: list[int], logprobs: list, now: float) -> RequestOutput:

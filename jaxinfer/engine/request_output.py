@@ -73,6 +73,10 @@ class TextStream:
         self.emitted = 0  # characters of text handed out
         self.stopped = False
 
+    def bind(self, tokenizer: Tokenizer) -> None:
+        """Decode with ``tokenizer`` from now on (a stream that arrived from another process)."""
+        self._detokenizer.bind(tokenizer)
+
     def push(self, token_id: int | None) -> str:
         """Add a token (None: no visible text, e.g. EOS); returns the text now safe to emit."""
         if token_id is not None:

@@ -21,30 +21,39 @@ import time
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
-from jaxinfer.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from jaxinfer.engine.async_engine import EngineDeadError, RequestStream
 from jaxinfer.engine.client import EngineInfo
 from jaxinfer.engine.engine import Engine, EngineMetrics
 from jaxinfer.engine.request_output import RequestOutput
 from jaxinfer.replicas.migration import MigrationStats, RequestGone, migration_mode, move_request
+from jaxinfer.replicas.replica import LocalReplica
 from jaxinfer.router.base import MIGRATION_MODES, Migration, NewRequest, ReplicaLoad, RequestLoad, Router
 from jaxinfer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from jaxinfer.replicas.ray_replica import RayReplica as RemoteReplica
     from jaxinfer.router.cost_model import CostModel
 
 logger = logging.getLogger(__name__)
 
 
 class Cluster:
-    def __init__(self, engines: Seq[Engine], router: Router, *, migration: str = "auto",
+    def __init__(self, replicas: Seq[Engine | RemoteReplica], router: Router, *, migration: str = "auto",
                  cost_model: CostModel | None = None, precopy_rounds: int = 3, last_round_pages: int = 16,
                  max_migrations: int = 8):
-        if not engines:
-            raise ValueError("a cluster needs at least one engine")
+        """replicas: engines of this process (each gets a LocalReplica) or replicas elsewhere (a
+        RayReplica: anything with the LocalReplica surface and an ``on_finish`` to set)."""
+        if not replicas:
+            raise ValueError("a cluster needs at least one replica")
         if migration not in MIGRATION_MODES:
             raise ValueError(f"migration must be one of {', '.join(MIGRATION_MODES)}, got {migration!r}")
-        self.replicas = [AsyncEngine(engine, on_finish=self._on_finish) for engine in engines]
-        self.engine = engines[0]  # tokenizer and limits (every replica has the same)
+        self.replicas = []
+        for replica in replicas:
+            if isinstance(replica, Engine):
+                replica = LocalReplica(replica, on_finish=self._on_finish)
+            else:
+                replica.on_finish = self._on_finish
+            self.replicas.append(replica)
         self.router = router
         self.migration_mode = migration
         self.cost_model = cost_model
@@ -67,7 +76,7 @@ class Cluster:
 
     @property
     def info(self) -> EngineInfo:
-        return self.engine.info  # every replica serves the same model
+        return self.replicas[0].info  # every replica serves the same model
 
     @property
     def alive(self) -> bool:
@@ -81,7 +90,7 @@ class Cluster:
     def groups(self) -> list[dict]:
         """The replica groups: a cascade router's stages (length range, replicas), else one group of
         all replicas; with each group's summed metrics."""
-        max_len = self.engine.scheduler_config.max_model_len
+        max_len = self.info.max_model_len
         stages = self.router.describe().get("stages") or [{"lo": 0, "hi": max_len,
                                                             "replicas": list(range(len(self.replicas)))}]
         return [{"name": f"stage{index}" if len(stages) > 1 else "all", "lo": stage["lo"], "hi": stage["hi"],
@@ -121,7 +130,7 @@ class Cluster:
         self._collect_finished()
         if not self.alive:
             raise EngineDeadError("no replica is running")
-        ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.info.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         request_id = f"cluster-{next(self._ids)}" if request_id is None else request_id
         if request_id in self._owner:
             raise ValueError(f"request id {request_id!r} is already in use")

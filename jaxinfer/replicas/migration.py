@@ -3,8 +3,8 @@
 Live migration (the default) pre-copies the request's complete KV pages while the source keeps
 decoding, then stops it at the source for a short stop-and-copy of the rest and commits it at the
 destination; the recompute variant moves only the tokens and the destination prefills them again
-(the cost model picks the cheaper one under ``auto``). Every engine-side call runs on the thread
-that owns that engine (``AsyncEngine.call``) through the engine's migration port
+(the cost model picks the cheaper one under ``auto``). The steps are the replicas' awaitables
+(jaxinfer.replicas.replica), each run where that engine lives, through its migration port
 (jaxinfer.engine.migration_port). A move that fails at any point leaves the request running on
 exactly one replica: the source until the destination has committed.
 """
@@ -15,11 +15,10 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING
 
-from jaxinfer.engine.async_engine import AsyncEngine
-
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from jaxinfer.replicas.replica import LocalReplica as Replica  # or a RayReplica: the same steps
     from jaxinfer.router.cost_model import CostModel
 
 
@@ -54,20 +53,19 @@ def migration_mode(configured: str, cost_model: CostModel | None, context_len: i
     return "recompute" if cheaper else "live"
 
 
-async def move_request(request_id: str, src: AsyncEngine, dst: AsyncEngine, *, mode: Callable[[int], str],
+async def move_request(request_id: str, src: Replica, dst: Replica, *, mode: Callable[[int], str],
                        stats: MigrationStats, precopy_rounds: int, last_round_pages: int) -> bool:
     """Move the request from ``src`` to ``dst``: True once it runs at ``dst``, False if ``dst`` had no
     room; raises RequestGone if it stopped running at ``src`` first (any other error: it stays at
     ``src``). ``mode`` picks 'live' or 'recompute' from the request's context length."""
-    info = await src.call(lambda a: a.engine.migration.stable_pages(request_id))
+    info = await src.stable_pages(request_id)
     if info is None:
         raise RequestGone
     stable, context_len, preemptions = info
     chosen = mode(context_len)
-    page_size = dst.engine.block_manager.page_size
-    target = dst.engine.runner.kv_sharding if chosen == "live" else None
-    reserve = context_len + page_size if chosen == "live" else 0
-    if not await dst.call(lambda a: a.engine.migration.reserve(request_id, reserve)):
+    target = dst.kv_target() if chosen == "live" else None
+    reserve = context_len + dst.page_size if chosen == "live" else 0
+    if not await dst.reserve(request_id, reserve):
         stats.refused += 1
         return False
     try:
@@ -75,38 +73,32 @@ async def move_request(request_id: str, src: AsyncEngine, dst: AsyncEngine, *, m
         for _ in range(precopy_rounds if chosen == "live" else 0):
             if stable - sent <= last_round_pages:
                 break
-            payload = await src.call(lambda a, s=sent, e=stable: a.engine.migration.export(request_id, s, e, target))
+            payload = await src.export(request_id, sent, stable, target)
             if payload is None:
                 raise RequestGone
-            await dst.call(lambda a, s=sent, e=stable, p=payload: a.engine.migration.receive(request_id, s, e - s, p))
+            await dst.receive(request_id, sent, stable - sent, payload)
             stats.pages_copied += stable - sent
             sent = stable
-            info = await src.call(lambda a: a.engine.migration.stable_pages(request_id))
+            info = await src.stable_pages(request_id)
             if info is None:
                 raise RequestGone
             stable = info[0]
-
-        def detach(a: AsyncEngine):
-            seq = a.engine.scheduler.find(request_id)
-            if seq is None or seq.num_preemptions != preemptions:  # pre-copied KV is stale
-                return None
-            return a.detach(request_id, sent, target)
         paused = time.perf_counter()
-        detached = await src.call(detach)
+        detached = await src.detach_request(request_id, sent, target, preemptions)
         if detached is None:
             raise RequestGone
         moving, stream = detached
         try:
-            await dst.call(lambda a: a.commit(moving, stream))
+            await dst.commit_request(moving, stream)
         except BaseException:
-            await src.call(lambda a: a.reattach(request_id, stream))
+            await src.reattach_request(request_id, stream)
             raise
     except BaseException:
         if dst.alive:
-            await dst.call(lambda a: a.engine.migration.cancel(request_id))
+            await dst.cancel_arrival(request_id)
         raise
     stats.pause_seconds += time.perf_counter() - paused
-    await src.call(lambda a: a.engine.migration.release(request_id))
+    await src.release_request(request_id)
     stats.pages_copied += max(moving.num_pages - sent, 0) if chosen == "live" else 0
     stats.completed += 1
     setattr(stats, chosen, getattr(stats, chosen) + 1)

@@ -38,6 +38,7 @@ from jaxinfer.router.base import MIGRATION_MODES
 from jaxinfer.router.baselines import ROUTERS
 
 SAMPLING_DEFAULTS = ("model", "api")
+RUNTIMES = ("local", "ray")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,13 @@ class ClusterConfig:
     migration: str = dataclasses.field(default="auto", metadata={
         "help": "how a request moves between replicas: live (KV copy), recompute, auto (cheaper by the cost model)",
         "choices": MIGRATION_MODES})
+    runtime: str = dataclasses.field(default="local", metadata={
+        "help": "where the replica groups run: local (engines in this process, on its devices) or ray (one Ray "
+                "actor per group, on the nodes of a Ray cluster; needs the jaxinfer[cluster] extra)",
+        "choices": RUNTIMES, "flag": "cluster"})
+    ray_address: str = dataclasses.field(default="", metadata={
+        "help": "with --cluster ray: the Ray cluster to join (host:port of its head, or 'auto'); empty starts a "
+                "Ray instance on this machine"})
     cost_model: str = dataclasses.field(default="", metadata={
         "help": "step-time profile from launch/profile_cost_model.py (empty: $JAXINFER_CACHE/cost_model.json, "
                 "else the CPU profile shipped in profiling/results)"})
@@ -61,13 +69,17 @@ class ClusterConfig:
             raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         if self.migration not in MIGRATION_MODES:
             raise ValueError(f"migration must be one of {', '.join(MIGRATION_MODES)}, got {self.migration!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"cluster runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.ray_address and self.runtime != "ray":
+            raise ValueError("ray_address is for --cluster ray")
         parts = self.replicas.lower().split("x")
         if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
             raise ValueError(f"replicas must look like 4 or 4x2 (groups x devices each), got {self.replicas!r}")
 
     @property
     def enabled(self) -> bool:
-        return self.replicas != "1" or self.router != "cascade"
+        return self.replicas != "1" or self.router != "cascade" or self.runtime != "local"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import socket
 import sys
@@ -76,6 +77,29 @@ def _print_progress(message: str) -> None:
 SHIPPED_COST_MODEL = Path(__file__).resolve().parent.parent / "router" / "profiles" / "cpu-smollm2-135m.json"
 
 
+def ray_runtime():
+    """jaxinfer.replicas.ray_replica, imported only here (default serving never imports ray); without
+    Ray installed, an error naming the extra."""
+    try:
+        from jaxinfer.replicas import ray_replica
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray" and not (exc.name or "").startswith("ray."):
+            raise
+        raise RuntimeError("--cluster ray needs Ray, which is not installed: pip install 'jaxinfer[cluster]'") from None
+    return ray_replica
+
+
+def ray_replica_engine(model: str, dtype: str, engine_config: EngineConfig) -> tuple[Engine, dict]:
+    """A replica's engine, built inside its Ray actor (the model loaded there), and what the serving
+    process needs from the load."""
+    enable_compilation_cache()
+    loaded = load_model(model, dtype)
+    speculative, draft_head = prepare_speculative(engine_config.speculative, model)
+    engine = Engine(loaded.model, loaded.tokenizer, dataclasses.replace(engine_config, speculative=speculative),
+                    draft_head=draft_head)
+    return engine, {"sampling_defaults": loaded.sampling_defaults}
+
+
 def load_cost_model(path: str, say: Callable[[str], None]) -> CostModel:
     """The router's step-time profile: ``path``, else $JAXINFER_CACHE/cost_model.json (written by
     launch/profile_cost_model.py), else the CPU profile shipped with jaxinfer."""
@@ -121,6 +145,8 @@ class Server:
         the engines on a thread and serve; returns when serving. ``listening`` is set once the ports
         answer."""
         config = self.config
+        if config.cluster.runtime == "ray":
+            ray_runtime()  # before anything starts: a missing extra is one line
         http_socket = _bind(config.host, config.http_port, "HTTP")
         if config.grpc_port:
             _bind(config.host, config.grpc_port, "gRPC").close()
@@ -175,22 +201,47 @@ class Server:
         if self.frontend is not None:
             self.frontend.warming = message
 
-    def _front(self, engines: list[Engine]) -> AsyncEngine | Cluster:
-        """One engine: its AsyncEngine; replica groups: a Cluster behind the configured router."""
+    def _front(self, engines: list) -> AsyncEngine | Cluster:
+        """One engine: its AsyncEngine; replica groups (engines here, or Ray replicas): a Cluster
+        behind the configured router."""
         cluster = self.config.cluster
         if not cluster.enabled:
             return AsyncEngine(engines[0])
-        engine = engines[0]
-        cost_model = load_cost_model(cluster.cost_model, self._progress).with_capacity(
-            engine.block_manager.num_pages * engine.block_manager.page_size)
+        if cluster.runtime == "ray":
+            pages = engines[0].metrics.kv_pages_total
+            page_size, max_len = engines[0].page_size, engines[0].info.max_model_len
+        else:
+            pages, page_size = engines[0].block_manager.num_pages, engines[0].block_manager.page_size
+            max_len = engines[0].scheduler_config.max_model_len
+        cost_model = load_cost_model(cluster.cost_model, self._progress).with_capacity(pages * page_size)
         # a live cluster chooses re-plans off its router loop (the cascade simulates candidate plans)
         kw = {"background": True} if cluster.router == "cascade" else {}
-        router = make_router(cluster.router, len(engines), cost_model, engine.scheduler_config.max_model_len, **kw)
-        self._progress(f"{len(engines)} replica groups, router {cluster.router}, migration {cluster.migration}")
+        router = make_router(cluster.router, len(engines), cost_model, max_len, **kw)
+        where = "Ray actors" if cluster.runtime == "ray" else "replica groups"
+        self._progress(f"{len(engines)} {where}, router {cluster.router}, migration {cluster.migration}")
         return Cluster(engines, router, migration=cluster.migration, cost_model=cost_model)
 
-    def _build_engines(self) -> list[Engine]:
+    def _start_ray_replicas(self) -> list:
+        """One Ray actor per replica group, each loading the model itself; this process loads nothing."""
         config, say = self.config, self._say
+        runtime = ray_runtime()
+        parts = [int(p) for p in config.cluster.replicas.lower().split("x")]  # checked by ClusterConfig
+        replicas, per = parts[0], parts[1] if len(parts) == 2 else 1
+        say(f"joining Ray ({config.cluster.ray_address or 'a new local instance'}) ...")
+        resources = runtime.connect(config.cluster.ray_address or None)
+        say(f"starting {replicas} replica actors ({config.model}) on {resources}")
+        make_engine = functools.partial(ray_replica_engine, config.model, config.dtype, self.engine_config)
+        started = runtime.start_replicas(make_engine, replicas, warm_up=config.warm_up,
+                                         options=[runtime.actor_options(per)] * replicas)
+        if config.sampling_defaults == "model":
+            self._sampling_defaults = started[0].facts.get("sampling_defaults", {})
+        say(f"{replicas} replica actors on nodes {', '.join(sorted({r.facts['node_id'][:8] for r in started}))}")
+        return started
+
+    def _build_engines(self) -> list:
+        config, say = self.config, self._say
+        if config.cluster.runtime == "ray":
+            return self._start_ray_replicas()
         enable_compilation_cache()
         loaded = self._loaded
         if loaded is None:
@@ -265,5 +316,7 @@ class Server:
                 self._watcher.cancel()
             if self.async_engine is not None:
                 await asyncio.to_thread(self.async_engine.shutdown)
+            if self.config.cluster.runtime == "ray":
+                ray_runtime().disconnect()
         finally:
             self._stopped.set()

@@ -563,10 +563,11 @@ class CascadeRouter(Router):
         """The plan to deploy and its within-stage policy: without checks the DP's optimum; with them,
         the candidate (the deployed one among them) with the best simulated latency on the window's
         requests replayed as they arrived (``replay``; else requests drawn from its length mix with
-        Poisson arrivals at its rate). Under ``within_stage`` auto every plan is
-        scored with least-loaded stages, the DP's optimum and the one-stage plan also with llumnix
-        stages. A change must beat the deployed plan (at start, the one-stage least-loaded plan, i.e.
-        least-loaded dispatch) by ``switch_gain``."""
+        Poisson arrivals at its rate), scored by the geometric mean of mean and P99 E2E. Under
+        ``within_stage`` auto every plan is scored with least-loaded stages, the DP's optimum and the
+        one-stage plan also with llumnix stages. A change must be no worse than the deployed plan (at
+        start, the one-stage least-loaded plan, i.e. least-loaded dispatch) on mean nor on P99 and
+        beat its score by ``switch_gain``."""
         if not self.config.check_plans:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
@@ -585,12 +586,16 @@ class CascadeRouter(Router):
         if max(len(p.replica_counts) for p, _ in unique.values()) <= self.config.score_replicas < replicas:
             replicas = self.config.score_replicas
         requests = self._score_requests(sample, weights, rate, replicas, replay)
-        scores = {key: self._score(*option, requests, replicas) for key, option in unique.items()}
-        key = min(scores, key=scores.get)
+        latency = {key: self._score(*option, requests, replicas) for key, option in unique.items()}
+        scores = {key: math.sqrt(mean * p99) for key, (mean, p99) in latency.items()}
         kept = (default[0].boundaries, default[0].replica_counts, default[1])
-        if scores[key] > scores[kept] * (1 - self.config.switch_gain):  # a change must pay
+        # a change must pay: no worse on mean nor on P99, and better on both together by switch_gain
+        better = [key for key, (mean, p99) in latency.items() if mean <= latency[kept][0] and p99 <= latency[kept][1]]
+        key = min(better, key=scores.get)
+        if scores[key] > scores[kept] * (1 - self.config.switch_gain):
             key = kept
         self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "within_stage": w,
+                                           "mean_e2e": latency[(b, c, w)][0], "p99_e2e": latency[(b, c, w)][1],
                                            "score": score} for (b, c, w), score in scores.items()],
                            "chosen": {"boundaries": list(key[0]), "replica_counts": list(key[1]),
                                       "within_stage": key[2]},
@@ -620,16 +625,16 @@ class CascadeRouter(Router):
                  for t, k in zip(arrivals.tolist(), picks.tolist(), strict=True)]
         return cap_lengths(drawn, cap)
 
-    def _score(self, plan: StagePlan, within_stage: str, requests, replicas: int) -> float:
-        """Simulated geometric mean of mean and P99 E2E latency of ``plan`` (its replica counts scaled
-        to ``replicas``, each stage keeping at least one) with ``within_stage`` in its stages."""
+    def _score(self, plan: StagePlan, within_stage: str, requests, replicas: int) -> tuple[float, float]:
+        """Simulated mean and P99 E2E latency of ``plan`` (its replica counts scaled to ``replicas``,
+        each stage keeping at least one) with ``within_stage`` in its stages."""
         counts = _scaled_counts(plan.replica_counts, replicas)
         scaled = StagePlan(plan.boundaries, counts)
         config = dataclasses.replace(self.config, check_plans=False, within_stage=within_stage)
         router = CascadeRouter(replicas, self.cost_model, self.max_len, plan=scaled, grid=self.grid, refine=False,
                                replan=False, config=config)
         summary = Simulator(router, self.cost_model, replicas, requests).run().summary
-        return math.sqrt(summary["mean_e2e"] * summary["p99_e2e"])
+        return summary["mean_e2e"], summary["p99_e2e"]
 
     def _window_replay(self, sample, weights) -> list[TraceRequest]:
         """The window's arrivals as they came, each with its output length once it finished, else one

@@ -53,6 +53,7 @@ class Cluster:
                 replica = LocalReplica(replica, on_finish=self._on_finish)
             else:
                 replica.on_finish = self._on_finish
+                replica.on_lost = self._on_lost
             self.replicas.append(replica)
         self.router = router
         self.migration_mode = migration
@@ -61,6 +62,7 @@ class Cluster:
         self.last_round_pages = last_round_pages
         self.max_migrations = max_migrations
         self.stats = MigrationStats()
+        self.failover = {"replicas_lost": 0, "requests_resumed": 0, "requests_failed": 0}
         self.router_seconds = 0.0
         self.router_decisions = 0
         self._owner: dict[str, int] = {}  # request id -> replica running it
@@ -170,7 +172,8 @@ class Cluster:
         """Router state, per-replica load and migration counters (Stats, /metrics, admin)."""
         decisions = max(self.router_decisions, 1)
         return {"router": self.router.describe(), "migration": self.migration_mode,
-                "migrations": self.stats.as_dict(), "migrations_in_flight": len(self._moving),
+                "migrations": self.stats.as_dict(), "failover": dict(self.failover),
+                "migrations_in_flight": len(self._moving),
                 "router_ms_per_decision": 1e3 * self.router_seconds / decisions,
                 "replicas": [{"replica": load.replica, "alive": load.accepting, "running": load.num_running,
                               "waiting": load.num_waiting, "kv_usage": round(load.usage, 4),
@@ -211,6 +214,52 @@ class Cluster:
                     task.add_done_callback(self._tasks.discard)
             except Exception:  # noqa: BLE001 - a router bug must not stop serving; logged
                 logger.exception("router step failed")
+
+    # -- failover ---------------------------------------------------------------------------------
+
+    def _on_lost(self, index: int, request_ids: list[str]) -> None:
+        """A replica in another process is gone (its actor or node died): its requests carry on
+        elsewhere from the tokens their streams hold (the router's loop; from the replica's reader)."""
+        self.failover["replicas_lost"] += 1
+        for request_id in request_ids:
+            if request_id in self._moving:  # the migration fails with the replica; resumed after it
+                self._aborts.discard(request_id)
+            task = asyncio.get_running_loop().create_task(self._resume(request_id, index))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _resume(self, request_id: str, lost: int) -> None:
+        while request_id in self._moving:
+            await asyncio.sleep(self.router.interval)
+        if self._owner.get(request_id) != lost:  # a move ended with it elsewhere, or it finished
+            return
+        moving = self.replicas[lost].resume_state(request_id)
+        if moving is None:  # finished or aborted meanwhile
+            return
+        tried: set[int] = {lost}
+        while True:
+            live = [i for i, r in enumerate(self.replicas) if r.alive and i not in tried]
+            if not live:
+                self.failover["requests_failed"] += 1
+                self.replicas[lost].fail_request(request_id, EngineDeadError(
+                    f"replica {lost} is gone and no replica could take over request {request_id!r}"))
+                return
+            loads = self.loads()
+            seq = moving.seq
+            target = self.router.dispatch(NewRequest(request_id, seq.num_tokens, seq.params.max_tokens), loads,
+                                          time.monotonic() - self._started)
+            if target not in live:  # a router that knows no better: the least used survivor
+                target = min(live, key=lambda i: (loads[i].usage, i))
+            tried.add(target)
+            try:
+                await self.replicas[target].commit_request(moving, None)
+            except Exception:  # noqa: BLE001 - try the next survivor; logged
+                logger.exception("resuming %s on replica %d failed", request_id, target)
+                continue
+            self._owner[request_id] = target
+            self.failover["requests_resumed"] += 1
+            logger.info("request %s resumed on replica %d (replica %d lost)", request_id, target, lost)
+            return
 
     # -- migration --------------------------------------------------------------------------------
 

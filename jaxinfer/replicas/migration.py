@@ -12,6 +12,7 @@ exactly one replica: the source until the destination has committed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
 
     from jaxinfer.replicas.replica import LocalReplica as Replica  # or a RayReplica: the same steps
     from jaxinfer.router.cost_model import CostModel
+
+
+logger = logging.getLogger(__name__)
 
 
 class RequestGone(Exception):
@@ -91,15 +95,28 @@ async def move_request(request_id: str, src: Replica, dst: Replica, *, mode: Cal
         try:
             await dst.commit_request(moving, stream)
         except BaseException:
-            await src.reattach_request(request_id, stream)
-            raise
+            # a commit whose reply was lost may have happened: one running copy, never two
+            if not (dst.alive and await _holds(dst, request_id)):
+                await src.reattach_request(request_id, stream)
+                raise
     except BaseException:
         if dst.alive:
             await dst.cancel_arrival(request_id)
         raise
     stats.pause_seconds += time.perf_counter() - paused
-    await src.release_request(request_id)
+    try:
+        await src.release_request(request_id)
+    except Exception:  # noqa: BLE001 - the request runs at dst; the source (or its process) keeps the pages
+        logger.exception("release of %s at the source failed after the move", request_id)
     stats.pages_copied += max(moving.num_pages - sent, 0) if chosen == "live" else 0
     stats.completed += 1
     setattr(stats, chosen, getattr(stats, chosen) + 1)
     return True
+
+
+async def _holds(replica: Replica, request_id: str) -> bool:
+    try:
+        return await replica.holds(request_id)
+    except Exception:  # noqa: BLE001 - cannot tell: it does not count as holding it
+        return False
+

@@ -23,7 +23,8 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 
 import jax
 import ray
@@ -31,8 +32,11 @@ import ray
 from jaxinfer.engine.async_engine import EngineDeadError, RequestStream
 from jaxinfer.engine.client import EngineInfo
 from jaxinfer.engine.engine import Engine, EngineMetrics
-from jaxinfer.engine.request_output import RequestOutput
+from jaxinfer.engine.migration_port import MovingRequest
+from jaxinfer.engine.request_output import RequestOutput, TextStream
+from jaxinfer.engine.sequence import Sequence
 from jaxinfer.replicas.replica import LocalReplica
+from jaxinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +159,9 @@ class ReplicaWorker:
     async def cancel_arrival(self, request_id: str) -> None:
         await self._replica.cancel_arrival(request_id)
 
+    async def holds(self, request_id: str) -> bool:
+        return await self._replica.holds(request_id)
+
     async def pool(self) -> dict:
         """KV pool and migration bookkeeping (for checks: nothing left behind)."""
         def read(a):
@@ -170,8 +177,12 @@ class ReplicaWorker:
 @dataclasses.dataclass
 class _Entry:
     stream: RequestStream
+    prompt_ids: list[int]
+    params: SamplingParams
     delivered: int = 0  # output tokens handed to the stream
+    last: RequestOutput | None = None  # the latest output handed to the stream
     pending: dict[int, RequestOutput] = dataclasses.field(default_factory=dict)  # by first token index
+    fenced: set[int] = dataclasses.field(default_factory=set)  # replicas declared lost: their outputs are dropped
 
 
 class StreamTable:
@@ -182,17 +193,45 @@ class StreamTable:
         self.on_finish: Callable[[RequestOutput], None] | None = None
         self.dropped = 0  # stale outputs (already delivered)
 
-    def open(self, request_id: str, owner) -> RequestStream:
+    def open(self, request_id: str, owner, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
         stream = RequestStream(request_id, owner)
-        self._entries[request_id] = _Entry(stream)
+        self._entries[request_id] = _Entry(stream, list(prompt_ids), params)
         return stream
+
+    def fence(self, request_id: str, replica: int) -> None:
+        """From now on drop what ``replica`` sends for the request (it was declared lost)."""
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            entry.fenced.add(replica)
+
+    def resume_state(self, request_id: str, tokenizer) -> MovingRequest | None:
+        """What a replica needs to carry on with the request from the tokens its stream already has
+        (a recompute: prompt and outputs prefilled again); None if it is not open."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return None
+        seq = Sequence(request_id, entry.prompt_ids, entry.params)
+        text = TextStream(tokenizer, entry.params.stop)
+        if entry.last is not None:
+            seq.output_ids = list(entry.last.output_ids)
+            seq.logprobs = [(lp.logprob, lp.top) for lp in entry.last.logprobs or []]
+            seq.arrival_time = entry.last.metrics.arrival_time
+            seq.first_scheduled_time = entry.last.metrics.first_scheduled_time
+            seq.first_token_time = entry.last.metrics.first_token_time
+            seq.num_preemptions = entry.last.metrics.num_preemptions + 1
+            for token in seq.output_ids:  # the detokenizer where the stream stands
+                text.push(token)
+        return MovingRequest(seq, text, None, None, 0, 0)
 
     def close(self, request_id: str) -> None:
         self._entries.pop(request_id, None)
 
-    def deliver(self, output: RequestOutput) -> None:
+    def deliver(self, output: RequestOutput, source: int | None = None) -> None:
         entry = self._entries.get(output.request_id)
         if entry is None:
+            return
+        if source in entry.fenced:
+            self.dropped += 1
             return
         start = len(output.output_ids) - len(output.new_token_ids)
         if start < entry.delivered or (start == entry.delivered and start in entry.pending):
@@ -202,6 +241,7 @@ class StreamTable:
         while entry.delivered in entry.pending:
             item = entry.pending.pop(entry.delivered)
             entry.delivered += len(item.new_token_ids)
+            entry.last = item
             entry.stream._put(item)
             if item.finished:
                 self._entries.pop(item.request_id, None)
@@ -228,6 +268,9 @@ class RayReplica:
         self._owned: set[str] = set()  # requests running (or queued) on this replica
         self._reader: asyncio.Task | None = None
         self._error: str | None = None
+        # set by the Cluster: called with this replica's index and its requests once it is lost, to
+        # resume them elsewhere (without it they fail)
+        self.on_lost: Callable[[int, list[str]], None] | None = None
 
     @property
     def on_finish(self):
@@ -268,23 +311,29 @@ class RayReplica:
                         continue
                     if item.finished:
                         self._owned.discard(item.request_id)
-                    self._streams.deliver(item)
+                    self._streams.deliver(item, self.index)
                 if not alive:
                     raise EngineDeadError(f"replica {self.index}'s engine stopped")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the actor or its node died: fail what it held
-            self._error = f"{type(exc).__name__}: {exc}"
+            self._error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             logger.error("replica %d is gone: %s", self.index, self._error)
-            for request_id in list(self._owned):
-                self._streams.fail(request_id, EngineDeadError(f"replica {self.index} is gone ({self._error})"))
-            self._owned.clear()
+            lost, self._owned = sorted(self._owned), set()
+            for request_id in lost:
+                self._streams.fence(request_id, self.index)
+            if self.on_lost is not None:
+                self.on_lost(self.index, lost)
+            else:
+                for request_id in lost:
+                    self._streams.fail(request_id, EngineDeadError(f"replica {self.index} is gone ({self._error})"))
 
-    async def add_request(self, ids: Sequence[int], params, request_id: str, owner=None) -> RequestStream:
+    async def add_request(self, ids: Seq[int], params, request_id: str, owner=None) -> RequestStream:
         if not self.alive:
             raise EngineDeadError(f"replica {self.index} is not running ({self._error})")
         self._start()
-        stream = self._streams.open(request_id, owner)
+        params = params.seeded()  # the seed a resumed request needs to continue exactly is known here
+        stream = self._streams.open(request_id, owner, ids, params)
         self._owned.add(request_id)
         try:
             await self.actor.add.remote(list(ids), params, request_id)
@@ -354,6 +403,18 @@ class RayReplica:
     async def cancel_arrival(self, request_id: str) -> None:
         await self.actor.cancel_arrival.remote(request_id)
 
+    async def holds(self, request_id: str) -> bool:
+        held = await self.actor.holds.remote(request_id)
+        if held:
+            self._owned.add(request_id)
+        return held
+
+    def resume_state(self, request_id: str) -> MovingRequest | None:
+        return self._streams.resume_state(request_id, self._info.tokenizer)
+
+    def fail_request(self, request_id: str, error: Exception) -> None:
+        self._streams.fail(request_id, error)
+
 
 def connect(address: str | None) -> str:
     """Join the Ray cluster at ``address`` (None: $RAY_ADDRESS, else a new instance on this machine),
@@ -382,7 +443,7 @@ def actor_options(devices: int) -> dict:
 
 
 def start_replicas(make_engine: Callable[[], Engine | tuple[Engine, dict]], count: int, *, warm_up: bool = True,
-                   options: Sequence[dict] | None = None) -> list[RayReplica]:
+                   options: Seq[dict] | None = None) -> list[RayReplica]:
     """``count`` ReplicaWorker actors on the connected Ray cluster (``ray.init`` first), each building
     its engine with ``make_engine``; ``options[i]``: the i-th actor's Ray options (resources,
     scheduling strategy, name ...; default: spread over the nodes, one CPU each). The replicas share

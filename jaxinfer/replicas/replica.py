@@ -63,3 +63,7 @@ class LocalReplica(AsyncEngine):
 
     async def cancel_arrival(self, request_id: str) -> None:
         await self.call(lambda a: a.engine.migration.cancel(request_id))
+
+    async def holds(self, request_id: str) -> bool:
+        """Whether the request runs (or waits) here: after a commit whose outcome is unknown."""
+        return await self.call(lambda a: a.engine.has_stream(request_id))

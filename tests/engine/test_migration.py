@@ -39,12 +39,13 @@ def replica_engine(index, num_pages=64):
     return make_engine(meshes()[index], num_pages)
 
 
-def make_engine(mesh, num_pages=64):
+def make_engine(mesh, num_pages=64, prefix_caching=True):
     # bursts of 2 decode steps: with 4-token pages, longer bursts outrun the pre-copy rounds of a
     # live migration (each round has fewer pages left to copy only while a step adds under a page)
     sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=96, max_prefill_seqs=2,
                             decode_buckets=(4,), prefill_buckets=(16,), kv_buckets=(96,), decode_steps=2)
-    config = EngineConfig(cache=CacheConfig(page_size=4, num_pages=num_pages), scheduler=sched, max_logprobs=5)
+    config = EngineConfig(cache=CacheConfig(page_size=4, num_pages=num_pages, enable_prefix_caching=prefix_caching),
+                          scheduler=sched, max_logprobs=5)
     engine = Engine(tiny_engine.model(), CharTokenizer(), config, mesh=mesh)
     if mesh is not None:
         engine.runner.warm_up(CompilePlan(page_buckets=engine.runner.page_buckets()))

@@ -98,3 +98,13 @@ def test_nothing_is_left_behind_on_any_node(ray_run):
     for pool in ray_run["pools"]:
         assert pool == {"num_pages": pool["num_pages"], "num_free": pool["num_pages"], "unfinished": False,
                         "detached": [], "incoming": []}
+
+
+@pytest.mark.parametrize("name", ["actor_killed", "node_removed"])
+def test_requests_of_a_lost_replica_finish_exactly_on_the_survivors(ray_run, name):
+    lost = ray_run[name]
+    assert lost["errors"] == []
+    expected = ray_run["expected"]
+    assert lost["tokens"] == [expected["greedy"], expected["penalties"], expected["second"]]  # no token lost or doubled
+    assert lost["failover"] == {"replicas_lost": 1, "requests_resumed": 3, "requests_failed": 0}
+    assert ray_run["pools_after_loss"][0]["num_free"] == ray_run["pools_after_loss"][0]["num_pages"]

@@ -563,11 +563,11 @@ class CascadeRouter(Router):
         """The plan to deploy and its within-stage policy: without checks the DP's optimum; with them,
         the candidate (the deployed one among them) with the best simulated latency on the window's
         requests replayed as they arrived (``replay``; else requests drawn from its length mix with
-        Poisson arrivals at its rate), scored by the geometric mean of mean and P99 E2E. Under
-        ``within_stage`` auto every plan is scored with least-loaded stages, the DP's optimum and the
-        one-stage plan also with llumnix stages. A change must be no worse than the deployed plan (at
-        start, the one-stage least-loaded plan, i.e. least-loaded dispatch) on mean nor on P99 and
-        beat its score by ``switch_gain``."""
+        Poisson arrivals at its rate), scored by the geometric mean of mean and P99 E2E on each half
+        of them. Under ``within_stage`` auto every plan is scored with least-loaded stages, the DP's
+        optimum and the one-stage plan also with llumnix stages. A change must be no worse than the deployed plan (at
+        start, the one-stage least-loaded plan, i.e. least-loaded dispatch) on mean nor on P99 in
+        either half, and beat its score by ``switch_gain``."""
         if not self.config.check_plans:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
@@ -586,16 +586,21 @@ class CascadeRouter(Router):
         if max(len(p.replica_counts) for p, _ in unique.values()) <= self.config.score_replicas < replicas:
             replicas = self.config.score_replicas
         requests = self._score_requests(sample, weights, rate, replicas, replay)
-        latency = {key: self._score(*option, requests, replicas) for key, option in unique.items()}
-        scores = {key: math.sqrt(mean * p99) for key, (mean, p99) in latency.items()}
+        # scored on each half of the window apart: a plan must hold up on both (a window is not stationary)
+        halves = [requests[:len(requests) // 2], requests[len(requests) // 2:]] if len(requests) >= 40 else [requests]
+        latency = {key: [self._score(*option, part, replicas) for part in halves] for key, option in unique.items()}
+        scores = {key: math.exp(np.mean([math.log(x) for pair in parts for x in pair]))
+                  for key, parts in latency.items()}
         kept = (default[0].boundaries, default[0].replica_counts, default[1])
-        # a change must pay: no worse on mean nor on P99, and better on both together by switch_gain
-        better = [key for key, (mean, p99) in latency.items() if mean <= latency[kept][0] and p99 <= latency[kept][1]]
+        # a change must pay: no worse on mean nor on P99 in either half, and better on all together by switch_gain
+        better = [key for key, parts in latency.items()
+                  if all(m <= km and p <= kp for (m, p), (km, kp) in zip(parts, latency[kept], strict=True))]
         key = min(better, key=scores.get)
         if scores[key] > scores[kept] * (1 - self.config.switch_gain):
             key = kept
         self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "within_stage": w,
-                                           "mean_e2e": latency[(b, c, w)][0], "p99_e2e": latency[(b, c, w)][1],
+                                           "mean_e2e": [m for m, _ in latency[(b, c, w)]],
+                                           "p99_e2e": [p for _, p in latency[(b, c, w)]],
                                            "score": score} for (b, c, w), score in scores.items()],
                            "chosen": {"boundaries": list(key[0]), "replica_counts": list(key[1]),
                                       "within_stage": key[2]},

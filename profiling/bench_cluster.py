@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     for rate in rates:
         requests = workload(args.requests, rate, args.max_len, args.length_scale)
         for name in args.routers.split(","):
-            sample = [(len(ids), out) for _, ids, out in requests]
+            sample = [(a, len(ids), out) for a, ids, out in requests]
             window = max(a for a, _, _ in requests) or 1.0
             kw = dict(sample=sample, sample_window_seconds=window) if name == "cascade" else {}
             router = make_router(name, args.replicas, cost_model, args.max_len, **kw)

@@ -159,3 +159,8 @@ class _ClusterCollector(Collector):
         yield CounterMetricFamily("jaxinfer_router_refinements", "Stage range refinement steps",
                                   value=router.get("refinements", 0))
         yield CounterMetricFamily("jaxinfer_router_replans", "DP stage re-plans", value=router.get("replans", 0))
+        failover = CounterMetricFamily("jaxinfer_failover", "Replicas lost (actor or node died) and what became "
+                                       "of their requests", labels=("event",))
+        for event, count in state["failover"].items():
+            failover.add_metric((event,), count)
+        yield failover

@@ -108,6 +108,7 @@ def test_stats_and_admin_stage_ranges(cluster_server):
     assert 'jaxinfer_stage_context_bound_tokens{bound="hi",stage="stage0"} 100.0' in metrics
     assert 'jaxinfer_replica_requests_running{replica="3"}' in metrics
     assert "jaxinfer_migrations_total" in metrics
+    assert 'jaxinfer_failover_total{event="replicas_lost"} 0.0' in metrics
 
 
 def test_single_engine_has_no_stages(served):

@@ -205,21 +205,28 @@ def test_refinement_settles_on_a_stationary_simulated_workload():
         assert len(changes) <= 1, f"boundary {b} keeps moving: {changes}"
 
 
+def _feed_chats_then(r, drift):
+    """6 s of chats at 20 req/s (each finishing at once), then 6 s more: long documents if ``drift``,
+    else the same chats; a rebalance tick every 0.1 s. Returns the last tick's time."""
+    rng = np.random.default_rng(0)
+    t, k = 0.0, 0
+    for phase in range(2):
+        for _ in range(60):
+            t += 0.1
+            for _ in range(2):
+                p, o = (8000, 400) if drift and phase else (int(rng.integers(100, 600)), int(rng.integers(50, 200)))
+                r.dispatch(NewRequest(f"q{k}", p, o), [rep(i) for i in range(5)], t)
+                r.on_finish(f"q{k}", p, o, t)
+                k += 1
+            r.rebalance([rep(i) for i in range(5)], t)
+    return t
+
+
 def test_replan_on_drift_only():
     def run(drift):
         r = router(replan=True, replan_interval=1.0, window_seconds=5.0, min_replan_samples=50)
         r.set_plan(PLAN)  # an operator's plan: the first check takes the observed histogram as reference
-        rng = np.random.default_rng(0)
-        t, k = 0.0, 0
-        for phase in range(2):
-            for _ in range(60):
-                t += 0.1
-                for _ in range(2):
-                    p, o = (8000, 400) if drift and phase else (int(rng.integers(100, 600)), int(rng.integers(50, 200)))
-                    r.dispatch(NewRequest(f"q{k}", p, o), [rep(i) for i in range(5)], t)
-                    r.on_finish(f"q{k}", p, o, t)
-                    k += 1
-                r.rebalance([rep(i) for i in range(5)], t)
+        _feed_chats_then(r, drift)
         return r
 
     assert run(drift=False).describe()["replans"] == 0
@@ -327,17 +334,7 @@ def test_background_replan_is_chosen_off_the_router_loop():
     r = router(replan=True, replan_interval=1.0, window_seconds=5.0, min_replan_samples=50, background=True,
                score_requests=200)
     r.set_plan(PLAN)
-    rng = np.random.default_rng(0)
-    t, k = 0.0, 0
-    for phase in range(2):
-        for _ in range(60):
-            t += 0.1
-            for _ in range(2):
-                p, o = (8000, 400) if phase else (int(rng.integers(100, 600)), int(rng.integers(50, 200)))
-                r.dispatch(NewRequest(f"q{k}", p, o), [rep(i) for i in range(5)], t)
-                r.on_finish(f"q{k}", p, o, t)
-                k += 1
-            r.rebalance([rep(i) for i in range(5)], t)
+    t = _feed_chats_then(r, drift=True)
     assert r._job is not None or r.describe()["replans"] >= 1
     if r._job is not None:
         r._job.result(timeout=60)  # the worker thread finishes; the next tick deploys

@@ -221,9 +221,7 @@ class Cluster:
         """A replica in another process is gone (its actor or node died): its requests carry on
         elsewhere from the tokens their streams hold (the router's loop; from the replica's reader)."""
         self.failover["replicas_lost"] += 1
-        for request_id in request_ids:
-            if request_id in self._moving:  # the migration fails with the replica; resumed after it
-                self._aborts.discard(request_id)
+        for request_id in request_ids:  # one being moved is resumed once its migration has failed
             task = asyncio.get_running_loop().create_task(self._resume(request_id, index))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

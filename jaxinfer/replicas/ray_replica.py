@@ -87,10 +87,11 @@ class ReplicaWorker:
             self._outbox = asyncio.Queue()
         return self._outbox
 
-    async def describe(self) -> dict:
-        """What the serving process needs: limits, the tokenizer, the load snapshot, where it runs."""
+    async def describe(self, tokenizer: bool = False) -> dict:
+        """What the serving process needs: limits, the load snapshot, where it runs (and the tokenizer)."""
         engine = self._replica.engine
-        return {**self._facts, "tokenizer": engine.tokenizer, "max_model_len": engine.info.max_model_len,
+        return {**self._facts, **({"tokenizer": engine.tokenizer} if tokenizer else {}),
+                "max_model_len": engine.info.max_model_len,
                 "vocab_size": engine.info.vocab_size,
                 "page_size": self._replica.page_size, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "metrics": self._replica.metrics}
@@ -453,7 +454,7 @@ def start_replicas(make_engine: Callable[[], Engine | tuple[Engine, dict]], coun
     worker = ray.remote(ReplicaWorker)
     actors = [worker.options(**(options[i] if options else {"num_cpus": 1, "scheduling_strategy": "SPREAD"}))
               .remote(make_engine, warm_up) for i in range(count)]
-    facts = ray.get([actor.describe.remote() for actor in actors])
+    facts = ray.get([actor.describe.remote(tokenizer=index == 0) for index, actor in enumerate(actors)])
     streams = StreamTable()
     replicas = []
     tokenizer = facts[0]["tokenizer"]

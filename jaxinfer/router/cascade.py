@@ -2,7 +2,7 @@
 (pure Python + numpy, no jax).
 
 - A stage owns a contiguous range of context lengths and a consecutive block of replicas; a new
-  request goes to the least-loaded replica of the stage that owns its prompt length.
+  request goes to a replica (by the within-stage policy below) of the stage that owns its prompt length.
 - Context only grows, so a running request that outgrows its stage (by a slack) is handed off
   downstream to the stage that owns its length; it never moves upstream.
 - Within a stage, a policy: ``least-loaded`` (the lowest virtual KV usage, then the shorter queue)
@@ -134,7 +134,6 @@ class CascadeRouter(Router):
         if g[0] != 0 or g[-1] != max_len or any(y <= x for x, y in zip(g, g[1:], strict=False)):
             raise ValueError(f"grid must go strictly up from 0 to max_len={max_len}, got {list(self.grid)}")
         self.num_refinements = self.num_replans = self.num_handoffs = self.num_balances = self.num_replica_moves = 0
-        self._ticks = 0
         self._finished: deque[tuple[float, int, int]] = deque()  # (time, prompt, output) of finished requests
         self._arrivals: deque[tuple[float, int, str]] = deque()  # (time, prompt, id) of dispatched requests
         self._outputs: dict[str, int] = {}  # output length of the finished requests among the arrivals
@@ -302,7 +301,6 @@ class CascadeRouter(Router):
             self._finished.popleft()
 
     def rebalance(self, replicas: Sequence[ReplicaLoad], now: float) -> list[Migration]:
-        self._ticks += 1
         if self._job is not None and self._job.done():
             job, self._job = self._job, None
             self._deploy(*job.result())
@@ -364,7 +362,7 @@ class CascadeRouter(Router):
             if rep is None or not rep.accepting or in_flight[d] >= limit:
                 continue
             u = usage[d]
-            if u + -(-req.context_len // rep.page_size) / max(rep.kv_pages_total, 1) >= cap:
+            if u + _pages(req, rep) / max(rep.kv_pages_total, 1) >= cap:
                 continue
             key = (u, len(rep.requests), d)
             if best_key is None or key < best_key:
@@ -565,9 +563,9 @@ class CascadeRouter(Router):
         requests replayed as they arrived (``replay``; else requests drawn from its length mix with
         Poisson arrivals at its rate), scored by the geometric mean of mean and P99 E2E on each half
         of them. Under ``within_stage`` auto every plan is scored with least-loaded stages, the DP's
-        optimum and the one-stage plan also with llumnix stages. A change must be no worse than the deployed plan (at
-        start, the one-stage least-loaded plan, i.e. least-loaded dispatch) on mean nor on P99 in
-        either half, and beat its score by ``switch_gain``."""
+        optimum and the one-stage plan also with llumnix stages. A change must be no worse than the
+        deployed plan (at start, the one-stage least-loaded plan, i.e. least-loaded dispatch) on mean
+        nor on P99 in either half, and beat its score by ``switch_gain``."""
         if not self.config.check_plans:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)

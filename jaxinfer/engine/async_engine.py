@@ -127,19 +127,22 @@ class AsyncEngine:
 
     # -- migration (loop thread, through call) -----------------------------------------------------
 
-    def detach(self, request_id: str, first_page: int, destination):
+    def detach(self, request_id: str, first_page: int, destination, hold_seconds: float | None = None):
         """Stop a request for a migration; returns (its MovingRequest, its stream) or None."""
-        moving = self.engine.migration.detach(request_id, first_page, destination)
+        moving = self.engine.migration.detach(request_id, first_page, destination, hold_seconds)
         if moving is None:
             return None
         self._metrics = self.engine.metrics()
         return moving, self._streams.pop(request_id, None)
 
-    def reattach(self, request_id: str, stream: RequestStream | None) -> None:
-        self.engine.migration.reattach(request_id)
-        if stream is not None:
+    def reattach(self, request_id: str, stream: RequestStream | None) -> bool:
+        """Resume a request stopped for a migration (``stream``: where its outputs go again); False if
+        it is gone."""
+        back = self.engine.migration.reattach(request_id)
+        if back and stream is not None:
             self._streams[request_id] = stream
         self._metrics = self.engine.metrics()
+        return back
 
     def commit(self, moving, stream: RequestStream | None) -> None:
         """Install an arriving request; its outputs from now on go to ``stream``."""
@@ -162,6 +165,8 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 self._drain(block=not engine.has_unfinished)
+                if engine.migration.holding and engine.migration.expire():
+                    self._metrics = engine.metrics()
                 if engine.has_unfinished and not self._stopping.is_set():
                     outputs = engine.step()
                     self._metrics = engine.metrics()

@@ -10,11 +10,16 @@ Source side: ``stable_pages``, ``export``, ``detach`` (stop, keep pages), then `
 the destination committed) or ``reattach`` (it failed). Destination side: ``reserve`` (slot and
 pages up front), ``receive`` (pre-copied pages), ``commit`` or ``cancel``. Every call runs on the
 thread that owns that engine.
+
+A reservation and a detached request can be given a hold time: past it, ``expire`` (the engine's
+loop calls it) gives their pages back, so a migration whose driver went silent (its process or its
+link died between two steps) leaves nothing held for ever.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -52,6 +57,29 @@ class MigrationPort:
         self.engine = engine
         self.detached: dict[str, tuple[Sequence, TextStream]] = {}  # stopped here, not yet released
         self.incoming: dict[str, tuple[Sequence, int]] = {}  # reserved here: (shell holding pages, slot)
+        self._until: dict[tuple[bool, str], float] = {}  # (incoming?, request id) -> hold deadline (monotonic)
+
+    @property
+    def holding(self) -> bool:
+        """Whether anything here has a hold deadline (``expire`` has work)."""
+        return bool(self._until)
+
+    def _hold(self, incoming: bool, request_id: str, seconds: float | None) -> None:
+        if seconds is not None:
+            self._until[incoming, request_id] = time.monotonic() + seconds
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Give back what is held past its deadline: reservations are cancelled, detached requests
+        released (their driver resumes them from its own record, or has committed them elsewhere).
+        Returns the request ids."""
+        now = time.monotonic() if now is None else now
+        gone = [key for key, until in self._until.items() if until <= now]
+        for incoming, request_id in gone:
+            if incoming:
+                self.cancel(request_id)
+            else:
+                self.release(request_id)
+        return [request_id for _, request_id in gone]
 
     # -- source ---------------------------------------------------------------------------------
 
@@ -78,11 +106,11 @@ class MigrationPort:
             return None
         return self.engine.runner.export_pages(seq.pages[start:stop], destination)
 
-    def detach(self, request_id: str, first_page: int,
-               destination: jax.sharding.Sharding | None) -> MovingRequest | None:
-        """Stop the request here (it keeps its pages and slot until ``release``) and hand over its state
-        and, with a destination, the KV of its pages from ``first_page`` on. None if it is not here or
-        not running (finished, aborted, preempted)."""
+    def detach(self, request_id: str, first_page: int, destination: jax.sharding.Sharding | None,
+               hold_seconds: float | None = None) -> MovingRequest | None:
+        """Stop the request here (it keeps its pages and slot until ``release``, or ``hold_seconds``)
+        and hand over its state and, with a destination, the KV of its pages from ``first_page`` on.
+        None if it is not here or not running (finished, aborted, preempted)."""
         engine = self.engine
         seq = self._running(request_id)
         if seq is None or not engine.has_stream(request_id):
@@ -95,6 +123,7 @@ class MigrationPort:
         engine.scheduler.detach(seq)
         stream = engine.take_stream(request_id)
         self.detached[request_id] = (seq, stream)
+        self._hold(False, request_id, hold_seconds)
         copy = Sequence(request_id, seq.prompt_ids, seq.params)
         for name in _CARRIED:
             setattr(copy, name, getattr(seq, name))
@@ -102,21 +131,31 @@ class MigrationPort:
         return MovingRequest(copy, stream, slot_rows, payload, first_page, num_pages)
 
     def release(self, request_id: str) -> None:
-        """The destination has the request: free its pages and slot here."""
-        seq, _ = self.detached.pop(request_id)
-        self.engine.scheduler.release(seq)
+        """The destination has the request: free its pages and slot here (if its hold has not)."""
+        self._until.pop((False, request_id), None)
+        entry = self.detached.pop(request_id, None)
+        if entry is not None:
+            self.engine.scheduler.release(entry[0])
 
-    def reattach(self, request_id: str) -> None:
-        """The migration failed after ``detach``: the request resumes here as if never stopped."""
-        seq, stream = self.detached.pop(request_id)
+    def reattach(self, request_id: str) -> bool:
+        """The migration failed after ``detach``: the request resumes here as if never stopped.
+        True if it runs here (also when it was never detached); False if it is gone (its hold
+        expired, or it finished before the detach)."""
+        self._until.pop((False, request_id), None)
+        entry = self.detached.pop(request_id, None)
+        if entry is None:
+            return self.engine.has_stream(request_id)
+        seq, stream = entry
         self.engine.scheduler.reattach(seq)
         self.engine.give_stream(request_id, stream)
+        return True
 
     # -- destination ----------------------------------------------------------------------------
 
-    def reserve(self, request_id: str, num_tokens: int) -> bool:
-        """Take a slot and pages for ``num_tokens`` tokens of an arriving request; False if they are
-        not free (the migration is then called off)."""
+    def reserve(self, request_id: str, num_tokens: int, hold_seconds: float | None = None) -> bool:
+        """Take a slot and pages for ``num_tokens`` tokens of an arriving request (for ``hold_seconds``
+        if given: then they go back unless committed); False if they are not free (the migration is
+        then called off)."""
         engine = self.engine
         if engine.has_stream(request_id) or request_id in self.incoming:
             raise MigrationError(f"request {request_id!r} is already on this replica")
@@ -124,11 +163,12 @@ class MigrationPort:
         if reserved is None:
             return False
         self.incoming[request_id] = reserved
+        self._hold(True, request_id, hold_seconds)
         return True
 
     def receive(self, request_id: str, start: int, count: int, payload) -> None:
         """Write pre-copied pages [start, start + count) of an arriving request."""
-        shell, _ = self.incoming[request_id]
+        shell, _ = self._arrival(request_id)
         if not self.engine.scheduler.grow_arrival(shell, start + count):
             raise MigrationError(f"no free KV pages for pages {start}..{start + count} of {request_id!r}")
         self.engine.runner.import_pages(shell.pages[start:start + count], payload)
@@ -143,18 +183,26 @@ class MigrationPort:
             engine.scheduler.requeue(moving.seq)
             engine.give_stream(request_id, moving.stream)
             return
-        shell, slot = self.incoming[request_id]
+        shell, slot = self._arrival(request_id)
         if not engine.scheduler.grow_arrival(shell, moving.num_pages):
             raise MigrationError(f"{moving.num_pages - len(shell.pages)} more KV pages needed for {request_id!r}, "
                                  f"{engine.block_manager.num_free} free")
         engine.runner.import_pages(shell.pages[moving.first_page:moving.num_pages], moving.payload)
         engine.runner.import_slot(slot, moving.slot_rows)
         del self.incoming[request_id]
+        self._until.pop((True, request_id), None)
         engine.scheduler.attach(moving.seq, shell, slot, moving.num_pages)
         engine.give_stream(request_id, moving.stream)
 
+    def _arrival(self, request_id: str) -> tuple[Sequence, int]:
+        try:
+            return self.incoming[request_id]
+        except KeyError:
+            raise MigrationError(f"no reservation for {request_id!r} here (called off, or its hold expired)") from None
+
     def cancel(self, request_id: str) -> None:
         """Call off an arrival: return its reserved pages and slot."""
+        self._until.pop((True, request_id), None)
         entry = self.incoming.pop(request_id, None)
         if entry is not None:
             self.engine.scheduler.cancel_arrival(*entry)

@@ -18,6 +18,7 @@ from jaxinfer.engine.async_engine import AsyncEngine, RequestStream
 class LocalReplica(AsyncEngine):
     """An engine in this process, with its own loop thread."""
 
+    remote = False  # its steps are calls into this process: never lost, so no deadlines
     @property
     def page_size(self) -> int:
         return self.engine.block_manager.page_size
@@ -34,26 +35,29 @@ class LocalReplica(AsyncEngine):
     async def export(self, request_id: str, start: int, stop: int, target):
         return await self.call(lambda a: a.engine.migration.export(request_id, start, stop, target))
 
-    async def detach_request(self, request_id: str, first_page: int, target, preemptions: int):
+    async def detach_request(self, request_id: str, first_page: int, target, preemptions: int,
+                             hold_seconds: float | None = None):
         """Stop the request for a move: (its MovingRequest, its stream), or None if it stopped
-        running or was preempted since ``stable_pages`` said ``preemptions`` (pre-copied KV is stale)."""
+        running or was preempted since ``stable_pages`` said ``preemptions`` (pre-copied KV is stale).
+        Past ``hold_seconds`` without a release or reattach its pages are freed."""
         def detach(a: AsyncEngine):
             seq = a.engine.scheduler.find(request_id)
             if seq is None or seq.num_preemptions != preemptions:
                 return None
-            return a.detach(request_id, first_page, target)
+            return a.detach(request_id, first_page, target, hold_seconds)
         return await self.call(detach)
 
-    async def reattach_request(self, request_id: str, stream: RequestStream | None) -> None:
-        await self.call(lambda a: a.reattach(request_id, stream))
+    async def reattach_request(self, request_id: str, stream: RequestStream | None) -> bool:
+        """Resume it here after a failed move; False if it is gone (its hold ran out)."""
+        return await self.call(lambda a: a.reattach(request_id, stream))
 
     async def release_request(self, request_id: str) -> None:
         await self.call(lambda a: a.engine.migration.release(request_id))
 
     # -- destination ---------------------------------------------------------------------------------
 
-    async def reserve(self, request_id: str, num_tokens: int) -> bool:
-        return await self.call(lambda a: a.engine.migration.reserve(request_id, num_tokens))
+    async def reserve(self, request_id: str, num_tokens: int, hold_seconds: float | None = None) -> bool:
+        return await self.call(lambda a: a.engine.migration.reserve(request_id, num_tokens, hold_seconds))
 
     async def receive(self, request_id: str, start: int, count: int, payload) -> None:
         await self.call(lambda a: a.engine.migration.receive(request_id, start, count, payload))

@@ -101,6 +101,10 @@ class Router:
     def on_finish(self, request_id: str, prompt_len: int, output_len: int, now: float) -> None:
         pass
 
+    def set_members(self, replicas: Sequence[int]) -> None:
+        """The replicas that are up changed (one was lost, or came back): ``replicas``, the indices of
+        those up. Routers that only read ``accepting`` need nothing here."""
+
     def describe(self) -> dict:
         """JSON-able state for Stats, /metrics and the admin API."""
         return {"router": self.name}

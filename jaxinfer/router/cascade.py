@@ -126,6 +126,7 @@ class CascadeRouter(Router):
         self.config = dataclasses.replace(config or CascadeConfig(), **overrides)
         self.interval = self.config.interval
         self.num_replicas, self.cost_model, self.max_len, self.qoe = num_replicas, cost_model, max_len, qoe
+        self._members = list(range(num_replicas))  # the replicas up: plans number these consecutively
         self.refine_enabled, self.replan_enabled = refine, replan
         self.grid = tuple(int(g) for g in grid) if grid is not None else default_grid(
             max_len, page_size=cost_model.page_size)
@@ -206,7 +207,7 @@ class CascadeRouter(Router):
     def _apply_plan(self, plan: StagePlan) -> None:
         self.plan = plan
         self.boundaries = list(plan.boundaries)
-        self._stage_members = [list(plan.replicas_of(s)) for s in range(plan.num_stages)]
+        self._stage_members = [[self._members[k] for k in plan.replicas_of(s)] for s in range(plan.num_stages)]
         self._replica_stage = {r: s for s, members in enumerate(self._stage_members) for r in members}
         self._reset_refinement()
 
@@ -247,12 +248,27 @@ class CascadeRouter(Router):
                 raise ValueError("a plan needs 'boundaries' and 'replica_counts'")
             plan = StagePlan(tuple(plan["boundaries"]), tuple(plan["replica_counts"]))
         if plan.num_replicas != self.num_replicas:
-            raise ValueError(f"the plan has {plan.num_replicas} replicas, the cluster {self.num_replicas}")
+            raise ValueError(f"the plan has {plan.num_replicas} replicas, the cluster {self.num_replicas} up")
         if plan.max_len != self.max_len:
             raise ValueError(f"the plan's last boundary {plan.max_len} is not max_len={self.max_len}")
         self._apply_plan(plan)
         self._replan_on_data = False
         self._reference_hist = None  # the next check takes the observed histogram as reference
+
+    def set_members(self, replicas: Sequence[int]) -> None:
+        """Replicas were lost or came back: the current stages keep their ranges with replica counts
+        scaled to those up (one stage if there are fewer replicas than stages), and a checked re-plan
+        follows once the window has enough requests."""
+        members = sorted({int(r) for r in replicas})
+        if not members or members == self._members:
+            return
+        logger.info("replicas up: %s (were %s)", members, self._members)
+        self._members, self.num_replicas = members, len(members)
+        counts = self.plan.replica_counts
+        plan = StagePlan(tuple(self.boundaries), _scaled_counts(counts, len(members))) \
+            if len(members) >= len(counts) else StagePlan.single(len(members), self.max_len)
+        self._apply_plan(plan)
+        self._replan_on_data = True
 
     def describe(self) -> dict:
         stages = [{"lo": self.boundaries[s], "hi": self.boundaries[s + 1], "replicas": list(members)}
@@ -534,6 +550,9 @@ class CascadeRouter(Router):
             self._deploy(*self._choose_plan(*args))
 
     def _deploy(self, plan: StagePlan, within_stage: str) -> None:
+        if plan.num_replicas != self.num_replicas:  # chosen before replicas were lost or came back
+            self._replan_on_data = True
+            return
         self._reset_refinement()
         changed = plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts
         if changed or within_stage != self.within_stage:

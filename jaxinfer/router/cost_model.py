@@ -290,9 +290,10 @@ class CostModel:
             return 1.0, 1.0
         return tuple(max(1.0, host[f"{part}_parallelism"] * busy / host["cores"]) for part in ("decode", "prefill"))
 
-    def transfer_seconds(self, tokens: int) -> float:
-        """Copying the KV of ``tokens`` tokens to another replica."""
-        return max(tokens, 0) * self.kv_bytes_per_token / self.copy_bytes_per_second
+    def transfer_seconds(self, tokens: int, bytes_per_second: float | None = None) -> float:
+        """Copying the KV of ``tokens`` tokens to another replica (over a link of ``bytes_per_second``;
+        default the profile's copy bandwidth)."""
+        return max(tokens, 0) * self.kv_bytes_per_token / (bytes_per_second or self.copy_bytes_per_second)
 
     def recompute_seconds(self, tokens: int) -> float:
         """Re-prefilling ``tokens`` tokens alone, in chunks of max_num_batched_tokens."""

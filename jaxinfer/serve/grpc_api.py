@@ -72,7 +72,7 @@ def replica_groups(cluster: Cluster) -> list[pb.ReplicaGroupStats]:
 
 def router_stats(cluster: Cluster) -> pb.RouterStats:
     state = cluster.describe()
-    moved, router = state["migrations"], state["router"]
+    moved, router, failover = state["migrations"], state["router"], state["failover"]
     return pb.RouterStats(
         name=router["router"], migration=state["migration"], migrations_started=moved["started"],
         migrations_completed=moved["completed"], migrations_live=moved["live"],
@@ -80,7 +80,8 @@ def router_stats(cluster: Cluster) -> pb.RouterStats:
         migrations_gone=moved["gone"], migrations_failed=moved["failed"],
         migrations_in_flight=state["migrations_in_flight"], kv_pages_copied=moved["pages_copied"],
         pause_seconds=moved["pause_seconds"], ms_per_decision=state["router_ms_per_decision"],
-        refinements=router.get("refinements", 0), replans=router.get("replans", 0))
+        refinements=router.get("refinements", 0), replans=router.get("replans", 0),
+        migrations_timed_out=moved["timeouts"], **failover)
 
 
 def _response(output: RequestOutput) -> pb.GenerateResponse:

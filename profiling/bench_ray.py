@@ -158,6 +158,12 @@ async def measure(cluster_of, replicas: int, max_len: int, cost_model, page_byte
     result["stream"] = await stream_latency(fixed)
     pairs = [(i, (i + 1) % replicas) for i in range(min(replicas, 3))]
     result["migration"] = await migration_runs(fixed, pairs, page_bytes)
+    if hasattr(fixed.replicas[0], "transport"):  # Ray replicas: the device-to-device transport too
+        for replica in fixed.replicas:
+            replica.transport = "jax"
+        result["migration_jax"] = await migration_runs(fixed, pairs, page_bytes)
+        for replica in fixed.replicas:
+            replica.transport = "host"
     sample = [(a, len(ids), out) for a, ids, out in requests]
     window = max(a for a, _, _ in requests) or 1.0
     router = make_router("cascade", replicas, cost_model, max_len, sample=sample, sample_window_seconds=window,
@@ -166,15 +172,20 @@ async def measure(cluster_of, replicas: int, max_len: int, cost_model, page_byte
     return result
 
 
-def clusters_over(replicas, cost_model, **kw):
+def clusters_over(replicas, cost_model, local: bool, **kw):
     """``cluster_of(router)``: a Cluster over ``replicas`` with ``router``; the one before it retires
-    (its router loop stops; the replicas stay). ``cluster_of.last``: the latest."""
+    (engines in this process: its loop threads stop, the engines stay; Ray replicas: its router loop
+    stops, the actors stay). ``cluster_of.last``: the latest."""
     from jaxinfer.replicas.cluster import Cluster
 
     def cluster_of(router):
-        if cluster_of.last is not None and cluster_of.last._task is not None:
-            cluster_of.last._task.cancel()
-            cluster_of.last.router.close()
+        last = cluster_of.last
+        if last is not None and local:
+            last.shutdown()
+        elif last is not None:
+            if last._task is not None:
+                last._task.cancel()
+            last.router.close()
         cluster_of.last = Cluster(replicas, router, migration="live", cost_model=cost_model, **kw)
         return cluster_of.last
     cluster_of.last = None
@@ -194,7 +205,7 @@ def in_process(args, requests) -> tuple[dict, int]:
     print(f"in-process warm-up: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     cost_model = shipped_cost_model(args.num_pages * engines[0].block_manager.page_size)
     page_bytes = engines[0].bytes_per_page
-    cluster_of = clusters_over(engines, cost_model)
+    cluster_of = clusters_over(engines, cost_model, local=True)
     result = asyncio.run(measure(cluster_of, args.replicas, args.max_len, cost_model, page_bytes, requests))
     cluster_of.last.shutdown()
     return result, page_bytes
@@ -235,7 +246,7 @@ def on_ray(args, requests, page_bytes: int) -> dict:
         links = measure_links(replicas)
         probe = time.perf_counter() - start
         cost_model = shipped_cost_model(args.num_pages * replicas[0].page_size)
-        cluster_of = clusters_over(replicas, cost_model, links=links)
+        cluster_of = clusters_over(replicas, cost_model, local=False, links=links)
         result = asyncio.run(measure(cluster_of, args.replicas, args.max_len, cost_model, page_bytes, requests))
         result["links_mb_per_second"] = {f"{s}->{d}": v / 1e6 for (s, d), v in sorted(links.items())}
         result["link_probe_seconds"] = probe
@@ -290,6 +301,10 @@ def main(argv=None) -> None:
             ("router ms per decision", lambda r: r["trace"]["router_ms_per_decision"])]
     for name, value in rows:
         print(f"{name:<34} {value(local):12.3f} {value(remote):12.3f}")
+    jax_moves = remote["migration_jax"]
+    print(f"{'migration over jax.experimental.transfer':<34} {'':>12} pause "
+          f"{np.median([m['pause_ms'] for m in jax_moves]):.1f} ms, "
+          f"{np.median([m['mb_per_second'] for m in jax_moves]):.0f} MB/s")
     links = remote["links_mb_per_second"].values()
     print(f"links (object store pull, 32 MiB): {min(links):.0f}-{max(links):.0f} MB/s; "
           f"outputs equal: {result['outputs_equal']}")

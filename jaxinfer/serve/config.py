@@ -34,6 +34,7 @@ from pathlib import Path
 from jaxinfer import config_tree
 from jaxinfer.cli import ArgumentParser
 from jaxinfer.config import DEFAULT_MODEL, DTYPE_HELP, WEIGHT_DTYPES, EngineConfig, SpeculativeConfig
+from jaxinfer.replicas.transport import TRANSPORTS
 from jaxinfer.router.base import MIGRATION_MODES
 from jaxinfer.router.baselines import ROUTERS
 
@@ -60,6 +61,10 @@ class ClusterConfig:
     ray_address: str = dataclasses.field(default="", metadata={
         "help": "with --cluster ray: the Ray cluster to join (host:port of its head, or 'auto'); empty starts a "
                 "Ray instance on this machine"})
+    kv_transport: str = dataclasses.field(default="host", metadata={
+        "help": "with --cluster ray: how a live migration's KV pages travel between replicas: host (host arrays "
+                "through Ray's object store) or jax (jax.experimental.transfer, device to device)",
+        "choices": TRANSPORTS})
     cost_model: str = dataclasses.field(default="", metadata={
         "help": "step-time profile from launch/profile_cost_model.py (empty: $JAXINFER_CACHE/cost_model.json, "
                 "else the CPU profile shipped in profiling/results)"})
@@ -73,6 +78,10 @@ class ClusterConfig:
             raise ValueError(f"cluster runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.ray_address and self.runtime != "ray":
             raise ValueError("ray_address is for --cluster ray")
+        if self.kv_transport not in TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {', '.join(TRANSPORTS)}, got {self.kv_transport!r}")
+        if self.kv_transport != "host" and self.runtime != "ray":
+            raise ValueError("kv_transport is for --cluster ray (replicas in this process copy device to device)")
         parts = self.replicas.lower().split("x")
         if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
             raise ValueError(f"replicas must look like 4 or 4x2 (groups x devices each), got {self.replicas!r}")

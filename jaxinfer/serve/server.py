@@ -233,7 +233,8 @@ class Server:
         say(f"starting {replicas} replica actors ({config.model}) on {resources}")
         make_engine = functools.partial(ray_replica_engine, config.model, config.dtype, self.engine_config)
         started = runtime.start_replicas(make_engine, replicas, warm_up=config.warm_up,
-                                         options=[runtime.actor_options(per)] * replicas)
+                                         options=[runtime.actor_options(per)] * replicas,
+                                         transport=config.cluster.kv_transport)
         if config.sampling_defaults == "model":
             self._sampling_defaults = started[0].facts.get("sampling_defaults", {})
         say(f"{replicas} replica actors on nodes {', '.join(sorted({r.facts['node_id'][:8] for r in started}))}")

@@ -5,6 +5,7 @@ requests between nodes (live and by recompute) with nothing left behind (tests/r
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +63,11 @@ def test_ray_address_needs_the_ray_runtime():
         ClusterConfig(ray_address="10.0.0.1:6379")
     with pytest.raises(ValueError, match="cluster runtime must be one of local, ray"):
         ClusterConfig(runtime="k8s")
+    with pytest.raises(ValueError, match="kv_transport must be one of host, jax"):
+        ClusterConfig(runtime="ray", kv_transport="rdma")
+    with pytest.raises(ValueError, match="kv_transport is for --cluster ray"):
+        ClusterConfig(kv_transport="jax")
+    assert ClusterConfig(runtime="ray", kv_transport="jax").kv_transport == "jax"
     assert ClusterConfig(runtime="ray").enabled
 
 
@@ -163,3 +169,20 @@ def test_nothing_is_left_behind_after_faults_and_deadlines(ray_run):
 
 def test_rejoined_replicas_serve_exactly(ray_run):
     assert ray_run["rejoined_serving"] == [ray_run["expected"]["greedy"]] * 2
+
+
+def test_three_netns_hosts_lose_a_raylet_and_a_link_without_losing_a_request():
+    """tests/replicas/netns_hosts.py: ``ray start`` on three network namespaces joined by a bridge; one
+    host's raylet killed by pid, another host's link taken down; bounded, and it cleans up."""
+    pytest.importorskip("ray")
+    probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True)
+    if probe.returncode != 0 or os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("cannot create network and mount namespaces and veth pairs here (needs root and iproute2)")
+    result = subprocess.run([sys.executable, "tests/replicas/netns_hosts.py", "--timeout", "300"], capture_output=True,
+                            text=True, cwd=REPO, timeout=420, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_ = json.loads(result.stdout.strip().splitlines()[-1])
+    assert run_["errors"] == [] and run_["tokens"] == run_["reference"]  # greedy: every token exact
+    assert run_["failover"]["replicas_lost"] == 2 and run_["failover"]["requests_failed"] == 0
+    assert run_["failover"]["requests_resumed"] >= 2
+    assert run_["seconds_total"] < 300

@@ -5,9 +5,12 @@ against ``serve --replicas N``): what Ray costs.
   token and time per output token, in-process replica vs Ray replica.
 - Router time per decision (the serving process's share of each dispatch and rebalance).
 - Migration: a running long request moved live between two replicas (in-process: device to
-  device; Ray: node to node, KV pages pulled through the object store): the stop-and-copy pause,
-  the move's wall time and its throughput (KV bytes over wall time, control round trips
-  included); plus each link's raw bandwidth as ``measure_links`` probes it at start.
+  device; Ray: node to node, KV pages pulled through the object store, and by
+  jax.experimental.transfer): the pause as the migration counts it (from asking the source to stop
+  the request, which waits for the decode burst in flight, to the destination's commit), the
+  longest gap between two outputs the client saw against its median gap, the move's wall time and
+  its throughput (KV bytes over wall time, control round trips included); plus each link's raw
+  bandwidth as ``measure_links`` probes it at start.
 - The Azure conversation trace slice on N replicas, in-process vs on N Ray nodes, same router
   (cascade), same requests: mean/P99 E2E, TTFT, TPOT, tokens/s, and whether the outputs are the
   same tokens.
@@ -118,16 +121,19 @@ async def migration_runs(cluster, pairs, page_bytes: int) -> list[dict]:
         request_id = f"mig{k}"
         stream = await cluster.add_request(ids, SamplingParams(max_tokens=LONG_OUTPUT, ignore_eos=True,
                                                                temperature=0.0), request_id)
-        task, count = None, 0
+        task, count, arrivals = None, 0, []
         async for output in stream:
             count += len(output.new_token_ids)
+            arrivals.append(time.perf_counter())
             if task is None and count >= 8:
                 task = asyncio.ensure_future(timed_move(cluster, Migration(request_id, src, dst, "bench")))
         moved, seconds = await task
+        gaps = np.diff(arrivals[1:])  # between outputs (a burst's tokens come together)
         after = cluster.stats.as_dict()
         pages = after["pages_copied"] - before["pages_copied"]
         runs.append({"src": src, "dst": dst, "moved": moved, "pages": pages, "move_seconds": seconds,
                      "pause_ms": 1e3 * (after["pause_seconds"] - before["pause_seconds"]),
+                     "max_gap_ms": 1e3 * float(gaps.max()), "median_gap_ms": 1e3 * float(np.median(gaps)),
                      "mb_per_second": pages * page_bytes / seconds / 1e6})
     return runs
 
@@ -145,6 +151,9 @@ async def trace_run(cluster, requests) -> dict:
     state = cluster.describe()
     out = summary(served["records"], served["wall"], state["migrations"]["completed"], state["router_ms_per_decision"])
     out["migrations"] = state["migrations"]
+    stages = state["router"]["stages"]
+    out["plan"] = {"stages": [(stage["lo"], stage["hi"], len(stage["replicas"])) for stage in stages],
+                   "within_stage": state["router"]["within_stage"]}
     out["tokens"] = [r["tokens"] for r in served["records"]]
     return out
 
@@ -290,6 +299,10 @@ def main(argv=None) -> None:
     rows = [("stream: TTFT (ms)", lambda r: r["stream"]["ttft_ms"]),
             ("stream: time per output token (ms)", lambda r: r["stream"]["tpot_ms"]),
             ("migration: pause (ms, median)", lambda r: float(np.median([m["pause_ms"] for m in r["migration"]]))),
+            ("migration: client's longest gap (ms)",
+             lambda r: float(np.median([m["max_gap_ms"] for m in r["migration"]]))),
+            ("migration: client's median gap (ms)",
+             lambda r: float(np.median([m["median_gap_ms"] for m in r["migration"]]))),
             ("migration: wall (s, median)", lambda r: float(np.median([m["move_seconds"] for m in r["migration"]]))),
             ("migration: MB/s (median)", lambda r: float(np.median([m["mb_per_second"] for m in r["migration"]]))),
             ("trace: mean E2E (s)", lambda r: r["trace"]["mean_e2e"]),
@@ -303,8 +316,10 @@ def main(argv=None) -> None:
         print(f"{name:<34} {value(local):12.3f} {value(remote):12.3f}")
     jax_moves = remote["migration_jax"]
     print(f"{'migration over jax.experimental.transfer':<34} {'':>12} pause "
-          f"{np.median([m['pause_ms'] for m in jax_moves]):.1f} ms, "
+          f"{np.median([m['pause_ms'] for m in jax_moves]):.1f} ms, longest gap "
+          f"{np.median([m['max_gap_ms'] for m in jax_moves]):.0f} ms, "
           f"{np.median([m['mb_per_second'] for m in jax_moves]):.0f} MB/s")
+    print(f"cascade plan: in-process {local['trace']['plan']}, Ray {remote['trace']['plan']}")
     links = remote["links_mb_per_second"].values()
     print(f"links (object store pull, 32 MiB): {min(links):.0f}-{max(links):.0f} MB/s; "
           f"outputs equal: {result['outputs_equal']}")

@@ -558,6 +558,11 @@ class RayReplica:
         lease = self._streams.place(request_id, self.index, handover=len(moving.seq.output_ids))
         if lease < 0:
             raise RequestClosed(f"request {request_id!r} was closed before it could move")
+        await self._install(moving, lease)
+
+    async def _install(self, moving, lease: int) -> None:
+        """Commit a request here under ``lease``; it counts as this replica's once sent."""
+        request_id = moving.seq.request_id
         self._start()
         self._owned.add(request_id)
         try:
@@ -581,14 +586,7 @@ class RayReplica:
         state = self._streams.resume_state(request_id, self._info.tokenizer, self.index)
         if state is None:
             return False
-        moving, lease = state
-        self._start()
-        self._owned.add(request_id)
-        try:
-            await self.actor.commit_request.remote(moving, lease)
-        except BaseException:
-            self._owned.discard(request_id)
-            raise
+        await self._install(*state)
         return True
 
     def abort_lost(self, request_id: str) -> None:

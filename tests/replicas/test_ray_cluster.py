@@ -186,3 +186,19 @@ def test_three_netns_hosts_lose_a_raylet_and_a_link_without_losing_a_request():
     assert run_["failover"]["replicas_lost"] == 2 and run_["failover"]["requests_failed"] == 0
     assert run_["failover"]["requests_resumed"] >= 2
     assert run_["seconds_total"] < 300
+
+
+def test_serve_cluster_ray_over_grpc_and_http_matches_one_engine_with_handoffs_across_nodes():
+    """tests/replicas/ray_serve_driver.py: the server joins a Ray test cluster of three nodes (one replica
+    actor each, cascade in narrow stages); an Azure trace slice over gRPC and HTTP."""
+    pytest.importorskip("ray")
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a network namespace (unshare -n needs root or user namespaces)")
+    result = subprocess.run(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {sys.executable} "
+                             "tests/replicas/ray_serve_driver.py"], capture_output=True, text=True, cwd=REPO,
+                            timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_ = json.loads(result.stdout.strip().splitlines()[-1])
+    assert run_["tokens"] == run_["expected"]  # gRPC: token ids; HTTP: the text they decode to
+    assert len(set(run_["nodes"])) == 3 and run_["links"] == 6
+    assert run_["handoffs"] >= 1 and run_["migrations"]["completed"] >= 1 and run_["migrations"]["failed"] == 0

@@ -291,8 +291,12 @@ class Cluster:
                     self.replicas[lost].fail_request(request_id, EngineDeadError(
                         f"replica {lost} is gone and no replica could take over request {request_id!r}"))
                     return
+                lengths = self.replicas[lost].lengths(request_id)
+                if lengths is None:  # its stream closed meanwhile (finished, or aborted)
+                    self._owner.pop(request_id, None)
+                    return
                 loads = self.loads()
-                target = self.router.dispatch(NewRequest(request_id, *self._lengths(request_id, loads)), loads,
+                target = self.router.dispatch(NewRequest(request_id, *lengths), loads,
                                               time.monotonic() - self._started)
                 if target not in live:  # a router that knows no better: the least used survivor
                     target = min(live, key=lambda i: (loads[i].usage, i))
@@ -313,14 +317,6 @@ class Cluster:
             if request_id in self._aborts:
                 self._aborts.discard(request_id)
                 self.abort(request_id)
-
-    def _lengths(self, request_id: str, loads: list[ReplicaLoad]) -> tuple[int, int]:
-        """(context length, max tokens) of a request as the last load snapshots saw it (1, 1 if none did)."""
-        for load in loads:
-            for r in load.requests:
-                if r.request_id == request_id:
-                    return r.context_len, r.max_tokens
-        return 1, 1
 
     # -- migration --------------------------------------------------------------------------------
 

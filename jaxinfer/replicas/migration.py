@@ -107,7 +107,6 @@ async def move_request(request_id: str, src: Replica, dst: Replica, *, mode: Cal
     if not await step("reserve", dst.reserve(request_id, reserve, hold_seconds)):
         stats.refused += 1
         return False
-    stream = None
     try:
         sent = 0
         for _ in range(precopy_rounds if chosen == "live" else 0):
@@ -124,7 +123,6 @@ async def move_request(request_id: str, src: Replica, dst: Replica, *, mode: Cal
                 raise RequestGone
             stable = info[0]
         paused = time.perf_counter()
-        detached = None
         try:
             detached = await step("detach", src.detach_request(request_id, sent, target, preemptions, hold_seconds))
         except BaseException as exc:  # it may have been stopped all the same: take it back

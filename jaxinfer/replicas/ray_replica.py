@@ -284,6 +284,13 @@ class StreamTable:
             return -1
         return entry.lease if entry.holder == holder else self.place(request_id, holder, entry.base)
 
+    def lengths(self, request_id: str) -> tuple[int, int] | None:
+        """(context length the stream stands at, max tokens) of an open request."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return None
+        return len(entry.prompt_ids) + entry.delivered, entry.params.max_tokens
+
     def resume_state(self, request_id: str, tokenizer, holder: int) -> tuple[MovingRequest, int] | None:
         """What replica ``holder`` needs to carry on with the request from the tokens its stream
         already has (a recompute: prompt and outputs prefilled again) and the lease it runs under
@@ -379,7 +386,7 @@ class RayReplica:
         self._reader: asyncio.Task | None = None
         self._rejoin_task: asyncio.Task | None = None
         self._error: str | None = None
-        self.losses = self.rejoins = 0
+        self.rejoins = 0
         # set by the Cluster: called with this replica's index and its requests once it is lost, to
         # resume them elsewhere (without it they fail); and with its index once it is back
         self.on_lost: Callable[[int, list[str]], None] | None = None
@@ -446,7 +453,6 @@ class RayReplica:
 
     def _lose(self, error: str, restarting: bool) -> None:
         self._error, self._reader = error, None
-        self.losses += 1
         logger.error("replica %d is gone: %s", self.index, error)
         lost, self._owned = sorted(self._owned), set()
         if self.on_lost is not None:
@@ -588,6 +594,10 @@ class RayReplica:
             return False
         await self._install(*state)
         return True
+
+    def lengths(self, request_id: str) -> tuple[int, int] | None:
+        """(context length, max tokens) of a request from what its stream has; None if it is closed."""
+        return self._streams.lengths(request_id)
 
     def abort_lost(self, request_id: str) -> None:
         """End the stream of a request whose replica was lost before it could be resumed."""

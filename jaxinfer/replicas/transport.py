@@ -43,9 +43,6 @@ class HostTransport:
     def fetch(self, sent, sharding: jax.sharding.Sharding):
         return sent  # the import step copies host arrays onto the pool's devices
 
-    def close(self) -> None:
-        pass
-
 
 class JaxTransport:
     """``jax.experimental.transfer`` between replicas (one server per process, started on first use)."""
@@ -93,10 +90,6 @@ class JaxTransport:
         specs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
                  for shape, dtype in zip(ticket.shapes, ticket.dtypes, strict=True)]
         return tuple(connection.pull(ticket.uuid, specs))
-
-    def close(self) -> None:
-        self._connections.clear()
-        self._server = None
 
 
 def make_transport(name: str, host: str = "127.0.0.1"):

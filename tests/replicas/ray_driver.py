@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -216,17 +213,10 @@ async def _read(stream, tokens: list, first_tokens: asyncio.Future) -> None:
 
 
 def main() -> None:
-    token_dir = tempfile.mkdtemp(prefix="ji-ray-")
-    token = Path(token_dir, "token")
-    token.write_text(secrets.token_hex(32))
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    import ray
-    from ray.cluster_utils import Cluster as RayCluster
-
-    from jaxinfer.replicas.ray_replica import measure_links, start_replicas
     from jaxinfer.sampling_params import SamplingParams
     from tests.engine.test_migration import PROMPT
     from tests.engine.tiny_engine import CharTokenizer
+    from tests.replicas.local_ray import local_ray
 
     def params_of(kind):
         extra = dict(temperature=0.8, seed=7, repetition_penalty=1.3, frequency_penalty=0.2) \
@@ -235,13 +225,9 @@ def main() -> None:
 
     tokenizer = CharTokenizer()
     started = time.perf_counter()
-    cluster = RayCluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 80 * 2**20, "temp_dir": os.path.join(token_dir, "ray")})
-    try:
-        nodes = [cluster.add_node(num_cpus=1, resources={f"host{i}": 1}, object_store_memory=80 * 2**20)
-                 for i in range(NODES)]
-        ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO),
-                                                                    "JAX_PLATFORMS": "cpu"}})
+    with local_ray(NODES) as (cluster, nodes, _):
+        from jaxinfer.replicas.ray_replica import measure_links, start_replicas
+
         replicas = start_replicas(replica_engine, NODES, warm_up=False,
                                   options=[{"num_cpus": 1, "resources": {f"host{i}": 1}} for i in range(NODES)])
         for replica in replicas:
@@ -260,10 +246,6 @@ def main() -> None:
         result["links"] = {f"{s}->{d}": v for (s, d), v in links.items()}
         for replica in replicas:
             replica.shutdown(timeout=5)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(token_dir, ignore_errors=True)
     print(json.dumps(result))
 
 

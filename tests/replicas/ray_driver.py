@@ -10,6 +10,7 @@ Prints one JSON line: what each scenario produced, and what the reference engine
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import sys
@@ -103,8 +104,8 @@ async def scenarios(replicas, expected, params_of, ray_cluster, nodes) -> dict:
         attempts = []
         for attempt in range(4):  # the tiny model can finish a request before the move reaches the step
             rejoins, fired = doomed.rejoins, []
-            after(hooked, method, lambda doomed=doomed, fired=fired: (fired.append(time.perf_counter()),
-                                                                      ray.kill(doomed.actor, no_restart=False)))
+            after(hooked, method, lambda doomed=doomed, fired=fired: fired.append(time.perf_counter()) or
+                  kill_and_wait(doomed))
             cluster = Cluster(replicas, ToReplica(src), migration="live", last_round_pages=1, step_timeout=10)
             result = await one_move(cluster, tokenizer, params_of("greedy"), f"f-{step}-{victim}-{attempt}", src, dst)
             hooked.__dict__.pop(method, None)
@@ -174,14 +175,34 @@ async def scenarios(replicas, expected, params_of, ray_cluster, nodes) -> dict:
     return out
 
 
+async def kill_and_wait(replica) -> None:
+    """Kill ``replica``'s actor (Ray restarts it) and return once its process is gone: ``ray.kill`` only
+    sends the signal, and a call sent right after it could still be served by the dying process."""
+    import ray
+
+    pid = replica.facts["pid"]
+    ray.kill(replica.actor, no_restart=False)
+    while True:
+        try:  # the old process answers at once while it lives; a call to a restarting actor waits
+            facts = await asyncio.wait_for(asyncio.ensure_future(replica.actor.describe.remote()), 1.0)
+        except (ray.exceptions.RayActorError, TimeoutError):
+            return
+        if facts["pid"] != pid:
+            return
+        await asyncio.sleep(0.02)
+
+
 def after(replica, method: str, action) -> None:
-    """Run ``action`` once ``replica.method`` next returns (a fault injected at that step)."""
+    """Run ``action`` (awaited if it returns an awaitable) once ``replica.method`` next returns: a fault
+    injected at that step, in place before the step's caller goes on."""
     original = getattr(replica, method)
 
     async def hooked(*args, **kwargs):
         result = await original(*args, **kwargs)
         if replica.__dict__.pop(method, None) is not None:
-            action()
+            done = action()
+            if inspect.isawaitable(done):
+                await done
         return result
     replica.__dict__[method] = hooked
 

@@ -9,8 +9,10 @@
   or ``llumnix`` (the freest replica by free pages per request, and balancing migrations:
   jaxinfer.router.balance). ``within_stage`` "auto" lets the plan check choose; the one-stage plan
   is then exactly the least-loaded or the llumnix baseline.
-- Observed demand: the requests finished in the last ``window_seconds``, re-weighted per prompt
-  bucket to that window's arrivals (see ``_window_sample``).
+- Observed demand: the requests finished in the last ``window_seconds`` (reaching back further
+  while that holds fewer than ``score_requests`` arrivals: at a low rate a minute of requests is
+  too few to judge a plan by), re-weighted per prompt bucket to that window's arrivals (see
+  ``_window_sample``).
 - Range refinement (§3.3), every ``refine_interval``, one step at a time. Measured load first: a
   stage whose smoothed pressure (virtual KV usage plus queue share) exceeds its neighbour's by
   ``load_gap`` gets their boundary moved one grid step toward it, by ``replica_gap`` the
@@ -24,8 +26,10 @@
   the plan was fit to above ``replan_kl``) or the current stages are infeasible under the observed
   demand: the DP proposes candidates (its optimum, with a per-stage penalty, at half and double the
   load) beside the one-stage plan, each with least-loaded (and some with llumnix) stages, is
-  simulated on the window's requests replayed as they arrived, and the best is deployed if it
-  beats the deployed plan by ``switch_gain`` (with ``background``, on a worker thread).
+  simulated on the window's requests replayed as they arrived (each half apart, and all of them
+  ``stress_load`` times faster), and the best is deployed if it beats the deployed plan by
+  ``switch_gain``, is no worse on any part (P99 within ``p99_tolerance``), and won
+  ``confirm_checks`` consecutive checks (with ``background``, chosen on a worker thread).
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class CascadeConfig:
     replica_gap: float = 0.4  # ... that moves a replica from the cooler stage to the hotter one
     max_reversals: int = 2  # a boundary that undid its last move this often stays until the next re-plan
     replan_interval: float = 30.0
-    window_seconds: float = 60.0  # length history the re-plan is fit to
+    window_seconds: float = 60.0  # length history the re-plan is fit to (at least score_requests arrivals)
     replan_kl: float = 0.25  # histogram drift (KL divergence, nats) that triggers the DP
     min_replan_samples: int = 200  # finished requests in the window before refining or re-planning
     max_utilisation: float = 0.9  # DP feasibility cap
@@ -86,6 +90,9 @@ class CascadeConfig:
     score_requests: int = 800  # requests each candidate is simulated on
     score_replicas: int = 16  # candidates run on a cluster of at most this many replicas (stages and rate scaled)
     switch_gain: float = 0.05  # a new plan must beat the deployed one's simulated score by this (relative)
+    p99_tolerance: float = 0.1  # a change may be this much worse (relative) on one part's P99 (a few requests)
+    stress_load: float = 1.25  # candidates are also scored on the window replayed this much faster (1: off)
+    confirm_checks: int = 2  # consecutive checks a live re-plan must win before it is deployed
 
     def __post_init__(self):
         for name in ("interval", "refine_interval", "replan_interval", "window_seconds"):
@@ -94,9 +101,12 @@ class CascadeConfig:
         if self.score_requests < 10 or self.score_replicas < 1 or self.switch_gain < 0:
             raise ValueError(f"need score_requests >= 10, score_replicas >= 1, switch_gain >= 0, got "
                              f"{self.score_requests}, {self.score_replicas}, {self.switch_gain}")
-        if self.max_concurrent < 1 or self.refine_persist < 1:
-            raise ValueError(f"max_concurrent and refine_persist must be >= 1, got {self.max_concurrent}, "
-                             f"{self.refine_persist}")
+        if self.max_concurrent < 1 or self.refine_persist < 1 or self.confirm_checks < 1:
+            raise ValueError(f"max_concurrent, refine_persist and confirm_checks must be >= 1, got "
+                             f"{self.max_concurrent}, {self.refine_persist}, {self.confirm_checks}")
+        if not (self.stress_load >= 1 and self.p99_tolerance >= 0):
+            raise ValueError(f"need stress_load >= 1 and p99_tolerance >= 0, got {self.stress_load}, "
+                             f"{self.p99_tolerance}")
         if not 0 < self.load_gap <= self.replica_gap:
             raise ValueError(f"need 0 < load_gap <= replica_gap, got {self.load_gap}, {self.replica_gap}")
         if not (0 <= self.slack_fraction < 1 and self.balance_gap_pages >= 0 and self.refine_eps >= 0):
@@ -145,6 +155,11 @@ class CascadeRouter(Router):
         self.background = background
         self._executor: ThreadPoolExecutor | None = None
         self._job: Future | None = None  # a re-plan being chosen on the worker thread
+        self._job_urgent = False  # ... deployed as soon as chosen (the first plan from data, an infeasible one)
+        self._proposal: tuple[tuple, int] | None = None  # a change checks chose: (its key, consecutive wins)
+        self._recheck = False  # check again at the next re-plan tick (a proposal waits for confirmation)
+        self._infeasible_checks, self._next_infeasible_check = 0, 0.0  # checks for infeasibility alone: backoff
+        self.num_checks, self.check_seconds = 0, 0.0  # plan checks run, and their time
         self.last_check: dict = {}  # the last plan check: candidates' scores, the pick, seconds
         self.within_stage = self._unchecked_policy(plan)
         if plan is None:
@@ -277,7 +292,7 @@ class CascadeRouter(Router):
                 "replans": self.num_replans, "handoffs": self.num_handoffs, "within_stage": self.within_stage,
                 "balances": self.num_balances,
                 "replica_moves": self.num_replica_moves, "stage_pressure": self.stage_pressure(),
-                "last_check": self.last_check}
+                "checks": self.num_checks, "check_seconds": self.check_seconds, "last_check": self.last_check}
 
     def close(self) -> None:
         if self._executor is not None:
@@ -319,7 +334,7 @@ class CascadeRouter(Router):
     def rebalance(self, replicas: Sequence[ReplicaLoad], now: float) -> list[Migration]:
         if self._job is not None and self._job.done():
             job, self._job = self._job, None
-            self._deploy(*job.result())
+            self._deploy(*job.result(), urgent=self._job_urgent)
         mine = {r.replica: r for r in replicas if r.replica in self._replica_stage}
         self._observe(mine)
         warm = self._replan_on_data and len(self._finished) >= self.config.min_replan_samples
@@ -330,7 +345,7 @@ class CascadeRouter(Router):
             if replan:
                 self._next_replan = now + self.config.replan_interval
                 if demand is not None:
-                    self._maybe_replan(*demand)
+                    self._maybe_replan(now, *demand)
             if refine:
                 self._next_refine = now + self.config.refine_interval
                 self._refine(now, demand[0] if demand is not None else None)
@@ -412,16 +427,18 @@ class CascadeRouter(Router):
     # ---- range refinement and re-planning ------------------------------------------------------------
 
     def _window_demand(self, now: float) -> tuple[Demand, list, np.ndarray, float] | None:
-        """The demand of the last ``window_seconds`` (None with too few finished requests), with the
-        sample, weights and window it came from."""
-        while self._finished and self._finished[0][0] < now - self.config.window_seconds:
+        """The demand of the last ``window_seconds``, or of the last ``score_requests`` arrivals where
+        those reach back further (None with too few finished requests), with the sample, weights and
+        window it came from."""
+        cfg = self.config
+        while len(self._finished) > cfg.score_requests and self._finished[0][0] < now - cfg.window_seconds:
             self._finished.popleft()
-        while self._arrivals and self._arrivals[0][0] < now - self.config.window_seconds:
+        while len(self._arrivals) > cfg.score_requests and self._arrivals[0][0] < now - cfg.window_seconds:
             self._outputs.pop(self._arrivals.popleft()[2], None)
-        if len(self._finished) < self.config.min_replan_samples or not self._arrivals:
+        if len(self._finished) < cfg.min_replan_samples or not self._arrivals:
             return None
         sample, weights = self._window_sample()
-        window = max(min(self.config.window_seconds, now - self._arrivals[0][0]), self.config.interval)
+        window = max(now - self._arrivals[0][0], cfg.interval)
         return demand_from_requests(sample, self.grid, window, weights), sample, weights, window
 
     def _stage_costs(self, demand: Demand) -> np.ndarray:
@@ -521,9 +538,10 @@ class CascadeRouter(Router):
         self.plan = StagePlan(tuple(self.boundaries), tuple(len(m) for m in self._stage_members))
         self.num_replica_moves += 1
 
-    def _maybe_replan(self, demand: Demand, sample, weights, window: float) -> None:
-        """Run the DP when the length histogram drifted or the current stages are infeasible under
-        the observed demand; adopt its plan if it differs."""
+    def _maybe_replan(self, now: float, demand: Demand, sample, weights, window: float) -> None:
+        """Check plans when the length histogram drifted, a proposal awaits confirmation, or the
+        current stages are infeasible under the observed demand (at overload every plan is: such
+        checks back off, each that kept the plan doubling the wait before the next)."""
         hist = _histogram(demand.decode, demand.arrivals)
         if self._reference_hist is None and not self._replan_on_data:
             self._reference_hist = hist  # an operator's plan: observe, re-plan only on later drift
@@ -532,11 +550,15 @@ class CascadeRouter(Router):
         index = [self._grid_index.get(b) for b in self.boundaries]
         infeasible = None not in index and math.isinf(sum(
             self._stage_costs(demand)[index[s], index[s + 1], len(m)] for s, m in enumerate(self._stage_members)))
-        if not (self._replan_on_data or drift > self.config.replan_kl or infeasible):
-            return
         if self._job is not None:
             return  # a re-plan is being chosen
-        self._replan_on_data = False
+        if not (self._replan_on_data or drift > self.config.replan_kl or self._recheck):
+            if not infeasible or now < self._next_infeasible_check:
+                return
+            self._next_infeasible_check = now + self.config.replan_interval * 2 ** min(self._infeasible_checks, 5)
+            self._infeasible_checks += 1
+        urgent = self._replan_on_data  # the first plan from data: deployed at once
+        self._replan_on_data = self._recheck = False
         self._reference_hist = hist
         logger.info("re-plan check (drift %.3f, infeasible %s)", drift, infeasible)
         incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts), self.within_stage
@@ -545,17 +567,27 @@ class CascadeRouter(Router):
         if self.background:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-replan")
-            self._job = self._executor.submit(self._choose_plan, *args)
+            self._job, self._job_urgent = self._executor.submit(self._choose_plan, *args), urgent
         else:
-            self._deploy(*self._choose_plan(*args))
+            self._deploy(*self._choose_plan(*args), urgent=urgent)
 
-    def _deploy(self, plan: StagePlan, within_stage: str) -> None:
+    def _deploy(self, plan: StagePlan, within_stage: str, urgent: bool = False) -> None:
+        """Deploy a checked plan. A live change (not ``urgent``) must first win ``confirm_checks``
+        consecutive checks, each on a later window: one window's bursts do not flip the plan."""
         if plan.num_replicas != self.num_replicas:  # chosen before replicas were lost or came back
             self._replan_on_data = True
             return
-        self._reset_refinement()
         changed = plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts
+        key = (plan.boundaries, plan.replica_counts, within_stage)
+        if (changed or within_stage != self.within_stage) and not urgent:
+            wins = self._proposal[1] + 1 if self._proposal is not None and self._proposal[0] == key else 1
+            if wins < self.config.confirm_checks:
+                self._proposal, self._recheck = (key, wins), True
+                return
+        self._proposal = None
+        self._reset_refinement()
         if changed or within_stage != self.within_stage:
+            self._infeasible_checks = 0
             logger.info("re-plan: %s x %s, %s within stages", plan.boundaries, plan.replica_counts, within_stage)
             self.within_stage = within_stage
             self.num_replans += 1
@@ -581,10 +613,12 @@ class CascadeRouter(Router):
         the candidate (the deployed one among them) with the best simulated latency on the window's
         requests replayed as they arrived (``replay``; else requests drawn from its length mix with
         Poisson arrivals at its rate), scored by the geometric mean of mean and P99 E2E on each half
-        of them. Under ``within_stage`` auto every plan is scored with least-loaded stages, the DP's
-        optimum and the one-stage plan also with llumnix stages. A change must be no worse than the
-        deployed plan (at start, the one-stage least-loaded plan, i.e. least-loaded dispatch) on mean
-        nor on P99 in either half, and beat its score by ``switch_gain``."""
+        of them and on all of them at ``stress_load`` times the rate. Under ``within_stage`` auto every
+        plan is scored with least-loaded stages, the DP's optimum and the one-stage plan also with
+        llumnix stages. A change must be no worse than the deployed plan (at start, the one-stage
+        least-loaded plan, i.e. least-loaded dispatch) on mean in any of these, nor on P99 by more than
+        ``p99_tolerance`` (a part's P99 is its few slowest requests), and beat its score by
+        ``switch_gain``."""
         if not self.config.check_plans:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
@@ -603,15 +637,19 @@ class CascadeRouter(Router):
         if max(len(p.replica_counts) for p, _ in unique.values()) <= self.config.score_replicas < replicas:
             replicas = self.config.score_replicas
         requests = self._score_requests(sample, weights, rate, replicas, replay)
-        # scored on each half of the window apart: a plan must hold up on both (a window is not stationary)
-        halves = [requests[:len(requests) // 2], requests[len(requests) // 2:]] if len(requests) >= 40 else [requests]
-        latency = {key: [self._score(*option, part, replicas) for part in halves] for key, option in unique.items()}
+        # scored on each half of the window apart: a plan must hold up on both (a window is not stationary),
+        # and on the whole window at stress_load times its rate (a plan must hold up when load rises)
+        parts = [requests[:len(requests) // 2], requests[len(requests) // 2:]] if len(requests) >= 40 else [requests]
+        if self.config.stress_load > 1:
+            parts.append(_compressed(requests, self.config.stress_load))
+        latency = {key: [self._score(*option, part, replicas) for part in parts] for key, option in unique.items()}
         scores = {key: math.exp(np.mean([math.log(x) for pair in parts for x in pair]))
                   for key, parts in latency.items()}
         kept = (default[0].boundaries, default[0].replica_counts, default[1])
-        # a change must pay: no worse on mean nor on P99 in either half, and better on all together by switch_gain
+        # a change must pay: no worse on mean (P99: within the tolerance) in any part, and better overall by switch_gain
+        tol = 1 + self.config.p99_tolerance
         better = [key for key, parts in latency.items()
-                  if all(m <= km and p <= kp for (m, p), (km, kp) in zip(parts, latency[kept], strict=True))]
+                  if all(m <= km and p <= kp * tol for (m, p), (km, kp) in zip(parts, latency[kept], strict=True))]
         key = min(better, key=scores.get)
         if scores[key] > scores[kept] * (1 - self.config.switch_gain):
             key = kept
@@ -623,6 +661,8 @@ class CascadeRouter(Router):
                                       "within_stage": key[2]},
                            "scored_replicas": replicas, "scored_requests": len(requests),
                            "seconds": time.perf_counter() - start}
+        self.num_checks += 1
+        self.check_seconds += self.last_check["seconds"]
         return unique[key]
 
     def _score_requests(self, sample, weights, rate: float, replicas: int,
@@ -695,6 +735,12 @@ class CascadeRouter(Router):
             sample.append((int(arr[k_arr == k].mean()), max(int(fin[:, 1].mean()), 1)))
             weights = np.append(weights, n_arr[k])
         return sample, weights
+
+def _compressed(requests: list[TraceRequest], factor: float) -> list[TraceRequest]:
+    """``requests`` arriving ``factor`` times faster (the same lengths and order, from the same start)."""
+    start = requests[0].arrival if requests else 0.0
+    return [r._replace(arrival=start + (r.arrival - start) / factor) for r in requests]
+
 
 def _scaled_counts(counts: tuple[int, ...], total: int) -> tuple[int, ...]:
     """Replica counts scaled to sum to ``total`` (largest remainders), every stage keeping one."""

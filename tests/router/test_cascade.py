@@ -404,3 +404,72 @@ def test_a_lost_replica_leaves_its_stage_and_a_returning_one_rejoins():
     r.set_members(range(5))  # all back
     assert sorted(i for s in r.describe()["stages"] for i in s["replicas"]) == [0, 1, 2, 3, 4]
     assert r.num_replicas == 5
+
+
+def test_a_live_replan_is_deployed_only_once_consecutive_checks_confirm_it():
+    r = router()
+    other, third = StagePlan((0, 2000, 16384), (3, 2)), StagePlan((0, 16384), (5,))
+    r._deploy(other, "least-loaded")  # one check's win: proposed, checked again at the next tick
+    assert r.plan == PLAN and r._recheck and r.describe()["replans"] == 0
+    r._deploy(third, "least-loaded")  # the next check prefers another plan: the count starts over
+    assert r.plan == PLAN
+    r._deploy(third, "least-loaded")  # confirmed
+    assert r.plan == third and r.describe()["replans"] == 1 and r._proposal is None
+    r._deploy(other, "llumnix")
+    r._deploy(third, "least-loaded")  # a check that keeps the deployed plan drops the proposal
+    r._deploy(other, "llumnix")
+    assert r.plan == third and r.within_stage == "least-loaded"
+    r._deploy(other, "llumnix", urgent=True)  # the first plan from data: at once
+    assert r.plan == other and r.within_stage == "llumnix"
+    eager = router(confirm_checks=1)
+    eager._deploy(other, "least-loaded")
+    assert eager.plan == other
+
+
+def test_a_change_must_also_hold_up_when_load_rises(monkeypatch):
+    from jaxinfer.router.cascade import _compressed
+    from jaxinfer.router.partition import demand_from_requests
+    from jaxinfer.router.trace import TraceRequest
+
+    replay = [TraceRequest(10.0 + k, 100 + k, 5) for k in range(60)]
+    stressed = _compressed(replay, 1.25)
+    assert [q.arrival for q in stressed] == pytest.approx([10.0 + k / 1.25 for k in range(60)])
+    assert [q[1:] for q in stressed] == [q[1:] for q in replay]
+
+    sample = [(q.prompt_len, q.output_len) for q in replay]
+    args = (demand_from_requests(sample, GRID, 60.0), sample, np.ones(len(sample)), 1.0)
+
+    def choose(stress_hurts_llumnix, **kw):
+        r = router(score_requests=60, within_stage="auto", **kw)
+
+        def score(plan, policy, requests, replicas):  # llumnix 20% faster at the window's rate
+            under_stress = len(requests) == len(replay) and requests[-1].arrival < replay[-1].arrival - 1
+            if policy == "llumnix":
+                return (3.0, 9.0) if under_stress and stress_hurts_llumnix else (0.8, 2.4)
+            return (1.0, 3.0) if plan.num_stages == 1 else (2.0, 6.0)
+        monkeypatch.setattr(r, "_score", score)
+        single = StagePlan.single(5, 16384)
+        return r._choose_plan(*args, (single, "least-loaded"), replay), r.last_check
+
+    (plan, policy), check = choose(stress_hurts_llumnix=False)
+    assert policy == "llumnix" and all(len(c["mean_e2e"]) == 3 for c in check["candidates"])
+    (plan, policy), _ = choose(stress_hurts_llumnix=True)  # better at the window's rate, worse at 1.25x: kept
+    assert policy == "least-loaded" and plan.num_stages == 1
+    (plan, policy), check = choose(stress_hurts_llumnix=True, stress_load=1.0)  # stress off: two parts
+    assert policy == "llumnix" and all(len(c["mean_e2e"]) == 2 for c in check["candidates"])
+
+
+def test_checks_for_infeasibility_alone_back_off(monkeypatch):
+    # at overload every plan is infeasible: a check that keeps the plan doubles the wait before the next
+    r = router(replan=True, replan_interval=1.0, window_seconds=5.0, min_replan_samples=50)
+    r.set_plan(PLAN)
+    monkeypatch.setattr(r, "_stage_costs", lambda demand: np.full((len(GRID),) * 2 + (6,), np.inf))
+    times = []
+
+    def keep(demand, sample, weights, rate, incumbent, replay=None):
+        times.append(r._next_replan)
+        return incumbent
+    monkeypatch.setattr(r, "_choose_plan", keep)
+    _feed_chats_then(r, drift=False)  # 12 s, a tick every 0.1 s
+    gaps = np.diff(times)
+    assert 3 <= len(times) <= 5 and all(b >= 1.9 * a for a, b in zip(gaps, gaps[1:], strict=False)), times

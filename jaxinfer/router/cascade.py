@@ -572,14 +572,15 @@ class CascadeRouter(Router):
             self._deploy(*self._choose_plan(*args), urgent=urgent)
 
     def _deploy(self, plan: StagePlan, within_stage: str, urgent: bool = False) -> None:
-        """Deploy a checked plan. A live change (not ``urgent``) must first win ``confirm_checks``
-        consecutive checks, each on a later window: one window's bursts do not flip the plan."""
+        """Deploy a checked plan. A live change to as many stages or more (not ``urgent``) must first
+        win ``confirm_checks`` consecutive checks, each on a later window: one window's bursts do not
+        flip the plan; a change to fewer stages (toward pooled dispatch, the safe side) is deployed at once."""
         if plan.num_replicas != self.num_replicas:  # chosen before replicas were lost or came back
             self._replan_on_data = True
             return
         changed = plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts
         key = (plan.boundaries, plan.replica_counts, within_stage)
-        if (changed or within_stage != self.within_stage) and not urgent:
+        if (changed or within_stage != self.within_stage) and not urgent and plan.num_stages >= self.num_stages:
             wins = self._proposal[1] + 1 if self._proposal is not None and self._proposal[0] == key else 1
             if wins < self.config.confirm_checks:
                 self._proposal, self._recheck = (key, wins), True
@@ -618,7 +619,9 @@ class CascadeRouter(Router):
         llumnix stages. A change must be no worse than the deployed plan (at start, the one-stage
         least-loaded plan, i.e. least-loaded dispatch) on mean in any of these, nor on P99 by more than
         ``p99_tolerance`` (a part's P99 is its few slowest requests), and beat its score by
-        ``switch_gain``."""
+        ``switch_gain``. A multi-stage plan must moreover beat the best one-stage option in the same way,
+        and the best one-stage score by ``switch_gain``: stages split the capacity, and what a window
+        showed may not come again."""
         if not self.config.check_plans:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
@@ -646,13 +649,20 @@ class CascadeRouter(Router):
         scores = {key: math.exp(np.mean([math.log(x) for pair in parts for x in pair]))
                   for key, parts in latency.items()}
         kept = (default[0].boundaries, default[0].replica_counts, default[1])
-        # a change must pay: no worse on mean (P99: within the tolerance) in any part, and better overall by switch_gain
-        tol = 1 + self.config.p99_tolerance
-        better = [key for key, parts in latency.items()
-                  if all(m <= km and p <= kp * tol for (m, p), (km, kp) in zip(parts, latency[kept], strict=True))]
-        key = min(better, key=scores.get)
-        if scores[key] > scores[kept] * (1 - self.config.switch_gain):
-            key = kept
+        # a change must pay: no worse on mean (P99: within the tolerance) in any part, and better overall by
+        # switch_gain; stages must also pay for their risk (a window does not show what comes next, and stages
+        # split the capacity): a multi-stage plan must beat the best pooled (one-stage) option as a change would
+        gain, tol = self.config.switch_gain, 1 + self.config.p99_tolerance
+
+        def beats(key, ref) -> bool:
+            return key == ref or scores[key] <= scores[ref] * (1 - gain) and all(
+                m <= rm and p <= rp * tol for (m, p), (rm, rp) in zip(latency[key], latency[ref], strict=True))
+        pooled = [k for k in unique if len(k[1]) == 1]
+        ref = min((k for k in pooled if beats(k, kept)), key=scores.get, default=kept)
+        best_pooled = min((scores[k] for k in pooled), default=math.inf)
+        staged = [k for k in unique if len(k[1]) > 1 and beats(k, ref)
+                  and (k == kept or scores[k] <= best_pooled * (1 - gain))]
+        key = min(staged, key=scores.get, default=ref)
         self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "within_stage": w,
                                            "mean_e2e": [m for m, _ in latency[(b, c, w)]],
                                            "p99_e2e": [p for _, p in latency[(b, c, w)]],

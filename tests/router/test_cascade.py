@@ -407,23 +407,25 @@ def test_a_lost_replica_leaves_its_stage_and_a_returning_one_rejoins():
 
 
 def test_a_live_replan_is_deployed_only_once_consecutive_checks_confirm_it():
-    r = router()
-    other, third = StagePlan((0, 2000, 16384), (3, 2)), StagePlan((0, 16384), (5,))
-    r._deploy(other, "least-loaded")  # one check's win: proposed, checked again at the next tick
-    assert r.plan == PLAN and r._recheck and r.describe()["replans"] == 0
-    r._deploy(third, "least-loaded")  # the next check prefers another plan: the count starts over
-    assert r.plan == PLAN
-    r._deploy(third, "least-loaded")  # confirmed
-    assert r.plan == third and r.describe()["replans"] == 1 and r._proposal is None
-    r._deploy(other, "llumnix")
-    r._deploy(third, "least-loaded")  # a check that keeps the deployed plan drops the proposal
-    r._deploy(other, "llumnix")
-    assert r.plan == third and r.within_stage == "least-loaded"
-    r._deploy(other, "llumnix", urgent=True)  # the first plan from data: at once
-    assert r.plan == other and r.within_stage == "llumnix"
-    eager = router(confirm_checks=1)
-    eager._deploy(other, "least-loaded")
-    assert eager.plan == other
+    single, two = StagePlan.single(5, 16384), StagePlan((0, 2000, 16384), (3, 2))
+    r = router(plan=single, within_stage="auto")
+    r._deploy(two, "least-loaded")  # one check's win: proposed, checked again at the next tick
+    assert r.plan == single and r._recheck and r.describe()["replans"] == 0
+    r._deploy(PLAN, "least-loaded")  # the next check prefers another plan: the count starts over
+    assert r.plan == single
+    r._deploy(PLAN, "least-loaded")  # confirmed
+    assert r.plan == PLAN and r.describe()["replans"] == 1 and r._proposal is None
+    r._deploy(PLAN, "llumnix")  # a policy flip at the same stages waits too
+    r._deploy(PLAN, "least-loaded")  # a check that keeps the deployed plan drops the proposal
+    r._deploy(PLAN, "llumnix")
+    assert r.within_stage == "least-loaded"
+    r._deploy(two, "least-loaded")  # fewer stages (toward pooled dispatch): at once
+    assert r.plan == two and r.describe()["replans"] == 2
+    r._deploy(PLAN, "llumnix", urgent=True)  # the first plan from data: at once
+    assert r.plan == PLAN and r.within_stage == "llumnix"
+    eager = router(plan=single, confirm_checks=1)
+    eager._deploy(two, "least-loaded")
+    assert eager.plan == two
 
 
 def test_a_change_must_also_hold_up_when_load_rises(monkeypatch):
@@ -473,3 +475,23 @@ def test_checks_for_infeasibility_alone_back_off(monkeypatch):
     _feed_chats_then(r, drift=False)  # 12 s, a tick every 0.1 s
     gaps = np.diff(times)
     assert 3 <= len(times) <= 5 and all(b >= 1.9 * a for a, b in zip(gaps, gaps[1:], strict=False)), times
+
+
+@pytest.mark.parametrize("staged, chosen_stages", [((0.78, 2.3), 1), ((0.6, 1.8), "many")])
+def test_stages_must_beat_the_best_pooled_option(monkeypatch, staged, chosen_stages):
+    from jaxinfer.router.partition import demand_from_requests
+    from jaxinfer.router.trace import TraceRequest
+
+    replay = [TraceRequest(float(k), 100 + 50 * k, 5) for k in range(60)]
+    sample = [(q.prompt_len, q.output_len) for q in replay]
+    r = router(score_requests=60, within_stage="auto")
+
+    def score(plan, policy, requests, replicas):  # llumnix dispatch 20% faster than least-loaded
+        if plan.num_stages > 1:
+            return staged
+        return (0.8, 2.4) if policy == "llumnix" else (1.0, 3.0)
+    monkeypatch.setattr(r, "_score", score)
+    plan, policy = r._choose_plan(demand_from_requests(sample, GRID, 60.0), sample, np.ones(60), 1.0,
+                                  (StagePlan.single(5, 16384), "least-loaded"), replay)
+    # stages 2.5% faster than llumnix dispatch: not worth their risk; 25% faster: deployed
+    assert (plan.num_stages == 1 and policy == "llumnix") if chosen_stages == 1 else plan.num_stages > 1

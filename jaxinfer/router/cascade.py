@@ -28,7 +28,7 @@
   load) beside the one-stage plan, each with least-loaded (and some with llumnix) stages, is
   simulated on the window's requests replayed as they arrived (each half apart, and all of them
   ``stress_load`` times faster), and the best is deployed if it beats the deployed plan by
-  ``switch_gain``, is no worse on any part (P99 within ``p99_tolerance``), and won
+  ``switch_gain`` on mean E2E, is no worse on any part's mean (P99: within ``p99_tolerance``), and won
   ``confirm_checks`` consecutive checks (with ``background``, chosen on a worker thread).
 """
 
@@ -90,7 +90,7 @@ class CascadeConfig:
     score_requests: int = 800  # requests each candidate is simulated on
     score_replicas: int = 16  # candidates run on a cluster of at most this many replicas (stages and rate scaled)
     switch_gain: float = 0.05  # a new plan must beat the deployed one's simulated score by this (relative)
-    p99_tolerance: float = 0.1  # a change may be this much worse (relative) on one part's P99 (a few requests)
+    p99_tolerance: float = 0.1  # a change may be this much worse (relative) on P99 over the scored parts
     stress_load: float = 1.25  # candidates are also scored on the window replayed this much faster (1: off)
     confirm_checks: int = 2  # consecutive checks a live re-plan must win before it is deployed
 
@@ -613,15 +613,15 @@ class CascadeRouter(Router):
         """The plan to deploy and its within-stage policy: without checks the DP's optimum; with them,
         the candidate (the deployed one among them) with the best simulated latency on the window's
         requests replayed as they arrived (``replay``; else requests drawn from its length mix with
-        Poisson arrivals at its rate), scored by the geometric mean of mean and P99 E2E on each half
-        of them and on all of them at ``stress_load`` times the rate. Under ``within_stage`` auto every
-        plan is scored with least-loaded stages, the DP's optimum and the one-stage plan also with
-        llumnix stages. A change must be no worse than the deployed plan (at start, the one-stage
-        least-loaded plan, i.e. least-loaded dispatch) on mean in any of these, nor on P99 by more than
-        ``p99_tolerance`` (a part's P99 is its few slowest requests), and beat its score by
-        ``switch_gain``. A multi-stage plan must moreover beat the best one-stage option in the same way,
-        and the best one-stage score by ``switch_gain``: stages split the capacity, and what a window
-        showed may not come again."""
+        Poisson arrivals at its rate), scored by the geometric mean of its mean E2E on each half of
+        them and on all of them at ``stress_load`` times the rate (its P99 likewise, as a guard).
+        Under ``within_stage`` auto every plan is scored with least-loaded stages, the DP's optimum
+        and the one-stage plan also with llumnix stages. A change must be no worse than the deployed
+        plan (at start, the one-stage least-loaded plan, i.e. least-loaded dispatch) on mean in any
+        of these, nor on P99 (over the three) by more than ``p99_tolerance``, and beat its score by
+        ``switch_gain``. A multi-stage plan must moreover beat the best one-stage option in the same
+        way, and the best one-stage score by ``switch_gain``: stages split the capacity, and what a
+        window showed may not come again."""
         if not self.config.check_plans:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
@@ -646,17 +646,19 @@ class CascadeRouter(Router):
         if self.config.stress_load > 1:
             parts.append(_compressed(requests, self.config.stress_load))
         latency = {key: [self._score(*option, part, replicas) for part in parts] for key, option in unique.items()}
-        scores = {key: math.exp(np.mean([math.log(x) for pair in parts for x in pair]))
-                  for key, parts in latency.items()}
+        # judged on mean E2E (a part's P99 is its few slowest requests: too noisy to rank by), P99 a guard
+        scores = {key: math.exp(np.mean([math.log(m) for m, _ in parts])) for key, parts in latency.items()}
+        tails = {key: math.exp(np.mean([math.log(p) for _, p in parts])) for key, parts in latency.items()}
         kept = (default[0].boundaries, default[0].replica_counts, default[1])
-        # a change must pay: no worse on mean (P99: within the tolerance) in any part, and better overall by
-        # switch_gain; stages must also pay for their risk (a window does not show what comes next, and stages
-        # split the capacity): a multi-stage plan must beat the best pooled (one-stage) option as a change would
+        # a change must pay: no worse on mean in any part, P99 over the parts within the tolerance, and
+        # mean better overall by switch_gain; stages must also pay for their risk (a window does not show
+        # what comes next, and stages split the capacity): a multi-stage plan must beat the best pooled
+        # (one-stage) option as a change would
         gain, tol = self.config.switch_gain, 1 + self.config.p99_tolerance
 
         def beats(key, ref) -> bool:
-            return key == ref or scores[key] <= scores[ref] * (1 - gain) and all(
-                m <= rm and p <= rp * tol for (m, p), (rm, rp) in zip(latency[key], latency[ref], strict=True))
+            return key == ref or (scores[key] <= scores[ref] * (1 - gain) and tails[key] <= tails[ref] * tol
+                                  and all(m <= rm for (m, _), (rm, _) in zip(latency[key], latency[ref], strict=True)))
         pooled = [k for k in unique if len(k[1]) == 1]
         ref = min((k for k in pooled if beats(k, kept)), key=scores.get, default=kept)
         best_pooled = min((scores[k] for k in pooled), default=math.inf)

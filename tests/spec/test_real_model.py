@@ -36,12 +36,10 @@ def test_speculative_greedy_equals_the_reference(method, real_model, real_engine
         assert sum(engine.spec.drafter.bin_counts) == stats.requests
 
 
-@pytest.mark.parametrize("method", ["ngram", "heterospec"])
-def test_speculation_on_the_cpu_fast_path_reproduces_plain_decoding(method):
-    """Q4_1 weights with int8 activations: verification runs each request's draft nodes as several rows,
-    plain decoding one row; every row-wise op gives the same bits either way (jaxinfer.cpu.rows, the tree
-    kernel), so the outputs are the same tokens. (Before, they parted after 10-22 tokens on every prompt:
-    a few ulps from XLA's shape-dependent norm and rotary code, amplified by the int8 rounding.)"""
+@pytest.fixture(scope="module")
+def fast_path():
+    """The Q4_1 model with the CPU kernels, two prompts, and a run of the engine with a speculation method
+    (plain decoding's outputs computed once for both methods)."""
     from jaxinfer.config import CacheConfig, EngineConfig, SchedulerConfig
     from jaxinfer.datasets import prompt_set
     from jaxinfer.layers import quant
@@ -59,15 +57,26 @@ def test_speculation_on_the_cpu_fast_path_reproduces_plain_decoding(method):
     scheduler = SchedulerConfig(max_num_seqs=2, max_model_len=1024, decode_buckets=(1, 2), prefill_buckets=(256,),
                                 kv_buckets=(1024,))
     params = SamplingParams(max_tokens=48, ignore_eos=True)
-    outputs = {}
-    for name in ("off", method):
+
+    def run(name):
         spec, head = prepare_speculative(SpeculativeConfig(method=name, num_nodes=8, adaptive=False), "smollm2-135m")
         engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(cache=CacheConfig(num_pages=256),
                                                                      scheduler=scheduler, speculative=spec), head)
-        outputs[name] = [o.output_ids for o in engine.generate(prompts, params)]
-        if name != "off":
-            assert engine.spec.stats.accepted_tokens > 0
-    assert outputs[method] == outputs["off"], f"prompts {picks}"
+        return [o.output_ids for o in engine.generate(prompts, params)], engine
+
+    return picks, run, run("off")[0]
+
+
+@pytest.mark.parametrize("method", ["ngram", "heterospec"])
+def test_speculation_on_the_cpu_fast_path_reproduces_plain_decoding(method, fast_path):
+    """Q4_1 weights with int8 activations: verification runs each request's draft nodes as several rows,
+    plain decoding one row; every row-wise op gives the same bits either way (jaxinfer.cpu.rows, the tree
+    kernel), so the outputs are the same tokens. (Before, they parted after 10-22 tokens on every prompt:
+    a few ulps from XLA's shape-dependent norm and rotary code, amplified by the int8 rounding.)"""
+    picks, run, plain = fast_path
+    outputs, engine = run(method)
+    assert engine.spec.stats.accepted_tokens > 0
+    assert outputs == plain, f"prompts {picks}"
 
 
 def test_a_prefix_cache_hit_changes_no_token_on_the_cpu_fast_path():

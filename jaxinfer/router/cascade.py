@@ -155,7 +155,7 @@ class CascadeRouter(Router):
         self.background = background
         self._executor: ThreadPoolExecutor | None = None
         self._job: Future | None = None  # a re-plan being chosen on the worker thread
-        self._job_urgent = False  # ... deployed as soon as chosen (the first plan from data, an infeasible one)
+        self._job_urgent = False  # ... deployed as soon as chosen (the first plan from data)
         self._proposal: tuple[tuple, int] | None = None  # a change checks chose: (its key, consecutive wins)
         self._recheck = False  # check again at the next re-plan tick (a proposal waits for confirmation)
         self._infeasible_checks, self._next_infeasible_check = 0, 0.0  # checks for infeasibility alone: backoff

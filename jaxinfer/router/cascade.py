@@ -59,7 +59,7 @@ from jaxinfer.router.partition import (
     stage_costs,
 )
 from jaxinfer.router.sim import Simulator
-from jaxinfer.router.trace import TraceRequest, cap_lengths
+from jaxinfer.router.trace import TraceRequest, cap_lengths, scale_rate
 
 logger = logging.getLogger(__name__)
 
@@ -644,7 +644,7 @@ class CascadeRouter(Router):
         # and on the whole window at stress_load times its rate (a plan must hold up when load rises)
         parts = [requests[:len(requests) // 2], requests[len(requests) // 2:]] if len(requests) >= 40 else [requests]
         if self.config.stress_load > 1:
-            parts.append(_compressed(requests, self.config.stress_load))
+            parts.append(scale_rate(requests, self.config.stress_load))
         latency = {key: [self._score(*option, part, replicas) for part in parts] for key, option in unique.items()}
         # judged on mean E2E (a part's P99 is its few slowest requests: too noisy to rank by), P99 a guard
         scores = {key: math.exp(np.mean([math.log(m) for m, _ in parts])) for key, parts in latency.items()}
@@ -747,12 +747,6 @@ class CascadeRouter(Router):
             sample.append((int(arr[k_arr == k].mean()), max(int(fin[:, 1].mean()), 1)))
             weights = np.append(weights, n_arr[k])
         return sample, weights
-
-def _compressed(requests: list[TraceRequest], factor: float) -> list[TraceRequest]:
-    """``requests`` arriving ``factor`` times faster (the same lengths and order, from the same start)."""
-    start = requests[0].arrival if requests else 0.0
-    return [r._replace(arrival=start + (r.arrival - start) / factor) for r in requests]
-
 
 def _scaled_counts(counts: tuple[int, ...], total: int) -> tuple[int, ...]:
     """Replica counts scaled to sum to ``total`` (largest remainders), every stage keeping one."""

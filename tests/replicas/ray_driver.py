@@ -104,8 +104,10 @@ async def scenarios(replicas, expected, params_of, ray_cluster, nodes) -> dict:
         attempts = []
         for attempt in range(4):  # the tiny model can finish a request before the move reaches the step
             rejoins, fired = doomed.rejoins, []
+            # a detach that found the request gone (it finished first) is no step of a move: no kill
             after(hooked, method, lambda doomed=doomed, fired=fired: fired.append(time.perf_counter()) or
-                  kill_and_wait(doomed))
+                  kill_and_wait(doomed), when=(lambda result: result is not None) if method == "detach_request"
+                  else None)
             cluster = Cluster(replicas, ToReplica(src), migration="live", last_round_pages=1, step_timeout=10)
             result = await one_move(cluster, tokenizer, params_of("greedy"), f"f-{step}-{victim}-{attempt}", src, dst)
             hooked.__dict__.pop(method, None)
@@ -192,14 +194,15 @@ async def kill_and_wait(replica) -> None:
         await asyncio.sleep(0.02)
 
 
-def after(replica, method: str, action) -> None:
-    """Run ``action`` (awaited if it returns an awaitable) once ``replica.method`` next returns: a fault
-    injected at that step, in place before the step's caller goes on."""
+def after(replica, method: str, action, when=None) -> None:
+    """Run ``action`` (awaited if it returns an awaitable) once ``replica.method`` next returns (and
+    ``when(result)`` holds, if given): a fault injected at that step, in place before the step's caller
+    goes on."""
     original = getattr(replica, method)
 
     async def hooked(*args, **kwargs):
         result = await original(*args, **kwargs)
-        if replica.__dict__.pop(method, None) is not None:
+        if (when is None or when(result)) and replica.__dict__.pop(method, None) is not None:
             done = action()
             if inspect.isawaitable(done):
                 await done

@@ -29,7 +29,11 @@
   simulated on the window's requests replayed as they arrived (each half apart, and all of them
   ``stress_load`` times faster), and the best is deployed if it beats the deployed plan by
   ``switch_gain`` on mean E2E, is no worse on any part's mean (P99: within ``p99_tolerance``), and won
-  ``confirm_checks`` consecutive checks (with ``background``, chosen on a worker thread).
+  ``confirm_checks`` consecutive checks on disjoint windows (each scored on arrivals the one before
+  had not seen; with ``background``, chosen on a worker thread). The first plan from data is
+  deployed at once if it has one stage or its stages beat the best pooled option by ``decisive_gain``
+  (20%) on that window; other stages chosen on a first window are one win, and the best pooled
+  option runs until a check on fresh arrivals confirms them.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class CascadeConfig:
     p99_tolerance: float = 0.1  # a change may be this much worse (relative) on P99 over the scored parts
     stress_load: float = 1.25  # candidates are also scored on the window replayed this much faster (1: off)
     confirm_checks: int = 2  # consecutive checks a live re-plan must win before it is deployed
+    decisive_gain: float = 0.2  # stages this much better than pooled on the first window: deployed at once
 
     def __post_init__(self):
         for name in ("interval", "refine_interval", "replan_interval", "window_seconds"):
@@ -104,9 +109,9 @@ class CascadeConfig:
         if self.max_concurrent < 1 or self.refine_persist < 1 or self.confirm_checks < 1:
             raise ValueError(f"max_concurrent, refine_persist and confirm_checks must be >= 1, got "
                              f"{self.max_concurrent}, {self.refine_persist}, {self.confirm_checks}")
-        if not (self.stress_load >= 1 and self.p99_tolerance >= 0):
-            raise ValueError(f"need stress_load >= 1 and p99_tolerance >= 0, got {self.stress_load}, "
-                             f"{self.p99_tolerance}")
+        if not (self.stress_load >= 1 and self.p99_tolerance >= 0 and 0 <= self.decisive_gain < 1):
+            raise ValueError(f"need stress_load >= 1, p99_tolerance >= 0 and 0 <= decisive_gain < 1, got "
+                             f"{self.stress_load}, {self.p99_tolerance}, {self.decisive_gain}")
         if not 0 < self.load_gap <= self.replica_gap:
             raise ValueError(f"need 0 < load_gap <= replica_gap, got {self.load_gap}, {self.replica_gap}")
         if not (0 <= self.slack_fraction < 1 and self.balance_gap_pages >= 0 and self.refine_eps >= 0):
@@ -154,10 +159,13 @@ class CascadeRouter(Router):
         self._reference_hist: np.ndarray | None = None
         self.background = background
         self._executor: ThreadPoolExecutor | None = None
-        self._job: Future | None = None  # a re-plan being chosen on the worker thread
-        self._job_urgent = False  # ... deployed as soon as chosen (the first plan from data)
-        self._proposal: tuple[tuple, int] | None = None  # a change checks chose: (its key, consecutive wins)
-        self._recheck = False  # check again at the next re-plan tick (a proposal waits for confirmation)
+        self._job: Future | None = None  # a re-plan being chosen on the worker thread: _deploy's arguments
+        # a change checks chose: (its key, consecutive wins on disjoint windows, arrivals when it last won)
+        self._proposal: tuple[tuple, int, int] | None = None
+        self._recheck = False  # check again once the window is fresh (a proposal waits for confirmation)
+        self._dispatched = self._checked_at = 0  # arrivals so far; ... when the last check's window was taken
+        # the last check's best pooled option (None: its pick was decisive, no fallback)
+        self._fallback: tuple[StagePlan, str] | None = None
         self._infeasible_checks, self._next_infeasible_check = 0, 0.0  # checks for infeasibility alone: backoff
         self.num_checks, self.check_seconds = 0, 0.0  # plan checks run, and their time
         self.last_check: dict = {}  # the last plan check: candidates' scores, the pick, seconds
@@ -205,7 +213,11 @@ class CascadeRouter(Router):
         if not observed:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
-        return self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None, replay)
+        plan, policy = self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None, replay)
+        if plan.num_stages > 1 and self._fallback is not None:  # stages from one window: one win (see _deploy)
+            self._proposal, self._recheck = ((plan.boundaries, plan.replica_counts, policy), 1, 0), True
+            return self._fallback
+        return plan, policy
 
     def _work_seconds(self, sample) -> float:
         """Replica-seconds the sample needs: decode rows at their context (no step overhead) and prefill."""
@@ -311,6 +323,7 @@ class CascadeRouter(Router):
         if not by_stage:
             return self._pick(live)
         self._arrivals.append((now, request.prompt_len, request.request_id))
+        self._dispatched += 1
         if len(self._arrivals) > _MAX_HISTORY:
             self._outputs.pop(self._arrivals.popleft()[2], None)
         home = self.stage_of(request.prompt_len)
@@ -334,7 +347,7 @@ class CascadeRouter(Router):
     def rebalance(self, replicas: Sequence[ReplicaLoad], now: float) -> list[Migration]:
         if self._job is not None and self._job.done():
             job, self._job = self._job, None
-            self._deploy(*job.result(), urgent=self._job_urgent)
+            self._deploy(*job.result())
         mine = {r.replica: r for r in replicas if r.replica in self._replica_stage}
         self._observe(mine)
         warm = self._replan_on_data and len(self._finished) >= self.config.min_replan_samples
@@ -552,13 +565,15 @@ class CascadeRouter(Router):
             self._stage_costs(demand)[index[s], index[s + 1], len(m)] for s, m in enumerate(self._stage_members)))
         if self._job is not None:
             return  # a re-plan is being chosen
-        if not (self._replan_on_data or drift > self.config.replan_kl or self._recheck):
+        recheck = self._recheck and self._dispatched - self._proposal[2] >= self._scored_arrivals()
+        if not (self._replan_on_data or drift > self.config.replan_kl or recheck):
             if not infeasible or now < self._next_infeasible_check:
                 return
             self._next_infeasible_check = now + self.config.replan_interval * 2 ** min(self._infeasible_checks, 5)
             self._infeasible_checks += 1
         urgent = self._replan_on_data  # the first plan from data: deployed at once
-        self._replan_on_data = self._recheck = False
+        self._replan_on_data = False
+        self._checked_at = self._dispatched
         self._reference_hist = hist
         logger.info("re-plan check (drift %.3f, infeasible %s)", drift, infeasible)
         incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts), self.within_stage
@@ -567,27 +582,41 @@ class CascadeRouter(Router):
         if self.background:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-replan")
-            self._job, self._job_urgent = self._executor.submit(self._choose_plan, *args), urgent
+            self._job = self._executor.submit(lambda: (*self._choose_plan(*args), urgent))
         else:
             self._deploy(*self._choose_plan(*args), urgent=urgent)
 
     def _deploy(self, plan: StagePlan, within_stage: str, urgent: bool = False) -> None:
         """Deploy a checked plan. A live change to as many stages or more (not ``urgent``) must first
-        win ``confirm_checks`` consecutive checks, each on a later window: one window's bursts do not
-        flip the plan; a change to fewer stages (toward pooled dispatch, the safe side) is deployed at once."""
+        win ``confirm_checks`` consecutive checks on disjoint windows (a win on a window that overlaps the
+        last win's scored arrivals leaves the count as it was; any multi-stage plans count as one
+        proposal: the DP's boundaries and the policy's edge move with the window, the evidence is that
+        stages beat pooled dispatch; the latest is deployed): one window's bursts do
+        not flip the plan, nor does the same evidence counted twice. A change to fewer stages (toward
+        pooled dispatch, the safe side) is deployed at once, and so is the first plan from data
+        (``urgent``) if it has one stage or its stages beat the best pooled option by ``decisive_gain``;
+        other stages chosen on a first window count as one win, the best pooled option runs meanwhile."""
         if plan.num_replicas != self.num_replicas:  # chosen before replicas were lost or came back
             self._replan_on_data = True
             return
-        changed = plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts
         key = (plan.boundaries, plan.replica_counts, within_stage)
-        if (changed or within_stage != self.within_stage) and not urgent and plan.num_stages >= self.num_stages:
-            wins = self._proposal[1] + 1 if self._proposal is not None and self._proposal[0] == key else 1
-            if wins < self.config.confirm_checks:
-                self._proposal, self._recheck = (key, wins), True
+        if urgent and plan.num_stages > 1 and self._fallback is not None:
+            self._proposal, self._recheck = (key, 1, self._checked_at), True
+            plan, within_stage = self._fallback
+        elif self._is_change(plan, within_stage) and not urgent and plan.num_stages >= self.num_stages:
+            if self._proposal is None or not _same_proposal(self._proposal[0], key):
+                self._proposal = (key, 1, self._checked_at)
+            elif self._checked_at - self._proposal[2] >= self._scored_arrivals():
+                self._proposal = (key, self._proposal[1] + 1, self._checked_at)
+            if self._proposal[1] < self.config.confirm_checks:
+                self._recheck = True
                 return
-        self._proposal = None
+            self._proposal, self._recheck = None, False
+        else:
+            self._proposal, self._recheck = None, False
+        changed = plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts
         self._reset_refinement()
-        if changed or within_stage != self.within_stage:
+        if self._is_change(plan, within_stage):
             self._infeasible_checks = 0
             logger.info("re-plan: %s x %s, %s within stages", plan.boundaries, plan.replica_counts, within_stage)
             self.within_stage = within_stage
@@ -595,7 +624,18 @@ class CascadeRouter(Router):
         if changed:
             self._apply_plan(plan)
 
+    def _is_change(self, plan: StagePlan, within_stage: str) -> bool:
+        return (plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts
+                or within_stage != self.within_stage)
+
     # ---- checked plans ---------------------------------------------------------------------------------
+
+    def _scored_arrivals(self) -> int:
+        """Arrivals a check's scored requests reach back over (the last ``score_requests``, thinned to
+        ``score_replicas`` on a larger cluster): a check after this many more sees none of them again."""
+        n = self.config.score_requests
+        return n if self.num_replicas <= self.config.score_replicas else math.ceil(
+            n * self.num_replicas / self.config.score_replicas)
 
     def _candidates(self, demand: Demand) -> list[StagePlan]:
         """The DP's optimum, its optima with a per-stage penalty (fewer stages) and at lower and higher
@@ -665,6 +705,9 @@ class CascadeRouter(Router):
         staged = [k for k in unique if len(k[1]) > 1 and beats(k, ref)
                   and (k == kept or scores[k] <= best_pooled * (1 - gain))]
         key = min(staged, key=scores.get, default=ref)
+        # what runs while stages chosen on a first window await confirmation; none if they won decisively
+        decisive = scores[key] <= best_pooled * (1 - self.config.decisive_gain)
+        self._fallback = None if decisive else unique[ref]
         self.last_check = {"candidates": [{"boundaries": list(b), "replica_counts": list(c), "within_stage": w,
                                            "mean_e2e": [m for m, _ in latency[(b, c, w)]],
                                            "p99_e2e": [p for _, p in latency[(b, c, w)]],
@@ -747,6 +790,11 @@ class CascadeRouter(Router):
             sample.append((int(arr[k_arr == k].mean()), max(int(fin[:, 1].mean()), 1)))
             weights = np.append(weights, n_arr[k])
         return sample, weights
+
+def _same_proposal(a: tuple, b: tuple) -> bool:
+    """Two checks chose the same change: the same plan, or stages (any, with either within-stage policy)."""
+    return a == b or (len(a[1]) > 1 and len(b[1]) > 1)
+
 
 def _scaled_counts(counts: tuple[int, ...], total: int) -> tuple[int, ...]:
     """Replica counts scaled to sum to ``total`` (largest remainders), every stage keeping one."""

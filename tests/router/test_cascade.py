@@ -276,8 +276,8 @@ def _two_mix_trace(n, rate, seed, long_fraction, *, start=0.0, short=((100, 600)
 
 def _checked(trace, cost_model, **kw):
     sample = [(p, o) for _, p, o in trace[:500]]
-    return CascadeRouter(8, cost_model, 16384, sample=sample, sample_window_seconds=trace[499][0], grid=GRID,
-                         replan=False, refine=False, score_requests=400, **kw)
+    kw = {"replan": False, "refine": False, "score_requests": 400, **kw}
+    return CascadeRouter(8, cost_model, 16384, sample=sample, sample_window_seconds=trace[499][0], grid=GRID, **kw)
 
 
 def _scores(r):
@@ -305,14 +305,23 @@ def test_checked_plan_is_one_stage_when_stages_do_not_help():
 def test_checked_plan_is_multi_stage_when_they_help():
     # long documents among chats on a kernel that pads every row to the longest: stages pay off
     padded = CostModel.synthetic(max_len=16384, mix_padding=1.0)
-    r = _checked(_two_mix_trace(500, 20.0, 1, 0.15), padded)
+    trace = _two_mix_trace(1500, 20.0, 1, 0.15)
+    r = _checked(trace[:500], padded, replan=True)
     scores = _scores(r)
-    assert r.num_stages > 1
     assert min(scores[((0, 16384), (8,), "least-loaded")], scores[((0, 16384), (8,), "llumnix")]) > 1.1 * min(
         scores.values())
     chosen = r.last_check["chosen"]
-    assert scores[(tuple(chosen["boundaries"]), tuple(chosen["replica_counts"]), chosen["within_stage"])] == min(
-        scores.values())
+    key = (tuple(chosen["boundaries"]), tuple(chosen["replica_counts"]), chosen["within_stage"])
+    assert len(key[1]) > 1 and scores[key] == min(scores.values())
+    # stages chosen on the first window are one win: the best pooled option runs until a check on
+    # arrivals that window did not hold confirms them
+    assert r.num_stages == 1 and r._proposal == (key, 1, 0) and r._recheck
+    best_pooled = min((k for k in scores if len(k[1]) == 1), key=scores.get)
+    assert r.within_stage == best_pooled[2]
+    Simulator(r, padded, 8, trace[500:]).run()
+    assert r.num_stages > 1 and r.describe()["replans"] >= 1 and r._proposal is None
+    sure = _checked(trace[:500], padded, decisive_gain=0.1)  # won by more than decisive_gain: at once
+    assert sure.num_stages > 1 and sure._proposal is None and sure.within_stage == chosen["within_stage"]
 
 
 def test_a_new_plan_must_beat_the_deployed_one_by_the_switch_gain():
@@ -406,26 +415,65 @@ def test_a_lost_replica_leaves_its_stage_and_a_returning_one_rejoins():
     assert r.num_replicas == 5
 
 
-def test_a_live_replan_is_deployed_only_once_consecutive_checks_confirm_it():
+def test_a_live_replan_is_deployed_only_once_checks_on_disjoint_windows_confirm_it():
     single, two = StagePlan.single(5, 16384), StagePlan((0, 2000, 16384), (3, 2))
-    r = router(plan=single, within_stage="auto")
-    r._deploy(two, "least-loaded")  # one check's win: proposed, checked again at the next tick
+    r = router(plan=single, within_stage="auto", score_requests=100)
+    assert r._scored_arrivals() == 100
+
+    def check(plan, policy, arrivals=100, **kw):  # a check after this many more arrivals chose plan, policy
+        r._dispatched += arrivals
+        r._checked_at = r._dispatched
+        r._deploy(plan, policy, **kw)
+
+    check(two, "least-loaded")  # one check's win: proposed, checked again once the window is fresh
     assert r.plan == single and r._recheck and r.describe()["replans"] == 0
-    r._deploy(PLAN, "least-loaded")  # the next check prefers another plan: the count starts over
-    assert r.plan == single
-    r._deploy(PLAN, "least-loaded")  # confirmed
-    assert r.plan == PLAN and r.describe()["replans"] == 1 and r._proposal is None
-    r._deploy(PLAN, "llumnix")  # a policy flip at the same stages waits too
-    r._deploy(PLAN, "least-loaded")  # a check that keeps the deployed plan drops the proposal
-    r._deploy(PLAN, "llumnix")
-    assert r.within_stage == "least-loaded"
-    r._deploy(two, "least-loaded")  # fewer stages (toward pooled dispatch): at once
-    assert r.plan == two and r.describe()["replans"] == 2
-    r._deploy(PLAN, "llumnix", urgent=True)  # the first plan from data: at once
-    assert r.plan == PLAN and r.within_stage == "llumnix"
+    check(single, "llumnix")  # the next check prefers another change: the count starts over
+    check(single, "llumnix", arrivals=60)  # a win on a window sharing arrivals with the last: not counted
+    assert r.within_stage == "least-loaded" and r._proposal[1] == 1 and r._recheck
+    check(single, "llumnix", arrivals=40)  # 100 arrivals after the counted win: confirmed
+    assert r.within_stage == "llumnix" and r.describe()["replans"] == 1 and r._proposal is None and not r._recheck
+    check(two, "least-loaded")  # stages ...
+    check(PLAN, "llumnix")  # ... and other stages: the same evidence (stages beat pooled), the latest deployed
+    assert r.plan == PLAN and r.within_stage == "llumnix" and r.describe()["replans"] == 2
+    check(PLAN, "least-loaded")  # a policy flip at the same stages waits too
+    check(PLAN, "llumnix")  # a check that keeps the deployed plan drops the proposal
+    check(PLAN, "least-loaded")
+    assert r.within_stage == "llumnix"
+    check(two, "least-loaded", arrivals=0)  # fewer stages (toward pooled dispatch): at once
+    assert r.plan == two and r.describe()["replans"] == 3
+    r._fallback = (single, "least-loaded")  # the first plan from data: at once if pooled ...
+    check(single, "llumnix", arrivals=0, urgent=True)
+    assert r.plan == single and r.within_stage == "llumnix"
+    check(PLAN, "llumnix", arrivals=0, urgent=True)  # ... stages are one win, the best pooled option runs
+    assert r.plan == single and r.within_stage == "least-loaded" and r._proposal[1] == 1 and r._recheck
+    check(two, "llumnix")  # confirmed on a fresh window
+    assert r.plan == two and r._proposal is None
     eager = router(plan=single, confirm_checks=1)
     eager._deploy(two, "least-loaded")
     assert eager.plan == two
+    big = router(plan=StagePlan.single(64, 16384), score_requests=100)
+    assert big._scored_arrivals() == 400  # thinned to 16 scored replicas: a window reaches back 4x as far
+
+
+def test_a_proposal_is_checked_again_only_once_its_window_is_fresh():
+    from jaxinfer.router.cascade import _histogram
+    from jaxinfer.router.partition import demand_from_requests
+
+    single = StagePlan.single(5, 16384)
+    r = router(plan=single, within_stage="auto", score_requests=50)
+    sample = [(100 + k, 5) for k in range(60)]
+    demand = demand_from_requests(sample, GRID, 60.0)
+    r._reference_hist = _histogram(demand.decode, demand.arrivals)  # no drift: only the proposal calls a check
+    checks = []
+    r._choose_plan = lambda *args: checks.append(args) or (PLAN, "least-loaded")
+    r._deploy(PLAN, "least-loaded")  # a first win, on the window of the arrivals so far (none)
+    assert r.plan == single and r._recheck
+    r._dispatched = 49
+    r._maybe_replan(30.0, demand, sample, np.ones(60), 60.0)
+    assert checks == [] and r.plan == single  # 49 arrivals since: its window would overlap the last one
+    r._dispatched = 50
+    r._maybe_replan(60.0, demand, sample, np.ones(60), 60.0)
+    assert len(checks) == 1 and r.plan == PLAN and not r._recheck  # a fresh window won again: deployed
 
 
 def test_a_change_must_also_hold_up_when_load_rises(monkeypatch):

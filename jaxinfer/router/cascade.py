@@ -213,11 +213,8 @@ class CascadeRouter(Router):
         if not observed:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
-        plan, policy = self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None, replay)
-        if plan.num_stages > 1 and self._fallback is not None:  # stages from one window: one win (see _deploy)
-            self._proposal, self._recheck = ((plan.boundaries, plan.replica_counts, policy), 1, 0), True
-            return self._fallback
-        return plan, policy
+        return self._first_plan(*self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None,
+                                                   replay))
 
     def _work_seconds(self, sample) -> float:
         """Replica-seconds the sample needs: decode rows at their context (no step overhead) and prefill."""
@@ -591,38 +588,45 @@ class CascadeRouter(Router):
         win ``confirm_checks`` consecutive checks on disjoint windows (a win on a window that overlaps the
         last win's scored arrivals leaves the count as it was; any multi-stage plans count as one
         proposal: the DP's boundaries and the policy's edge move with the window, the evidence is that
-        stages beat pooled dispatch; the latest is deployed): one window's bursts do
-        not flip the plan, nor does the same evidence counted twice. A change to fewer stages (toward
-        pooled dispatch, the safe side) is deployed at once, and so is the first plan from data
-        (``urgent``) if it has one stage or its stages beat the best pooled option by ``decisive_gain``;
-        other stages chosen on a first window count as one win, the best pooled option runs meanwhile."""
+        stages beat pooled dispatch; the latest is deployed): one window's bursts do not flip the plan,
+        nor does the same evidence counted twice. A change to fewer stages (toward pooled dispatch, the
+        safe side) is deployed at once; the first plan from data (``urgent``) as ``_first_plan`` says."""
         if plan.num_replicas != self.num_replicas:  # chosen before replicas were lost or came back
             self._replan_on_data = True
             return
-        key = (plan.boundaries, plan.replica_counts, within_stage)
-        if urgent and plan.num_stages > 1 and self._fallback is not None:
-            self._proposal, self._recheck = (key, 1, self._checked_at), True
-            plan, within_stage = self._fallback
-        elif self._is_change(plan, within_stage) and not urgent and plan.num_stages >= self.num_stages:
-            if self._proposal is None or not _same_proposal(self._proposal[0], key):
-                self._proposal = (key, 1, self._checked_at)
-            elif self._checked_at - self._proposal[2] >= self._scored_arrivals():
-                self._proposal = (key, self._proposal[1] + 1, self._checked_at)
-            if self._proposal[1] < self.config.confirm_checks:
-                self._recheck = True
-                return
-            self._proposal, self._recheck = None, False
+        if urgent:
+            plan, within_stage = self._first_plan(plan, within_stage)
         else:
+            if self._is_change(plan, within_stage) and plan.num_stages >= self.num_stages:
+                key = (plan.boundaries, plan.replica_counts, within_stage)
+                if self._proposal is None or not _same_proposal(self._proposal[0], key):
+                    self._proposal = (key, 1, self._checked_at)
+                elif self._checked_at - self._proposal[2] >= self._scored_arrivals():
+                    self._proposal = (key, self._proposal[1] + 1, self._checked_at)
+                if self._proposal[1] < self.config.confirm_checks:
+                    self._recheck = True
+                    return
             self._proposal, self._recheck = None, False
         changed = plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts
         self._reset_refinement()
-        if self._is_change(plan, within_stage):
+        if changed or within_stage != self.within_stage:
             self._infeasible_checks = 0
             logger.info("re-plan: %s x %s, %s within stages", plan.boundaries, plan.replica_counts, within_stage)
             self.within_stage = within_stage
             self.num_replans += 1
         if changed:
             self._apply_plan(plan)
+
+    def _first_plan(self, plan: StagePlan, within_stage: str) -> tuple[StagePlan, str]:
+        """What runs of the first plan from data: itself if it has one stage or its stages beat the best
+        pooled option by ``decisive_gain`` (the check left no fallback); else the best pooled option,
+        the stages proposed with one win, to be confirmed on fresh arrivals."""
+        if plan.num_stages > 1 and self._fallback is not None:
+            self._proposal = ((plan.boundaries, plan.replica_counts, within_stage), 1, self._checked_at)
+            self._recheck = True
+            return self._fallback
+        self._proposal, self._recheck = None, False
+        return plan, within_stage
 
     def _is_change(self, plan: StagePlan, within_stage: str) -> bool:
         return (plan.boundaries != tuple(self.boundaries) or plan.replica_counts != self.plan.replica_counts

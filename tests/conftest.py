@@ -25,6 +25,19 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One XLA compilation cache for the session's own compiles, empty at its start: the tests build
+    many engines that compile the same step programs, and a program compiled once is loaded after
+    that (tests/engine/test_engine.py: 119 s without it, 67 s with it). The compile-budget tests count
+    cache requests as compiles. Processes the tests start use their own (the CLIs' default)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 @pytest.fixture(scope="session")
 def reference_data():
     path = SHARED / "reference" / "reference_smollm2.json"

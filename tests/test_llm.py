@@ -20,9 +20,10 @@ def llm(tmp_path_factory, monkeypatch_module):
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module(tmp_path_factory):
+def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JAXINFER_CACHE", str(tmp_path_factory.mktemp("cache")))  # compilation cache stays local
+        # the session's compilation cache is on (tests/conftest.py): LLM leaves jax's configuration alone
+        patch.setenv("JAXINFER_COMPILATION_CACHE", "0")
         yield patch
 
 

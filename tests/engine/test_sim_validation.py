@@ -1,8 +1,8 @@
 """The simulator against the real cluster: the same small workload served by two real replica
 engines (tiny model) and simulated with a cost model profiled from those engines and fitted to the
-run's own step times; over three trials the median ratio of simulated to real mean E2E must be within
-15% of 1 and of mean TTFT within 20%, on a Poisson workload and on slices of the Azure conversation
-trace."""
+run's own step times; over three trials (the third run only where it can decide) the median ratio of
+simulated to real mean E2E must be within 15% of 1 and of mean TTFT within 20%, on a Poisson workload
+and on slices of the Azure conversation trace."""
 
 import asyncio
 import time
@@ -119,6 +119,11 @@ def trial(engines, measured, router, requests):
     return sim["mean_e2e"] / e2e, sim["mean_ttft"] / ttft
 
 
+def within(e2e: float, ttft: float) -> bool:
+    """The bounds the median ratios must meet: sim / real mean E2E within 15% of 1, mean TTFT within 20%."""
+    return abs(e2e - 1) <= 0.15 and abs(ttft - 1) <= 0.20
+
+
 @pytest.fixture(scope="module")
 def engines_and_profile():
     engines = make_engines(2)
@@ -131,8 +136,10 @@ def test_simulated_latency_matches_real_cluster(engines_and_profile, router, req
     engines, measured = engines_and_profile
     # Three trials of a 12-request workload, their median ratio: with one run a wandering host speed
     # (one drift factor per run cannot follow it) decided alone; here 9 trials gave sim / real E2E
-    # 0.91-1.03 and TTFT 0.90-1.05 on the Poisson workload.
-    ratios = np.array([trial(engines, measured, router, requests(count=12, seed=seed)) for seed in (3, 4, 5)])
-    e2e, ttft = np.median(ratios, axis=0)
-    assert e2e == pytest.approx(1.0, rel=0.15), ratios
-    assert ttft == pytest.approx(1.0, rel=0.20), ratios
+    # 0.91-1.03 and TTFT 0.90-1.05 on the Poisson workload. When the first two are both within the
+    # bounds the median of three is too, whatever the third gives: it is run only when it can decide.
+    ratios = [trial(engines, measured, router, requests(count=12, seed=seed)) for seed in (3, 4)]
+    if not all(within(*ratio) for ratio in ratios):
+        ratios.append(trial(engines, measured, router, requests(count=12, seed=5)))
+    e2e, ttft = np.median(np.array(ratios), axis=0)
+    assert within(e2e, ttft), ratios

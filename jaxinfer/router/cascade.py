@@ -98,6 +98,7 @@ class CascadeConfig:
     stress_load: float = 1.25  # candidates are also scored on the window replayed this much faster (1: off)
     confirm_checks: int = 2  # consecutive checks a live re-plan must win before it is deployed
     decisive_gain: float = 0.2  # stages this much better than pooled on the first window: deployed at once
+    first_gain: float = 0.02  # on the first window another one-stage option replaces the default if this much better
 
     def __post_init__(self):
         for name in ("interval", "refine_interval", "replan_interval", "window_seconds"):
@@ -109,9 +110,11 @@ class CascadeConfig:
         if self.max_concurrent < 1 or self.refine_persist < 1 or self.confirm_checks < 1:
             raise ValueError(f"max_concurrent, refine_persist and confirm_checks must be >= 1, got "
                              f"{self.max_concurrent}, {self.refine_persist}, {self.confirm_checks}")
-        if not (self.stress_load >= 1 and self.p99_tolerance >= 0 and 0 <= self.decisive_gain < 1):
-            raise ValueError(f"need stress_load >= 1, p99_tolerance >= 0 and 0 <= decisive_gain < 1, got "
-                             f"{self.stress_load}, {self.p99_tolerance}, {self.decisive_gain}")
+        if not (self.stress_load >= 1 and self.p99_tolerance >= 0 and 0 <= self.decisive_gain < 1
+                and 0 <= self.first_gain < 1):
+            raise ValueError(f"need stress_load >= 1, p99_tolerance >= 0, 0 <= decisive_gain < 1 and 0 <= first_gain "
+                             f"< 1, got {self.stress_load}, {self.p99_tolerance}, {self.decisive_gain}, "
+                             f"{self.first_gain}")
         if not 0 < self.load_gap <= self.replica_gap:
             raise ValueError(f"need 0 < load_gap <= replica_gap, got {self.load_gap}, {self.replica_gap}")
         if not (0 <= self.slack_fraction < 1 and self.balance_gap_pages >= 0 and self.refine_eps >= 0):
@@ -214,7 +217,7 @@ class CascadeRouter(Router):
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
         return self._first_plan(*self._choose_plan(demand, sample, np.ones(len(sample)), len(sample) / window, None,
-                                                   replay))
+                                                   replay, first=True))
 
     def _work_seconds(self, sample) -> float:
         """Replica-seconds the sample needs: decode rows at their context (no step overhead) and prefill."""
@@ -575,7 +578,7 @@ class CascadeRouter(Router):
         logger.info("re-plan check (drift %.3f, infeasible %s)", drift, infeasible)
         incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts), self.within_stage
         rate = len(self._arrivals) / window
-        args = (demand, sample, weights, rate, incumbent, self._window_replay(sample, weights))
+        args = (demand, sample, weights, rate, incumbent, self._window_replay(sample, weights), urgent)
         if self.background:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="jaxinfer-replan")
@@ -653,7 +656,7 @@ class CascadeRouter(Router):
         return plans
 
     def _choose_plan(self, demand: Demand, sample, weights, rate: float, incumbent: tuple[StagePlan, str] | None,
-                     replay: list[TraceRequest] | None = None) -> tuple[StagePlan, str]:
+                     replay: list[TraceRequest] | None = None, first: bool = False) -> tuple[StagePlan, str]:
         """The plan to deploy and its within-stage policy: without checks the DP's optimum; with them,
         the candidate (the deployed one among them) with the best simulated latency on the window's
         requests replayed as they arrived (``replay``; else requests drawn from its length mix with
@@ -661,11 +664,14 @@ class CascadeRouter(Router):
         them and on all of them at ``stress_load`` times the rate (its P99 likewise, as a guard).
         Under ``within_stage`` auto every plan is scored with least-loaded stages, the DP's optimum
         and the one-stage plan also with llumnix stages. A change must be no worse than the deployed
-        plan (at start, the one-stage least-loaded plan, i.e. least-loaded dispatch) on mean in any
+        plan (without one, the one-stage least-loaded plan, i.e. least-loaded dispatch) on mean in any
         of these, nor on P99 (over the three) by more than ``p99_tolerance``, and beat its score by
-        ``switch_gain``. A multi-stage plan must moreover beat the best one-stage option in the same
-        way, and the best one-stage score by ``switch_gain``: stages split the capacity, and what a
-        window showed may not come again."""
+        ``switch_gain``. For the ``first`` plan from data nothing deployed was chosen from data: the
+        reference is the best-scored one-stage option that beats the default by ``first_gain`` (a
+        band for a window's noise, not the hysteresis of a live change) within ``p99_tolerance`` of
+        its P99, else the default. A multi-stage plan must
+        moreover beat the best one-stage option in the same way, and the best one-stage score by
+        ``switch_gain``: stages split the capacity, and what a window showed may not come again."""
         if not self.config.check_plans:
             plan = self._dp(demand)
             return plan, self._unchecked_policy(plan)
@@ -693,17 +699,21 @@ class CascadeRouter(Router):
         # judged on mean E2E (a part's P99 is its few slowest requests: too noisy to rank by), P99 a guard
         scores = {key: math.exp(np.mean([math.log(m) for m, _ in parts])) for key, parts in latency.items()}
         tails = {key: math.exp(np.mean([math.log(p) for _, p in parts])) for key, parts in latency.items()}
+        pooled = [k for k in unique if len(k[1]) == 1]
         kept = (default[0].boundaries, default[0].replica_counts, default[1])
+        gain, tol = self.config.switch_gain, 1 + self.config.p99_tolerance
+        if first:  # nothing chosen from data to keep: the default only within a window's noise
+            better = [k for k in pooled if scores[k] <= scores[kept] * (1 - self.config.first_gain)
+                      and tails[k] <= tails[kept] * tol]
+            kept = min(better, key=scores.get, default=kept)
         # a change must pay: no worse on mean in any part, P99 over the parts within the tolerance, and
         # mean better overall by switch_gain; stages must also pay for their risk (a window does not show
         # what comes next, and stages split the capacity): a multi-stage plan must beat the best pooled
         # (one-stage) option as a change would
-        gain, tol = self.config.switch_gain, 1 + self.config.p99_tolerance
 
         def beats(key, ref) -> bool:
             return key == ref or (scores[key] <= scores[ref] * (1 - gain) and tails[key] <= tails[ref] * tol
                                   and all(m <= rm for (m, _), (rm, _) in zip(latency[key], latency[ref], strict=True)))
-        pooled = [k for k in unique if len(k[1]) == 1]
         ref = min((k for k in pooled if beats(k, kept)), key=scores.get, default=kept)
         best_pooled = min((scores[k] for k in pooled), default=math.inf)
         staged = [k for k in unique if len(k[1]) > 1 and beats(k, ref)

@@ -511,13 +511,38 @@ def test_checks_for_infeasibility_alone_back_off(monkeypatch):
     monkeypatch.setattr(r, "_stage_costs", lambda demand: np.full((len(GRID),) * 2 + (6,), np.inf))
     times = []
 
-    def keep(demand, sample, weights, rate, incumbent, replay=None):
+    def keep(demand, sample, weights, rate, incumbent, replay=None, first=False):
         times.append(r._next_replan)
         return incumbent
     monkeypatch.setattr(r, "_choose_plan", keep)
     _feed_chats_then(r, drift=False)  # 12 s, a tick every 0.1 s
     gaps = np.diff(times)
     assert 3 <= len(times) <= 5 and all(b >= 1.9 * a for a, b in zip(gaps, gaps[1:], strict=False)), times
+
+
+@pytest.mark.parametrize("llumnix, first, chosen", [((0.97, 3.0), False, "least-loaded"),
+                                                     ((0.97, 3.0), True, "llumnix"),
+                                                     ((0.97, 3.6), True, "least-loaded"),
+                                                     ((0.99, 3.0), True, "least-loaded")])
+def test_the_first_plan_from_data_takes_the_best_pooled_option_past_the_noise(monkeypatch, llumnix, first, chosen):
+    # a live change must beat the deployed option by switch_gain (5%); the first plan from data keeps
+    # nothing chosen from data: llumnix dispatch 3% faster is taken then, unless its P99 is past the
+    # tolerance (20% worse) or it is within first_gain (1% faster: the default, least-loaded, stays)
+    from jaxinfer.router.partition import demand_from_requests
+    from jaxinfer.router.trace import TraceRequest
+
+    replay = [TraceRequest(float(k), 100 + 50 * k, 5) for k in range(60)]
+    sample = [(q.prompt_len, q.output_len) for q in replay]
+    r = router(score_requests=60, within_stage="auto")
+
+    def score(plan, policy, requests, replicas):
+        if plan.num_stages > 1:
+            return (2.0, 6.0)
+        return llumnix if policy == "llumnix" else (1.0, 3.0)
+    monkeypatch.setattr(r, "_score", score)
+    plan, policy = r._choose_plan(demand_from_requests(sample, GRID, 60.0), sample, np.ones(60), 1.0,
+                                  (StagePlan.single(5, 16384), "least-loaded"), replay, first=first)
+    assert plan.num_stages == 1 and policy == chosen
 
 
 @pytest.mark.parametrize("staged, chosen_stages", [((0.78, 2.3), 1), ((0.6, 1.8), "many")])
@@ -538,3 +563,12 @@ def test_stages_must_beat_the_best_pooled_option(monkeypatch, staged, chosen_sta
                                   (StagePlan.single(5, 16384), "least-loaded"), replay)
     # stages 2.5% faster than llumnix dispatch: not worth their risk; 25% faster: deployed
     assert (plan.num_stages == 1 and policy == "llumnix") if chosen_stages == 1 else plan.num_stages > 1
+
+
+@pytest.mark.parametrize("field, value", [("first_gain", 1.0), ("first_gain", -0.1), ("decisive_gain", 1.0),
+                                          ("stress_load", 0.5)])
+def test_config_names_a_bad_margin(field, value):
+    from jaxinfer.router.cascade import CascadeConfig
+
+    with pytest.raises(ValueError, match=field):
+        CascadeConfig(**{field: value})

@@ -33,7 +33,9 @@
   had not seen; with ``background``, chosen on a worker thread). The first plan from data is
   deployed at once if it has one stage or its stages beat the best pooled option by ``decisive_gain``
   (20%) on that window; other stages chosen on a first window are one win, and the best pooled
-  option runs until a check on fresh arrivals confirms them.
+  option runs until a check on fresh arrivals confirms them. Which pooled option: the default
+  (least-loaded) unless another beats it by ``first_gain`` (2%: nothing chosen from data is
+  deployed yet, so no hysteresis, only a band for the window's noise).
 """
 
 from __future__ import annotations

@@ -31,11 +31,7 @@ def local_ray(nodes: int, object_store: int = 80 << 20):
     try:
         handles = [cluster.add_node(num_cpus=1, resources={f"host{i}": 1}, object_store_memory=object_store)
                    for i in range(nodes)]
-        # one XLA compilation cache for the workers: a restarted actor loads the step programs its
-        # predecessor compiled
-        ray.init(address=cluster.address, runtime_env={"env_vars": {
-            "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(work / "xla"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}})
+        ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}})
         yield cluster, handles, work
     finally:
         ray.shutdown()

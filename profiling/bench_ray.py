@@ -231,7 +231,8 @@ def on_ray(args, requests, page_bytes: int) -> dict:
     token_dir = tempfile.mkdtemp(prefix="ji-bench-ray-")
     token = Path(token_dir, "token")
     token.write_text(secrets.token_hex(32))
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    os.makedirs(os.path.join(token_dir, "ray"))  # Ray's files, its address file included, stay in this folder
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=token_dir)
     import ray
     from ray.cluster_utils import Cluster as RayCluster
 

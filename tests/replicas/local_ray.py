@@ -22,7 +22,10 @@ def local_ray(nodes: int, object_store: int = 80 << 20):
     work = Path(tempfile.mkdtemp(prefix="ji-ray-"))
     token = work / "token"
     token.write_text(secrets.token_hex(32))
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))  # before ray is imported
+    # before ray is imported; RAY_TMPDIR: Ray's files, the current cluster's address file included (by
+    # default /tmp/ray/ray_current_cluster, which Ray does not create), stay in this cluster's folder
+    (work / "ray").mkdir()
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(work))
     import ray
     from ray.cluster_utils import Cluster
 

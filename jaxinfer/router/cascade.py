@@ -36,6 +36,10 @@
   option runs until a check on fresh arrivals confirms them. Which pooled option: the default
   (least-loaded) unless another beats it by ``first_gain`` (2%: nothing chosen from data is
   deployed yet, so no hysteresis, only a band for the window's noise).
+- Audits, every ``audit_interval`` once a fresh window has arrived (none of its scored arrivals seen
+  by the last check): a check although nothing drifted, under a live change's rules, so a plan
+  that was wrong from the start (an operator's, or a first plan from a misleading window) is found
+  on a stationary load too.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class CascadeConfig:
     confirm_checks: int = 2  # consecutive checks a live re-plan must win before it is deployed
     decisive_gain: float = 0.2  # stages this much better than pooled on the first window: deployed at once
     first_gain: float = 0.02  # on the first window another one-stage option replaces the default if this much better
+    audit_interval: float = 600.0  # seconds between checks of a plan nothing drifted from (0: no audits)
 
     def __post_init__(self):
         for name in ("interval", "refine_interval", "replan_interval", "window_seconds"):
@@ -117,6 +122,8 @@ class CascadeConfig:
             raise ValueError(f"need stress_load >= 1, p99_tolerance >= 0, 0 <= decisive_gain < 1 and 0 <= first_gain "
                              f"< 1, got {self.stress_load}, {self.p99_tolerance}, {self.decisive_gain}, "
                              f"{self.first_gain}")
+        if not self.audit_interval >= 0:
+            raise ValueError(f"CascadeConfig.audit_interval must be >= 0 (0: off), got {self.audit_interval}")
         if not 0 < self.load_gap <= self.replica_gap:
             raise ValueError(f"need 0 < load_gap <= replica_gap, got {self.load_gap}, {self.replica_gap}")
         if not (0 <= self.slack_fraction < 1 and self.balance_gap_pages >= 0 and self.refine_eps >= 0):
@@ -172,6 +179,8 @@ class CascadeRouter(Router):
         # the last check's best pooled option (None: its pick was decisive, no fallback)
         self._fallback: tuple[StagePlan, str] | None = None
         self._infeasible_checks, self._next_infeasible_check = 0, 0.0  # checks for infeasibility alone: backoff
+        self._next_audit = self.config.audit_interval  # no check of an undrifted plan before this
+        self.num_audits = 0
         self.num_checks, self.check_seconds = 0, 0.0  # plan checks run, and their time
         self.last_check: dict = {}  # the last plan check: candidates' scores, the pick, seconds
         self.within_stage = self._unchecked_policy(plan)
@@ -306,7 +315,8 @@ class CascadeRouter(Router):
                 "replans": self.num_replans, "handoffs": self.num_handoffs, "within_stage": self.within_stage,
                 "balances": self.num_balances,
                 "replica_moves": self.num_replica_moves, "stage_pressure": self.stage_pressure(),
-                "checks": self.num_checks, "check_seconds": self.check_seconds, "last_check": self.last_check}
+                "checks": self.num_checks, "audits": self.num_audits, "check_seconds": self.check_seconds,
+                "last_check": self.last_check}
 
     def close(self) -> None:
         if self._executor is not None:
@@ -568,16 +578,21 @@ class CascadeRouter(Router):
         if self._job is not None:
             return  # a re-plan is being chosen
         recheck = self._recheck and self._dispatched - self._proposal[2] >= self._scored_arrivals()
-        if not (self._replan_on_data or drift > self.config.replan_kl or recheck):
+        audit = (self.config.audit_interval > 0 and now >= self._next_audit
+                 and self._dispatched - self._checked_at >= self._scored_arrivals())
+        if not (self._replan_on_data or drift > self.config.replan_kl or recheck or audit):
             if not infeasible or now < self._next_infeasible_check:
                 return
             self._next_infeasible_check = now + self.config.replan_interval * 2 ** min(self._infeasible_checks, 5)
             self._infeasible_checks += 1
         urgent = self._replan_on_data  # the first plan from data: deployed at once
+        audit = audit and not (urgent or drift > self.config.replan_kl or recheck)  # nothing else called it
+        self.num_audits += audit
         self._replan_on_data = False
         self._checked_at = self._dispatched
+        self._next_audit = now + self.config.audit_interval
         self._reference_hist = hist
-        logger.info("re-plan check (drift %.3f, infeasible %s)", drift, infeasible)
+        logger.info("re-plan check (drift %.3f, infeasible %s, audit %s)", drift, infeasible, audit)
         incumbent = StagePlan(tuple(self.boundaries), self.plan.replica_counts), self.within_stage
         rate = len(self._arrivals) / window
         args = (demand, sample, weights, rate, incumbent, self._window_replay(sample, weights), urgent)

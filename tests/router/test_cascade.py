@@ -324,6 +324,23 @@ def test_checked_plan_is_multi_stage_when_they_help():
     assert sure.num_stages > 1 and sure._proposal is None and sure.within_stage == chosen["within_stage"]
 
 
+@pytest.mark.parametrize("audit_interval", [0.0, 5.0])
+def test_audits_replace_a_plan_that_was_wrong_from_the_start_on_a_stationary_load(audit_interval):
+    # an operator's stages on a load of chats alone (stages split the capacity for nothing); the length
+    # histogram never drifts from the first window's, so only an audit checks the plan again
+    trace = _two_mix_trace(1500, 60.0, 4, 0.0)
+    wrong = StagePlan((0, 300, 16384), (4, 4))
+    r = CascadeRouter(8, CM, 16384, plan=wrong, grid=GRID, refine=False, replan_interval=1.0, window_seconds=5.0,
+                      min_replan_samples=50, score_requests=200, audit_interval=audit_interval)
+    Simulator(r, CM, 8, trace).run()
+    info = r.describe()
+    if audit_interval:
+        assert info["audits"] >= 1 and r.num_stages == 1 and info["replans"] >= 1
+        assert info["checks"] <= trace[-1][0] / audit_interval + 1  # no more often than the interval
+    else:
+        assert info["audits"] == info["checks"] == 0 and r.plan == wrong
+
+
 def test_a_new_plan_must_beat_the_deployed_one_by_the_switch_gain():
     from jaxinfer.router.partition import demand_from_requests
 
@@ -566,7 +583,7 @@ def test_stages_must_beat_the_best_pooled_option(monkeypatch, staged, chosen_sta
 
 
 @pytest.mark.parametrize("field, value", [("first_gain", 1.0), ("first_gain", -0.1), ("decisive_gain", 1.0),
-                                          ("stress_load", 0.5)])
+                                          ("stress_load", 0.5), ("audit_interval", -1.0)])
 def test_config_names_a_bad_margin(field, value):
     from jaxinfer.router.cascade import CascadeConfig
 

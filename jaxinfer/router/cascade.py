@@ -578,15 +578,15 @@ class CascadeRouter(Router):
         if self._job is not None:
             return  # a re-plan is being chosen
         recheck = self._recheck and self._dispatched - self._proposal[2] >= self._scored_arrivals()
-        audit = (self.config.audit_interval > 0 and now >= self._next_audit
-                 and self._dispatched - self._checked_at >= self._scored_arrivals())
-        if not (self._replan_on_data or drift > self.config.replan_kl or recheck or audit):
+        called = self._replan_on_data or drift > self.config.replan_kl or recheck
+        audit = (not called and self.config.audit_interval > 0 and now >= self._next_audit
+                 and self._dispatched - self._checked_at >= self._scored_arrivals())  # nothing else called it
+        if not (called or audit):
             if not infeasible or now < self._next_infeasible_check:
                 return
             self._next_infeasible_check = now + self.config.replan_interval * 2 ** min(self._infeasible_checks, 5)
             self._infeasible_checks += 1
         urgent = self._replan_on_data  # the first plan from data: deployed at once
-        audit = audit and not (urgent or drift > self.config.replan_kl or recheck)  # nothing else called it
         self.num_audits += audit
         self._replan_on_data = False
         self._checked_at = self._dispatched
